@@ -1,0 +1,1 @@
+"""Engine: scheduling, KV-cache accounting, the model runner and the engine thread."""

@@ -1,0 +1,179 @@
+"""The engine facade: the only thing the API touches. One engine thread owns the model and the device;
+asyncio callers hand it work through a queue and get their tokens streamed back on their event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from server.engine.llm_engine import LLMEngine
+from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.sequence import FinishReason, SamplingParams
+from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    deliver: Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
+
+    def __init__(self, core: LLMEngine, served_model_name: str, max_queue: int, max_num_seqs: int) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.served_model_name = served_model_name
+        self.max_model_len = core.max_model_len
+        self.vocab_size = core.runner.loaded.spec.vocab_size
+        self.max_queue = max_queue
+        self.max_num_seqs = max_num_seqs
+        self.created = int(time.time())
+        self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
+        self._deliver: dict[str, Callable[[RequestOutput], None]] = {}
+        self._in_flight = 0  # submitted and not yet finished; changed on the event loop only
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def is_ready(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    def list_models(self) -> list[ModelCard]:
+        return [ModelCard(self.served_model_name, None, self.created)]
+
+    def resolve_adapter(self, model: str) -> str | None:
+        if model == self.served_model_name:
+            return None
+        raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja templates raise arbitrary errors on bad conversations
+            msg = f"the messages do not fit the model's chat template: {exc}"
+            raise InvalidRequestError(msg, param="messages") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template already has them
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iteration early cancels it inside the engine."""
+        self._validate(prompt_token_ids, params)
+        if not self.is_ready():
+            raise ServiceUnavailableError("the engine is not running")
+        if self._in_flight >= self.max_num_seqs + self.max_queue:
+            raise QueueFullError(
+                f"{self._in_flight} requests are in flight and the queue holds {self.max_queue}; retry shortly",
+                retry_after_s=1,
+            )
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._in_flight += 1
+        finished = False
+        try:
+            self._inbox.put(
+                _Submit(request_id, prompt_token_ids, params, adapter, _threadsafe_put(loop, outputs.put_nowait))
+            )
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._in_flight -= 1
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token", param="prompt")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt"
+            )
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: together "
+                f"{total}, over the model's context length {self.max_model_len}; shorten the prompt or lower "
+                "max_tokens",
+                param="max_tokens",
+            )
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            if not self._drain(block=not self.core.has_work):
+                break
+            if self.core.has_work:
+                self._step()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued submissions and aborts; False once shutdown was requested."""
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command is None:
+                return False
+            if isinstance(command, _Abort):
+                self.core.abort(command.request_id)
+                self._deliver.pop(command.request_id, None)
+                continue
+            self._deliver[command.request_id] = command.deliver
+            try:
+                self.core.add_request(command.request_id, command.prompt_token_ids, command.params, command.adapter)
+            except Exception as exc:
+                log.exception("could not add request %s", command.request_id)
+                self._deliver.pop(command.request_id)(_error_output(command, str(exc)))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.core.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing the running requests")
+            outputs = self.core.fail_all(f"internal engine error: {exc}")
+        for out in outputs:
+            deliver = self._deliver.pop(out.request_id, None) if out.finished else self._deliver.get(out.request_id)
+            if deliver is not None:
+                deliver(out)
+
+
+def _threadsafe_put(loop: asyncio.AbstractEventLoop, put: Callable[[RequestOutput], None]):
+    def deliver(out: RequestOutput) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(put, out)
+
+    return deliver
+
+
+def _error_output(command: _Submit, message: str) -> RequestOutput:
+    return RequestOutput(
+        command.request_id, "", [], len(command.prompt_token_ids), 0, True, FinishReason.ERROR, message
+    )

@@ -1,0 +1,47 @@
+"""Assemble a running engine from settings: model, KV cache, scheduler, core and facade."""
+
+from __future__ import annotations
+
+import logging
+
+from server.engine.async_engine import AsyncEngine
+from server.engine.block_manager import BlockManager
+from server.engine.llm_engine import LLMEngine
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.errors import InvalidRequestError
+from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from server.model.kv_cache import KVCache
+from server.model.loader import load_model, resolve_device, resolve_dtype
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> AsyncEngine:
+    """Load the base model and start the engine thread."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    path = settings.model or default_model_dir()
+    loaded = load_model(path, device, dtype)
+    spec = loaded.spec
+    num_blocks = KVCache.blocks_for_budget(spec, settings.kv_cache_bytes, settings.block_size, dtype)
+    capacity = num_blocks * settings.block_size
+    max_model_len = min(settings.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+    if capacity < max_model_len:
+        if settings.max_model_len is not None:
+            raise InvalidRequestError(
+                f"--kv-cache-bytes {settings.kv_cache_bytes} holds {capacity} tokens, fewer than --max-model-len "
+                f"{max_model_len}; raise the cache budget or lower the length",
+                param="kv_cache_bytes",
+            )
+        log.warning("KV cache holds %d tokens; limiting max_model_len from %d to that", capacity, max_model_len)
+        max_model_len = capacity
+    runner = ModelRunner(loaded, num_blocks, settings.block_size)
+    scheduler = Scheduler(
+        SchedulerConfig.from_settings(settings, max_model_len), BlockManager(num_blocks, settings.block_size)
+    )
+    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed)
+    name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else loaded.name)
+    log.info("serving %s on %s (%s): %d KV blocks, max_model_len %d", name, device, dtype, num_blocks, max_model_len)
+    return AsyncEngine(core, name, settings.max_queue, settings.max_num_seqs)

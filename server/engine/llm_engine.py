@@ -1,0 +1,130 @@
+"""The synchronous engine core: schedule → run → postprocess, one step at a time, on the engine thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from server.engine.outputs import RequestOutput
+from server.engine.runner import ModelRunner
+from server.engine.sampler import GeneratorFactory, SamplingRow
+from server.engine.scheduler import ScheduledSequence, Scheduler
+from server.engine.sequence import FinishReason, SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    """Per-request state the engine keeps next to the scheduler's Sequence."""
+
+    seq: Sequence
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+
+
+class LLMEngine:
+    """Adds and aborts requests and advances all of them by one step per `step()` call."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, server_seed: int) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.generators = GeneratorFactory(server_seed)
+        self.eos_token_ids = frozenset(runner.loaded.spec.eos_token_ids)
+        self.max_model_len = scheduler.config.max_model_len
+        self.requests: dict[str, RequestState] = {}
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None):
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter, arrival_time=time.monotonic())
+        self.scheduler.add(seq)
+        generator = None if params.greedy else self.generators.create(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+        self.requests[request_id] = RequestState(seq, generator, detok, StopStringMatcher(params.stop))
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every request with an error (after an engine fault); their KV blocks are freed."""
+        outputs = []
+        for request_id, state in list(self.requests.items()):
+            self.scheduler.finish(state.seq, FinishReason.ERROR)
+            outputs.append(self._output(state, "", [], FinishReason.ERROR, error=message))
+            del self.requests[request_id]
+        return outputs
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, append sampled tokens and report what each sampled request produced."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampling = [item for item in plan.scheduled if item.samples]
+        rows = [self._sampling_row(item.seq) for item in sampling]
+        token_ids = self.runner.execute(plan.scheduled, rows)
+        self.scheduler.advance(plan)
+        return self._postprocess(sampling, token_ids)
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        return SamplingRow(seq.params, self.requests[seq.request_id].generator, seq.num_output_tokens)
+
+    def _postprocess(self, sampling: list[ScheduledSequence], token_ids: list[int]) -> list[RequestOutput]:
+        outputs = []
+        for item, token in zip(sampling, token_ids, strict=True):
+            state = self.requests.get(item.seq.request_id)
+            if state is not None:
+                outputs.append(self._append_token(state, token))
+        return outputs
+
+    def _append_token(self, state: RequestState, token: int) -> RequestOutput:
+        seq = state.seq
+        seq.output_token_ids.append(token)
+        if token in self.eos_token_ids and not seq.params.ignore_eos:  # the sampler bans EOS before min_tokens
+            text, _ = self._final_text(state)
+            reason: FinishReason | None = FinishReason.STOP
+        else:
+            text, stopped = state.stops.feed(state.detokenizer.push([token]))
+            reason = FinishReason.STOP if stopped else self._length_reason(seq)
+            if reason is FinishReason.LENGTH:
+                tail, stopped = self._final_text(state)
+                text += tail
+                reason = FinishReason.STOP if stopped else reason
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return self._output(state, text, [token], reason)
+
+    @staticmethod
+    def _final_text(state: RequestState) -> tuple[str, bool]:
+        """Release the text held back at the end of the stream; True when it completes a stop string."""
+        text, stopped = state.stops.feed(state.detokenizer.flush())
+        return (text, True) if stopped else (text + state.stops.flush(), False)
+
+    def _length_reason(self, seq: Sequence) -> FinishReason | None:
+        if seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    @staticmethod
+    def _output(state: RequestState, text, token_ids, reason: FinishReason | None, error=None) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=token_ids,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            finished=reason is not None,
+            finish_reason=reason,
+            error=error,
+        )

@@ -1,0 +1,30 @@
+"""What the engine streams back to callers, one increment per step per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.engine.sequence import FinishReason
+
+
+@dataclass
+class RequestOutput:
+    """New tokens and text of one request since its previous output; the last one has `finished`."""
+
+    request_id: str
+    text: str  # new text; stop strings and undecodable partial characters are held back
+    token_ids: list[int]  # new token ids
+    num_prompt_tokens: int
+    num_output_tokens: int  # total generated so far
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # set when the request failed inside the engine
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """An entry of /v1/models: the base model or an adapter on it."""
+
+    name: str
+    parent: str | None  # None for the base model
+    created: int  # unix seconds

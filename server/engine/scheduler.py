@@ -1,0 +1,254 @@
+"""Iteration-level batching: every step, which sequences compute how many of their tokens."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+from server.errors import InvalidRequestError
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits on one engine step and on the set of running sequences."""
+
+    max_num_seqs: int  # most sequences running at once
+    max_num_batched_tokens: int  # most tokens (prefill chunks + decodes) computed in one step
+    max_model_len: int  # longest sequence (prompt + output) the engine lets run
+    max_loras: int  # most distinct adapters among running sequences, hence in any step
+    watermark: float = 0.01  # share of KV blocks admissions leave free, so they don't force preemption next step
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_loras"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, max_model_len: int) -> SchedulerConfig:
+        """The config for `settings`, with `max_model_len` resolved against the model's context length."""
+        return cls(
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            max_loras=settings.max_loras,
+        )
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's share of a step: tokens `[start, start + num_new_tokens)` of its `token_ids`."""
+
+    seq: Sequence
+    num_new_tokens: int
+    start: int  # the sequence's num_computed_tokens when scheduled
+    samples: bool  # the chunk ends at the sequence's last token, so the step samples its next token
+
+    @classmethod
+    def chunk(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        return cls(seq, num_new_tokens, start, start + num_new_tokens == len(seq))
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start : self.end]
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes, and which sequences lost their KV cache to make room for it."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+def _always_ready(adapter: str) -> bool:
+    return True
+
+
+def _adapter_counts(seqs: Iterable[Sequence]) -> Counter[str]:
+    return Counter(seq.adapter for seq in seqs if seq.adapter is not None)
+
+
+class Scheduler:
+    """FCFS continuous batching with chunked prefill, recompute preemption and a cap on distinct adapters.
+
+    Each step first continues the running sequences in arrival order, preempting the latest arrivals when
+    KV blocks run out, then admits waiting ones. The engine drives it: `schedule()`, run the model,
+    `advance(output)`, append each sampled token, `finish()` the sequences that stop.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        adapter_ready: Callable[[str], bool] = _always_ready,
+    ) -> None:
+        if block_manager.capacity < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {block_manager.capacity} tokens, fewer than max_model_len "
+                f"{config.max_model_len}: give it more memory or lower max_model_len"
+            )
+        self.config = config
+        self.block_manager = block_manager
+        self.adapter_ready = adapter_ready  # False while an adapter is still loading: its requests wait
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # ordered by arrival_time
+        self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def running_adapters(self) -> Counter[str]:
+        """Running sequences per adapter name (base-model sequences are not counted)."""
+        return _adapter_counts(self.running)
+
+    @property
+    def waiting_adapters(self) -> Counter[str]:
+        """Waiting sequences per adapter name (base-model sequences are not counted)."""
+        return _adapter_counts(self.waiting)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence behind the ones already waiting."""
+        if len(seq) > self.config.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(seq)} tokens, more than the model's maximum {self.config.max_model_len}",
+                param="prompt",
+            )
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"{seq.request_id} is not a fresh sequence")
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Cancel a waiting or running sequence; None when no unfinished sequence has this id."""
+        seq = next((s for s in (*self.running, *self.waiting) if s.request_id == request_id), None)
+        if seq is not None:
+            self.finish(seq, FinishReason.CANCELLED)
+        return seq
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark `seq` finished, drop it from the queues and free its KV blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's sequences and chunk sizes, allocating their KV blocks."""
+        output = SchedulerOutput()
+        budget = self._schedule_running(output)
+        if not output.preempted:  # memory is short: re-admitting now would only thrash
+            self._schedule_waiting(output, budget)
+        return output
+
+    def advance(self, output: SchedulerOutput) -> None:
+        """Count the tokens the step computed; sequences finished since `schedule()` are skipped."""
+        for item in output.scheduled:
+            if item.seq.status is SequenceStatus.RUNNING:
+                item.seq.num_computed_tokens = item.end
+
+    def _schedule_running(self, output: SchedulerOutput) -> int:
+        """Schedule running sequences in arrival order; returns the token budget left."""
+        budget = self.config.max_num_batched_tokens
+        pending = deque(self.running)
+        while pending and budget > 0:
+            seq = pending.popleft()
+            self._check_runnable(seq)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if self._reserve_blocks(seq, seq.num_computed_tokens + num_new, pending, output):
+                output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
+                budget -= num_new
+        return budget
+
+    def _reserve_blocks(
+        self, seq: Sequence, num_tokens: int, pending: deque[Sequence], output: SchedulerOutput
+    ) -> bool:
+        """Allocate blocks for `seq`, preempting the latest pending arrivals (at worst `seq` itself) to make room."""
+        while not self.block_manager.can_allocate(seq, num_tokens):
+            victim = pending.pop() if pending else seq
+            self._preempt(victim, output)
+            if victim is seq:
+                return False
+        self.block_manager.allocate(seq, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence, output: SchedulerOutput) -> None:
+        """Drop `seq`'s KV cache and put it first in line; it is recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        output.preempted.append(seq)
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        """Admit waiting sequences in order; ones whose adapter can't run yet are skipped, not blocking others."""
+        adapters = set(self.running_adapters)
+        for seq in self.waiting:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if not self._adapter_allows(seq, adapters):
+                continue
+            self._check_runnable(seq)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            reserve = self._watermark_blocks if self.running else 0  # a lone sequence may use the whole cache
+            if not self.block_manager.can_allocate(seq, num_new, reserve=reserve):
+                break  # FCFS: later, smaller requests must not starve this one
+            self.block_manager.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival_time)
+            if seq.adapter is not None:
+                adapters.add(seq.adapter)
+            output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
+            budget -= num_new
+        self.waiting = deque(seq for seq in self.waiting if seq.status is SequenceStatus.WAITING)
+
+    def _adapter_allows(self, seq: Sequence, adapters: set[str]) -> bool:
+        """Whether `seq`'s adapter is loaded and fits under max_loras next to the running `adapters`."""
+        if seq.adapter is None:
+            return True
+        fits = seq.adapter in adapters or len(adapters) < self.config.max_loras
+        return fits and self.adapter_ready(seq.adapter)
+
+    def _check_runnable(self, seq: Sequence) -> None:
+        if len(seq) > self.config.max_model_len:
+            raise RuntimeError(
+                f"{seq.request_id} has {len(seq)} tokens, over max_model_len {self.config.max_model_len}: "
+                "the engine must finish sequences that reach it"
+            )
+        if seq.num_uncomputed_tokens <= 0:
+            raise RuntimeError(
+                f"{seq.request_id} has no token to compute: the engine must append its sampled token or finish it"
+            )

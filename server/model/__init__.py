@@ -1,0 +1,1 @@
+"""Model: the frozen base model's forward, weight loading and adapter-aware layers."""

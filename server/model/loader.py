@@ -1,0 +1,69 @@
+"""Load a local Hugging Face checkpoint directory (safetensors only) into our forward."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from server.model.architecture import ModelSpec, UnsupportedModelError
+from server.model.llama import LlamaModel
+
+
+@dataclass
+class LoadedModel:
+    """The base model ready to run, with its tokenizer and the facts the engine needs."""
+
+    name: str
+    spec: ModelSpec
+    model: LlamaModel
+    tokenizer: PreTrainedTokenizerBase
+    dtype: torch.dtype
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedModelError("--device cuda was requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Read config, tokenizer and safetensors weights from `path`; never unpickles anything."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    spec = ModelSpec.from_hf_config(config)
+    weights = {k: t.to(device=device, dtype=dtype) for k, t in read_safetensors(path).items()}
+    model = LlamaModel(spec, weights, device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return LoadedModel(path.name, spec, model, tokenizer, dtype, device)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{path} holds no .safetensors weights (pickled .bin/.pt files are never loaded)")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[key] = f.get_tensor(key)
+    return tensors

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random-weight Llama checkpoints built in-process, and the real default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight Llama (2 layers, hidden 64, GQA 4/2) saved as a safetensors checkpoint."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from server.model.default_model import default_model_dir as prepared
+
+    return prepared()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
