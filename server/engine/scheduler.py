@@ -113,6 +113,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # ordered by arrival_time
         self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
+        self.num_preemptions = 0  # since start, for metrics
 
     @property
     def num_running(self) -> int:
@@ -210,6 +211,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         output.preempted.append(seq)
 

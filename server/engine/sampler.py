@@ -1,0 +1,125 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p and min_tokens, one generator per request.
+
+Reproducibility rule: a request's tokens depend only on its logits, its parameters and its own
+generator, never on what else shares the batch. Each sampled row consumes exactly one float64
+uniform from its generator per step and every filter below works row by row, so a seeded request
+gives the same tokens alone or in any batch.
+
+Why inverse-CDF sampling on the logits' device: generators stay on the CPU (cheap, portable, easy to
+seed), but copying `[L, V]` probabilities to the CPU every step would cost tens of MB per step for
+large batches, and the exponential-race trick needs `[L, V]` CPU noise copied the other way. Drawing
+one uniform per row on the CPU and inverting the cumulative distribution on the device moves only
+`[S]` uniforms in and `[L]` token ids out: one host-device sync per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.sequence import SamplingParams
+
+_SEED_BOUND = 2**63 - 1
+
+
+class GeneratorFactory:
+    """Creates per-request CPU generators: from the request's seed, else from the server-level seed."""
+
+    def __init__(self, server_seed: int) -> None:
+        self._source = torch.Generator().manual_seed(server_seed)
+
+    def create(self, seed: int | None) -> torch.Generator:
+        """A fresh generator; requests without a seed draw theirs from the server seed, in arrival order."""
+        if seed is None:
+            seed = int(torch.randint(_SEED_BOUND, (), generator=self._source))
+        return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # CPU generator; may be None for greedy rows
+    num_generated: int  # output tokens so far, before this step's token
+
+
+class Sampler:
+    """Turns the logits of L sequences into their next token ids, each row with its own parameters."""
+
+    def __init__(self, eos_token_ids: Iterable[int]) -> None:
+        # Ids banned while a row has generated fewer than min_tokens: EOS and any other stop token ids.
+        self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        """Next token id of each row; `logits: [L, V]` float32 on any device, one row per entry of `rows`."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        logits = self._ban_eos(logits, rows)
+        next_ids = logits.argmax(dim=-1)  # [L]
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            next_ids[idx] = self._draw(logits[idx], [rows[i] for i in sampled])
+        return next_ids.tolist()
+
+    def _ban_eos(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Logits with EOS ids at -inf in rows still short of min_tokens; a copy only when some row is."""
+        banned = [i for i, row in enumerate(rows) if row.num_generated < row.params.min_tokens]
+        if not banned or not self.eos_token_ids:
+            return logits
+        row_idx = torch.tensor(banned, device=logits.device)[:, None]  # [B, 1]
+        col_idx = torch.tensor(self.eos_token_ids, device=logits.device)[None, :]  # [1, E]
+        return logits.index_put((row_idx, col_idx), torch.tensor(float("-inf"), device=logits.device))
+
+    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Sampled token ids `[S]` for `logits: [S, V]`, after temperature, top-k and top-p."""
+        device = logits.device
+        temperature = torch.tensor([row.params.temperature for row in rows], device=device)  # [S]
+        logits = logits / temperature[:, None]  # [S, V]
+        if any(row.params.top_k > 0 or row.params.top_p < 1.0 for row in rows):
+            top_k = torch.tensor([row.params.top_k for row in rows], device=device)  # [S]
+            top_p = torch.tensor([row.params.top_p for row in rows], device=device)  # [S]
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)  # [S, V]
+        uniforms = torch.stack([torch.rand((), dtype=torch.float64, generator=_generator(row)) for row in rows])
+        return inverse_cdf(probs, uniforms.to(device, non_blocking=True))
+
+
+def _generator(row: SamplingRow) -> torch.Generator:
+    if row.generator is None:
+        raise ValueError("a sampled (temperature > 0) row needs a generator")
+    return row.generator
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Logits `[S, V]` with -inf outside each row's top-k tokens and, among those, outside its nucleus.
+
+    `top_k: [S]` (0 = off), `top_p: [S]` (1 = off). Top-p is taken over the distribution renormalised after
+    top-k, keeping the smallest set of most likely tokens whose probability reaches top_p (at least one).
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # [S, V]
+    rank = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]  # [S, 1]
+    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [S, V]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [S, V], probability of all higher-ranked tokens
+    outside_nucleus = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0) & (rank > 0)  # [S, V]
+    outside = (rank >= k) | outside_nucleus
+    outside = torch.empty_like(outside).scatter_(-1, sorted_idx, outside)  # back to vocabulary order
+    return logits.masked_fill(outside, float("-inf"))
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token ids `[S]` drawn from `probs: [S, V]`, row s picking the token where its CDF crosses `uniforms[s]`.
+
+    The CDF is accumulated in float64 and the target kept strictly below the total, so a token with
+    probability zero is never picked.
+    """
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [S, V]
+    total = cdf[:, -1:]  # [S, 1]
+    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # [S, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [S]
