@@ -43,7 +43,7 @@ def _blocks_used(engine) -> int:
 async def test_concurrent_burst_matches_hf_generate(engine_factory, tiny_model_dir):
     engine = engine_factory(max_num_batched_tokens=64)  # small budget: prefills chunk and mix with decodes
     prompts = _prompts(12)
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=20, min_tokens=20, temperature=0.0)
     results = await asyncio.gather(*[_collect(engine, p, params, f"r{i}") for i, p in enumerate(prompts)])
     assert [tokens for tokens, _, _ in results] == hf_greedy(tiny_model_dir, prompts, 20)
     assert all(last.finish_reason is FinishReason.LENGTH for _, _, last in results)
@@ -54,7 +54,7 @@ async def test_preemption_recomputes_exactly_and_frees_every_block(engine_factor
     # 40 blocks of 4 tokens: 8 sequences growing to ~60 tokens cannot all stay resident.
     engine = engine_factory(kv_cache_bytes=40 * 4 * 512, max_model_len=128)
     prompts = [p[:20] for p in _prompts(8)]
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=40, min_tokens=40, temperature=0.0)
     results = await asyncio.gather(*[_collect(engine, p, params, f"r{i}") for i, p in enumerate(prompts)])
     assert [tokens for tokens, _, _ in results] == hf_greedy(tiny_model_dir, prompts, 40)
     assert engine.core.scheduler.num_preemptions > 0
