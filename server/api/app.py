@@ -1,0 +1,39 @@
+"""The FastAPI application: lifespan, middleware, error handlers and routers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import server
+from server.api import routes_health, routes_openai
+from server.api.body_limit import BodyLimitMiddleware
+from server.api.deps import EngineFactory, EngineState
+from server.api.errors import install_error_handlers
+from server.settings import Settings
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
+    """Build the app; its lifespan starts building the engine in the background and shuts it down at exit."""
+    state = EngineState()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        build = asyncio.create_task(state.build(engine_factory, settings))
+        try:
+            yield
+        finally:
+            # A half-built engine cannot be abandoned safely: wait for the build, then shut it down.
+            await build
+            await state.shutdown()
+
+    app = FastAPI(title="loraplex", version=server.__version__, lifespan=lifespan)
+    app.state.engine_state = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    install_error_handlers(app)
+    app.include_router(routes_health.router)
+    app.include_router(routes_openai.router)
+    return app

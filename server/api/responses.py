@@ -1,0 +1,128 @@
+"""Response bodies and stream chunks of the OpenAI-compatible routes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+
+FinishReasonName = Literal["stop", "length"] | None
+
+
+class Usage(BaseModel):
+    """Token counts of one response: each prompt counted once, every choice's output added up."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a completion, whole or as a stream increment."""
+
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReasonName = None
+
+
+class CompletionResponse(BaseModel):
+    """`text_completion`: the body of a non-streaming completion and of each stream chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    """The generated message of a chat choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    """One choice of a non-streaming chat completion."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReasonName = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """`chat.completion`: the body of a non-streaming chat completion."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """New content of a streamed chat choice; fields with nothing new are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice's increment in a chat stream chunk."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReasonName = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """`chat.completion.chunk`: one event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelObject(BaseModel):
+    """An entry of `GET /v1/models`: the base model, or an adapter whose `parent` is the base."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loraplex"
+    parent: str | None
+    root: str
+    permission: list[Any] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    """Body of `GET /v1/models`."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class Health(BaseModel):
+    """Body of a healthy `GET /health`."""
+
+    status: Literal["ok"] = "ok"

@@ -1,0 +1,44 @@
+"""From a validated request to the engine's jobs: one per (prompt, sample), with its SamplingParams."""
+
+from __future__ import annotations
+
+from server.api.generation import Job
+from server.api.schemas import GenerationRequest
+from server.engine.sequence import SamplingParams
+from server.errors import InvalidRequestError
+
+
+def plan_jobs(body: GenerationRequest, prompts: list[list[int]], max_model_len: int) -> list[Job]:
+    """Choice `p * n + i` is sample `i` of prompt `p`; with a seed, sample `i` uses `seed + i`."""
+    n = body.n or 1
+    return [
+        Job(index=p * n + i, prompt_token_ids=prompt, params=sampling_params(body, len(prompt), max_model_len, i))
+        for p, prompt in enumerate(prompts)
+        for i in range(n)
+    ]
+
+
+def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, sample: int) -> SamplingParams:
+    """The engine's parameters for one sample; max_tokens defaults to what is left of the context."""
+    max_tokens = body.requested_max_tokens() or _default_max_tokens(body, prompt_len, max_model_len)
+    if body.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
+        )
+    defaults = SamplingParams()
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        seed=None if body.seed is None else body.seed + sample,
+        stop=tuple(body.stop or ()),
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def _default_max_tokens(body: GenerationRequest, prompt_len: int, max_model_len: int) -> int:
+    # At least 1, so that a prompt that fills the context is refused by the engine with both numbers named.
+    left = max(max_model_len - prompt_len, 1)
+    return left if body.default_max_tokens is None else min(body.default_max_tokens, left)

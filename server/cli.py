@@ -1,0 +1,111 @@
+"""`loraplex` command line: every Settings field is a flag, so flags, env vars and defaults never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pydantic
+from pydantic.fields import FieldInfo
+
+from server.settings import Settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; only flags given on the command line reach Settings, which reads the rest."""
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(
+            flag_name(name), dest=name, default=argparse.SUPPRESS, help=_help(name, field), **_kind(field)
+        )
+
+
+def _help(name: str, field: FieldInfo) -> str:
+    value = field.get_default(call_default_factory=True)
+    default = "" if value is None else f"; default: {value}"
+    return f"{field.description} (env: {env_name(name)}{default})"
+
+
+def _kind(field: FieldInfo) -> dict[str, Any]:
+    """How argparse reads the flag: literals as choices, the rest as text that pydantic converts (as for env vars)."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": [str(choice) for choice in typing.get_args(annotation)]}
+    return {"metavar": "TEXT" if annotation is str else getattr(annotation, "__name__", "value").upper()}
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """Settings with precedence flag > LORAPLEX_* env var > default; invalid values end in a usage error."""
+    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        parser.error(f"invalid settings: {problems}")
+
+
+def _describe(error: Any) -> str:
+    name = str(error["loc"][0]) if error["loc"] else ""
+    where = f"{flag_name(name)} / {env_name(name)}" if name in Settings.model_fields else name
+    return f"{where}: {error['msg']}"
+
+
+def serve(settings: Settings) -> None:
+    """Run the API server until interrupted; the engine builds in the background while /health answers 503."""
+    import uvicorn
+
+    from server.api import create_app
+    from server.engine.factory import build_engine
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    app = create_app(settings, build_engine)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=30)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Serve many LoRA/DoRA adapters on one base model.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server",
+        description="Run the OpenAI-compatible server. Every flag can also be set by its LORAPLEX_* variable.",
+    )
+    add_settings_arguments(serve_parser)
+    serve_parser.set_defaults(run=lambda args: serve(settings_from_args(args, serve_parser)))
+    prepare_parser = commands.add_parser(
+        "prepare-model",
+        help="convert the bundled SmolLM2 GGUF into the cached safetensors checkpoint",
+        description="Prepare the default model once (make serve and make test run this); later starts take seconds.",
+    )
+    prepare_parser.set_defaults(run=lambda args: prepare_model())
+    return parser
+
+
+def prepare_model() -> None:
+    """Convert the default model if its cached checkpoint is missing, then print where it is."""
+    from server.model.default_model import default_model_dir
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    print(default_model_dir())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    run(args)
+    return 0

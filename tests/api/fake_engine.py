@@ -1,0 +1,117 @@
+"""A small deterministic stand-in for the AsyncEngine facade, for testing the HTTP layer.
+
+Its tokenizer maps each character to its code point. Its "model" echoes the prompt back one token per step and
+then emits end-of-sequence, so finish reasons are predictable: a prompt longer than max_tokens ends with "length",
+a shorter one with "stop". It honours stop strings, min_tokens and ignore_eos, and records what it was asked and
+which requests were cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.sequence import FinishReason, SamplingParams
+from server.errors import InvalidRequestError, NotFoundError, QueueFullError
+
+
+@dataclass
+class Submitted:
+    """One call of generate, as the engine saw it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+
+
+@dataclass
+class FakeEngine:
+    """Implements the facade's methods; flip the public fields to make it refuse, stall or fail."""
+
+    served_model_name: str = "base-model"
+    max_model_len: int = 128
+    adapters: tuple[str, ...] = ("sql-writer", "poet")
+    ready: bool = True
+    queue_full: bool = False
+    step_delay_s: float = 0.0
+    fail_after: int | None = None  # report an engine error after this many tokens
+    submitted: list[Submitted] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    shut_down: bool = False
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def list_models(self) -> list[ModelCard]:
+        base = ModelCard(name=self.served_model_name, parent=None, created=1_700_000_000)
+        return [base, *(ModelCard(name=a, parent=self.served_model_name, created=1_700_000_001) for a in self.adapters)]
+
+    def resolve_adapter(self, model: str) -> str | None:
+        if model == self.served_model_name:
+            return None
+        if model in self.adapters:
+            return model
+        raise NotFoundError(f"model '{model}' does not exist", param="model", code="model_not_found")
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [ord(c) for c in prompt]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if messages[-1]["role"] == "assistant":
+            raise InvalidRequestError("the last message must not be the assistant's", param="messages")
+        return self.encode_prompt("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self.queue_full:
+            raise QueueFullError("the request queue is full", retry_after_s=7)
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) is over "
+                f"the model's context of {self.max_model_len}",
+                param="max_tokens",
+            )
+        self.submitted.append(Submitted(request_id, prompt_token_ids, params, adapter))
+        text, reason = _reply("".join(map(chr, prompt_token_ids)), params)
+        pieces = list(text) or [""]  # a stop string at the very start still ends with one (empty) output
+        finished = False
+        try:
+            for i, piece in enumerate(pieces):
+                await asyncio.sleep(self.step_delay_s)
+                error = "device fell over" if self.fail_after is not None and i >= self.fail_after else None
+                finished = i == len(pieces) - 1 or error is not None
+                yield RequestOutput(
+                    request_id=request_id,
+                    text=piece,
+                    token_ids=[ord(c) for c in piece],
+                    num_prompt_tokens=len(prompt_token_ids),
+                    num_output_tokens=i + 1,
+                    finished=finished,
+                    finish_reason=(FinishReason.ERROR if error else reason) if finished else None,
+                    error=error,
+                )
+                if error:
+                    return
+        finally:
+            if not finished:
+                self.cancelled.append(request_id)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+def _reply(prompt: str, params: SamplingParams) -> tuple[str, FinishReason]:
+    """The echo model's whole output and why it ends."""
+    natural = float("inf") if params.ignore_eos else max(len(prompt), params.min_tokens)
+    length = int(min(natural, params.max_tokens))
+    text = (prompt * (length // len(prompt) + 1))[:length]
+    reason = FinishReason.STOP if natural <= params.max_tokens else FinishReason.LENGTH
+    for stop in params.stop:
+        if stop in text:
+            text, reason = text[: text.index(stop)], FinishReason.STOP
+    return text, reason
