@@ -13,7 +13,7 @@ from server.model.attention import AttentionPlan, paged_attention
 from server.model.batch import ForwardBatch
 from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
-from server.model.linear import TargetLinear
+from server.model.linear import TargetLinear, linear, prepack
 
 if TYPE_CHECKING:
     from server.model.lora import LoraBatch
@@ -82,6 +82,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(weights["model.norm.weight"], spec.rms_norm_eps)
         lm_head = weights.get("lm_head.weight")
         self.lm_head = self.embed_tokens if spec.tie_word_embeddings or lm_head is None else nn.Parameter(lm_head)
+        self.lm_head_packed = prepack(self.lm_head.data)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, device)
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, lora: LoraBatch | None = None) -> torch.Tensor:
@@ -95,7 +96,7 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [L, hidden] -> logits: [L, vocab] in float32
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head, self.lm_head_packed).float()
 
     def target_linears(self) -> dict[tuple[int, str], TargetLinear]:
         """Every adapter-targetable layer, keyed by (layer index, fused module name)."""
