@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +81,7 @@ def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def test_serve_runs_uvicorn_on_the_engine_factory(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = FakeEngine()
-    factory_module = types.ModuleType("server.engine.async_engine")
-    factory_module.build_engine = lambda settings: engine  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "server.engine.async_engine", factory_module)
+    monkeypatch.setattr("server.engine.factory.build_engine", lambda settings: engine)
     served: dict[str, Any] = {}
     monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.update(app=app, **kwargs))
 
