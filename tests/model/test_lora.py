@@ -1,0 +1,281 @@
+"""Batch routing, the SGMV/BGMV fast paths against the reference op, and slot storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
+
+from server.adapters.slots import attach_lora_slots, clear_adapter_slot, load_adapter_slot, lora_targets
+from server.adapters.weights import ModelInfo, validate_adapter_dir
+from server.engine.batch_builder import build_forward_batch
+from server.engine.sequence import SamplingParams, Sequence
+from server.model.kv_cache import KVCache
+from server.model.linear import TargetLinear
+from server.model.loader import load_model
+from server.model.lora import LoraSlots, LoraWeights, find_segments, lora_delta_reference, make_lora_batch
+
+IN = 32
+SLICES = {"q_proj": (0, 32), "k_proj": (32, 48), "v_proj": (48, 64)}
+OUT = 64
+
+
+@pytest.mark.parametrize(
+    ("slots", "starts", "seg_slots"),
+    [
+        ([], [0], []),
+        ([3], [0, 1], [3]),
+        ([-1, -1], [0, 2], [-1]),
+        ([0, 0, 1, 1, 1, -1, 2], [0, 2, 5, 6, 7], [0, 1, -1, 2]),
+        ([1, 1, 0, 1], [0, 2, 3, 4], [1, 0, 1]),
+        ([-1, 4, -1], [0, 1, 2, 3], [-1, 4, -1]),
+    ],
+)
+def test_find_segments(slots, starts, seg_slots):
+    seg_starts, found = find_segments(torch.tensor(slots, dtype=torch.int64))
+    assert seg_starts.tolist() == starts
+    assert found.tolist() == seg_slots
+
+
+@pytest.mark.parametrize(
+    ("slots", "gemm_runs", "gather_slots", "gather_rows"),
+    [
+        ([-1, -1], (), set(), None),
+        ([0, 1, 2], (), {0, 1, 2}, [1, 2, 3]),
+        ([0, -1, 2], (), {0, 2}, [1, 0, 3]),
+        ([0, 0, 0, 1, -1], ((0, 3, 0),), {1}, [0, 0, 0, 2, 0]),
+        ([5, 5, 5, 5], ((0, 4, 5),), set(), None),
+        ([1, 2, 2, 2, 2, 1], ((1, 5, 2),), {1}, [2, 0, 0, 0, 0, 2]),
+    ],
+)
+def test_make_lora_batch_routes_runs(slots, gemm_runs, gather_slots, gather_rows):
+    batch = make_lora_batch(torch.tensor(slots, dtype=torch.int64), min_gemm_run=3)
+    assert batch.gemm_runs == gemm_runs
+    assert batch.gather_slots == gather_slots
+    assert batch.active_slots == {s for s in slots if s >= 0}
+    assert (batch.gather_rows.tolist() if batch.gather_rows is not None else None) == gather_rows
+
+
+def _random_update(rank: int, out: int, dora: bool) -> LoraWeights:
+    g = 1 + 0.3 * torch.randn(out) if dora else None
+    return LoraWeights(a=torch.randn(rank, IN) / IN**0.5, b=torch.randn(out, rank) / rank**0.5, g=g)
+
+
+# slot -> (rank, DoRA, projections it targets)
+ADAPTERS = {
+    0: (1, False, ("q_proj", "v_proj")),
+    1: (8, True, ("q_proj", "k_proj", "v_proj")),
+    2: (16, False, ("k_proj",)),
+    3: (64, True, ("v_proj",)),
+    5: (8, False, ("q_proj", "k_proj", "v_proj")),
+}
+MAX_LORAS = 6
+
+
+def _layer_with_adapters() -> tuple[TargetLinear, dict[int, dict[str, LoraWeights]]]:
+    linear = TargetLinear(torch.randn(OUT, IN) / IN**0.5, SLICES)
+    linear.lora = LoraSlots(linear, MAX_LORAS)
+    loaded = {}
+    for slot, (rank, dora, names) in ADAPTERS.items():
+        loaded[slot] = {n: _random_update(rank, SLICES[n][1] - SLICES[n][0], dora) for n in names}
+        linear.lora.load_slot(slot, loaded[slot])
+    return linear, loaded
+
+
+def _expected(linear: TargetLinear, loaded, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Base GEMM, `lora_delta_reference` per projection on zero-padded stacks, then DoRA's g per token."""
+    y = x @ linear.weight.T
+    r_max = 64
+    for name, (start, end) in SLICES.items():
+        a = torch.zeros(MAX_LORAS, r_max, IN)
+        b = torch.zeros(MAX_LORAS, end - start, r_max)
+        g = torch.ones(MAX_LORAS + 1, end - start)  # last row: base tokens (index -1)
+        for slot, pieces in loaded.items():
+            if name in pieces:
+                w = pieces[name]
+                a[slot, : w.a.shape[0]] = w.a
+                b[slot, :, : w.a.shape[0]] = w.b
+                if w.g is not None:
+                    g[slot] = w.g
+        y[:, start:end] = g[token_slots] * (y[:, start:end] + lora_delta_reference(x, a, b, token_slots))
+    return y
+
+
+TOKENS = [1, 1, -1, 0, 0, 0, 0, 0, 3, 2, 2, 5, -1, -1, 3, 3, 3, 3, 3, 3, 4, 1, 0, 2]  # slot 4 is empty
+
+
+@pytest.mark.parametrize("min_gemm_run", [1, 4, 10**9], ids=["sgmv", "mixed", "bgmv"])
+def test_fast_paths_match_reference(min_gemm_run):
+    linear, loaded = _layer_with_adapters()
+    token_slots = torch.tensor(TOKENS)
+    x = torch.randn(len(TOKENS), IN)
+    batch = make_lora_batch(token_slots, min_gemm_run=min_gemm_run)
+    assert (not batch.gemm_runs) == (min_gemm_run > len(TOKENS))
+    with torch.no_grad():
+        got = linear(x, batch)
+    torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [[5, 5, 1, 3, 0, 2], [5, 1, 0, 2], [3, -1, -1, -1, 1], [2, 2, 2, 2, 2]])
+def test_decode_shapes_match_reference(tokens):
+    linear, loaded = _layer_with_adapters()
+    token_slots = torch.tensor(tokens)
+    x = torch.randn(len(tokens), IN)
+    with torch.no_grad():
+        got = linear(x, make_lora_batch(token_slots))
+    torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
+
+
+def test_base_only_batch_does_no_work():
+    linear, _ = _layer_with_adapters()
+    x = torch.randn(5, IN)
+    y = x @ linear.weight.T
+    assert linear.lora.apply(x, y.clone(), make_lora_batch(torch.full((5,), -1))).equal(y)
+    only_empty_slot = make_lora_batch(torch.tensor([4, 4]))
+    assert linear.lora.apply(x[:2], y[:2].clone(), only_empty_slot).equal(y[:2])
+
+
+def test_reload_with_smaller_rank_and_clear_leave_no_stale_weights():
+    linear, loaded = _layer_with_adapters()
+    smaller = {"k_proj": _random_update(2, 16, dora=False)}
+    linear.lora.load_slot(3, smaller)  # slot 3 held a rank-64 DoRA update of v_proj
+    loaded[3] = smaller
+    linear.lora.clear_slot(1)
+    del loaded[1]
+    token_slots = torch.tensor([3, 3, 1, 1, 0])
+    x = torch.randn(5, IN)
+    for min_run in (1, 10**9):
+        got = linear(x, make_lora_batch(token_slots, min_gemm_run=min_run))
+        torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
+
+
+def test_rank_buffers_grow_only_when_needed_and_keep_earlier_slots():
+    linear = TargetLinear(torch.randn(OUT, IN), SLICES)
+    slots = LoraSlots(linear, 3)
+    first = {"q_proj": _random_update(4, 32, dora=False)}
+    slots.load_slot(0, first)
+    buffer = slots._slices["q_proj"].a_t
+    slots.load_slot(1, {"q_proj": _random_update(8, 32, dora=False)})
+    assert slots._slices["q_proj"].a_t is buffer  # rank 8 fits the capacity of 8 allocated for rank 4
+    assert slots._slices["k_proj"].cap == 0  # never targeted: nothing allocated
+    slots.load_slot(2, {"q_proj": _random_update(12, 32, dora=False)})
+    assert slots._slices["q_proj"].a_t.shape == (4, 1, IN, 16)  # [N + 1, granules, in, ranks per granule]
+    slots.load_slot(1, {"q_proj": _random_update(40, 32, dora=False)})
+    assert slots._slices["q_proj"].a_t.shape == (4, 3, IN, 16)
+    linear.lora = slots
+    x = torch.randn(2, IN)
+    want = x @ linear.weight.T
+    want[:, :32] += (x @ first["q_proj"].a.T) @ first["q_proj"].b.T
+    for min_run in (1, 10**9):
+        got = linear(x, make_lora_batch(torch.tensor([0, 0]), min_gemm_run=min_run))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_load_slot_refuses_bad_input_and_keeps_the_slot():
+    linear, _ = _layer_with_adapters()
+    x = torch.randn(3, IN)
+    batch = make_lora_batch(torch.tensor([1, 1, 1]))
+    before = linear(x, batch)
+    with pytest.raises(ValueError, match="slot"):
+        linear.lora.load_slot(MAX_LORAS, {})
+    with pytest.raises(ValueError, match="o_proj"):
+        linear.lora.load_slot(1, {"o_proj": _random_update(2, 32, dora=False)})
+    with pytest.raises(ValueError, match="do not fit"):
+        linear.lora.load_slot(1, {"q_proj": _random_update(2, 32, dora=False), "k_proj": _random_update(2, 8, False)})
+    assert linear(x, batch).equal(before)
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"qkv_proj": TargetLinear(torch.randn(OUT, IN), SLICES)}) for _ in range(2)
+        )
+
+
+def test_model_helpers_load_and_clear_every_layer():
+    model = _TwoLayers()
+    attach_lora_slots(model, max_loras=2)
+    targets = lora_targets(model)
+    assert sorted(targets) == sorted((i, n) for i in range(2) for n in SLICES)
+    update = _random_update(4, 16, dora=False)
+    load_adapter_slot(model, 1, {(1, "v_proj"): update})
+    batch = make_lora_batch(torch.tensor([1, 1]))
+    x = torch.randn(2, IN)
+    first, second = (model.layers[i]["qkv_proj"] for i in range(2))
+    assert first(x, batch).equal(x @ first.weight.T)
+    torch.testing.assert_close(second(x, batch)[:, 48:], x @ second.weight[48:].T + (x @ update.a.T) @ update.b.T)
+    clear_adapter_slot(model, 1)
+    assert second(x, batch).equal(x @ second.weight.T)
+    with pytest.raises(ValueError, match="no projections"):
+        load_adapter_slot(model, 0, {(2, "q_proj"): update})
+    load_adapter_slot(model, 1, {(0, "v_proj"): update})
+    with pytest.raises(ValueError, match="do not fit"):
+        load_adapter_slot(model, 1, {(0, "k_proj"): update, (1, "q_proj"): update})
+    torch.testing.assert_close(first(x, batch)[:, 48:], x @ first.weight[48:].T + (x @ update.a.T) @ update.b.T)
+
+
+def test_gather_plan_reads_each_token_at_its_own_rank():
+    batch = make_lora_batch(torch.tensor([0, -1, 1, 1]), min_gemm_run=10**9)
+    plan = batch.gather_plan({0: 20, 1: 3}, in_features=IN, granules=2, width=16)  # slot 0: 2 granules, slot 1: 1
+    assert batch.gather_plan({1: 3, 0: 20}, IN, 2, 16) is plan  # built once per step, shared by every layer
+    assert plan.bag_tokens.tolist() == [0, 0, 2, 3]
+    # slot s lives in buffer row s + 1, whose granules are a_t rows (s + 1) * 2 + j, each a block of IN rows
+    assert plan.shrink_index[:, 0].tolist() == [2 * IN, 3 * IN, 4 * IN, 4 * IN]
+    assert plan.expand_offsets.tolist() == [0, 20, 20, 23]
+    assert plan.expand_index.tolist() == [*range(32, 52), 64, 65, 66, 64, 65, 66]
+    assert plan.expand_inputs.tolist() == [*range(20), 32, 33, 34, 48, 49, 50]
+
+
+def _peft_adapter(model_dir: Path, path: Path, **kwargs) -> Path:
+    """A random (untrained) PEFT adapter for the checkpoint at `model_dir`, DoRA magnitudes moved off their init."""
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(init_lora_weights=False, **kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_B" in name:
+                p.mul_(10)  # make every adapter move the logits well past the tolerance
+    model.save_pretrained(path)
+    return path
+
+
+def _peft_logits(model_dir: Path, adapter: Path | None, token_ids: list[int]) -> torch.Tensor:
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(torch.tensor([token_ids])).logits[0]  # [len, vocab]
+
+
+def test_packed_forward_with_mixed_adapters_matches_peft(tiny_model_dir, tmp_path):
+    adapters = {
+        0: _peft_adapter(tiny_model_dir, tmp_path / "lora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        1: _peft_adapter(tiny_model_dir, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True,
+                         target_modules="all-linear", rank_pattern={"down_proj": 16}),
+    }  # fmt: skip
+    loaded = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    attach_lora_slots(loaded.model, max_loras=3)
+    info = ModelInfo.from_model(loaded.model)
+    for slot, path in adapters.items():
+        load_adapter_slot(loaded.model, slot, validate_adapter_dir(path, info, max_lora_rank=16).updates)
+    # A long run (GEMMs), two short runs (gathered) and a base sequence, in one packed step.
+    prompts = [(0, list(range(3, 23))), (1, [5, 9, 22, 41, 7]), (-1, [8, 8, 120, 64]), (0, [17, 30, 2])]
+    seqs = [Sequence(str(i), p, SamplingParams()) for i, (_, p) in enumerate(prompts)]
+    for i, seq in enumerate(seqs):
+        seq.block_table.extend(range(8 * i, 8 * i + 8))
+    batch = build_forward_batch([(s, len(s)) for s in seqs], 4, torch.device("cpu"), [slot for slot, _ in prompts])
+    cache = KVCache(loaded.spec, num_blocks=32, block_size=4, dtype=torch.float32, device="cpu")
+    lora_batch = make_lora_batch(batch.adapter_slots)
+    assert lora_batch.gemm_runs and lora_batch.gather_slots == {0, 1}
+    with torch.no_grad():
+        logits = loaded.model.compute_logits(loaded.model(batch, cache, lora_batch))
+    for i, (slot, prompt) in enumerate(prompts):
+        got = logits[batch.query_start[i] : batch.query_start[i + 1]]
+        want = _peft_logits(tiny_model_dir, adapters.get(slot), prompt)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        if slot >= 0:
+            assert not torch.allclose(got, _peft_logits(tiny_model_dir, None, prompt), atol=1e-2)
