@@ -32,6 +32,7 @@ class Settings(BaseSettings):
         "auto", description="Weight dtype (auto: float32 on CPU, bfloat16 on CUDA)"
     )
     max_loras: int = Field(32, gt=0, description="Adapters resident on the device at once")
+    max_cpu_loras: int = Field(64, gt=0, description="Adapters cached in host memory (at least --max-loras)")
     max_lora_rank: int = Field(64, gt=0, description="Largest adapter rank accepted")
     max_request_bytes: int = Field(4 * 2**20, gt=0, description="Largest JSON request body accepted")
     seed: int = Field(0, description="Seed for requests that give none")

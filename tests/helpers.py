@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.tokenizer import save_tiny_tokenizer
@@ -48,3 +49,40 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
             gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
         outs.append(gen[0, len(prompt) :].tolist())
     return outs
+
+
+def make_peft_adapter(model_dir: Path, path: Path, seed: int = 0, **lora_kwargs) -> Path:
+    """A random (untrained) PEFT adapter for the checkpoint at `model_dir`, DoRA magnitudes moved off their init."""
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_B" in name:
+                p.mul_(10)  # make every adapter move the logits well past the tolerance
+    model.save_pretrained(path)
+    return path
+
+
+def peft_greedy(model_dir: Path, adapter: Path | None, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation by transformers + PEFT with one adapter (or none), EOS suppressed like min_tokens."""
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        out = model.eval().generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            do_sample=False,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def peft_logits(model_dir: Path, adapter: Path | None, token_ids: list[int]) -> torch.Tensor:
+    """Logits `[len, vocab]` of transformers + PEFT with one adapter (or none) over `token_ids`."""
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(torch.tensor([token_ids])).logits[0]

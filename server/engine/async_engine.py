@@ -39,6 +39,7 @@ class AsyncEngine:
 
     def __init__(self, core: LLMEngine, served_model_name: str, max_queue: int, max_num_seqs: int) -> None:
         self.core = core
+        self.adapters = core.adapters
         self.tokenizer = core.tokenizer
         self.served_model_name = served_model_name
         self.max_model_len = core.max_model_len
@@ -57,11 +58,17 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stopped.is_set()
 
     def list_models(self) -> list[ModelCard]:
-        return [ModelCard(self.served_model_name, None, self.created)]
+        """The base model, then every adapter in the store (loaded or not)."""
+        store = self.adapters.store
+        base = ModelCard(self.served_model_name, None, self.created)
+        return [base, *(ModelCard(name, self.served_model_name, store.created(name)) for name in store.names())]
 
     def resolve_adapter(self, model: str) -> str | None:
+        """None for the base model, the adapter name for an adapter in the store; 404 otherwise."""
         if model == self.served_model_name:
             return None
+        if self.adapters.store.exists(model):
+            return model
         raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -91,7 +98,11 @@ class AsyncEngine:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._in_flight += 1
         finished = False
+        acquired = False
         try:
+            if adapter is not None:
+                await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
+                acquired = True
             self._inbox.put(_Submit(request_id, prompt_token_ids, params, adapter, loop, outputs.put_nowait))
             while not finished:
                 out = await outputs.get()
@@ -101,11 +112,14 @@ class AsyncEngine:
             self._in_flight -= 1
             if not finished:
                 self._inbox.put(_Abort(request_id))
+            if acquired:
+                self.adapters.release(adapter)
 
     def shutdown(self) -> None:
         self._stopped.set()
         self._inbox.put(None)
         self._thread.join(timeout=30)
+        self.adapters.shutdown()
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:

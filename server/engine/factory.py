@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from server.adapters.registry import AdapterRegistry
+from server.adapters.slots import attach_lora_slots
+from server.adapters.store import AdapterStore
+from server.adapters.weights import ModelInfo
 from server.engine.async_engine import AsyncEngine
 from server.engine.block_manager import BlockManager
 from server.engine.llm_engine import LLMEngine
@@ -38,10 +42,19 @@ def build_engine(settings: Settings) -> AsyncEngine:
         log.warning("KV cache holds %d tokens; limiting max_model_len from %d to that", capacity, max_model_len)
         max_model_len = capacity
     runner = ModelRunner(loaded, num_blocks, settings.block_size)
+    attach_lora_slots(loaded.model, settings.max_loras)
+    adapters = AdapterRegistry(
+        AdapterStore(settings.adapters_store),
+        loaded.model,
+        ModelInfo.from_model(loaded.model),
+        max_loras=settings.max_loras,
+        max_cpu_loras=settings.max_cpu_loras,
+        max_lora_rank=settings.max_lora_rank,
+    )
     scheduler = Scheduler(
         SchedulerConfig.from_settings(settings, max_model_len), BlockManager(num_blocks, settings.block_size)
     )
-    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed)
+    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else loaded.name)
     log.info("serving %s on %s (%s): %d KV blocks, max_model_len %d", name, device, dtype, num_blocks, max_model_len)
     return AsyncEngine(core, name, settings.max_queue, settings.max_num_seqs)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.adapters.registry import AdapterRegistry
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.engine.outputs import RequestOutput
 from server.engine.runner import ModelRunner
@@ -31,8 +32,11 @@ class RequestState:
 class LLMEngine:
     """Adds and aborts requests and advances all of them by one step per `step()` call."""
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, server_seed: int) -> None:
+    def __init__(
+        self, runner: ModelRunner, scheduler: Scheduler, tokenizer, server_seed: int, adapters: AdapterRegistry
+    ) -> None:
         self.runner = runner
+        self.adapters = adapters
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.generators = GeneratorFactory(server_seed)
@@ -52,14 +56,15 @@ class LLMEngine:
         self.requests[request_id] = RequestState(seq, generator, detok, StopStringMatcher(params.stop))
 
     def abort(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
-        self.requests.pop(request_id, None)
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self._finish(state.seq, FinishReason.CANCELLED)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """Finish every request with an error (after an engine fault); their KV blocks are freed."""
+        """Finish every request with an error (after an engine fault); their KV blocks and slots are freed."""
         outputs = []
         for request_id, state in list(self.requests.items()):
-            self.scheduler.finish(state.seq, FinishReason.ERROR)
+            self._finish(state.seq, FinishReason.ERROR)
             outputs.append(self._output(state, "", [], FinishReason.ERROR, error=message))
             del self.requests[request_id]
         return outputs
@@ -67,20 +72,32 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, append sampled tokens and report what each sampled request produced."""
         plan = self.scheduler.schedule()
+        for seq in plan.preempted:
+            self._unbind(seq)
         if plan.is_empty:
             return []
-        sampling = [item for item in plan.scheduled if item.samples]
-        rows = [self._sampling_row(item.seq) for item in sampling]
-        token_ids = self.runner.execute(plan.scheduled, rows)
+        for item in plan.scheduled:
+            if item.seq.adapter is not None and item.seq.lora_slot < 0:
+                item.seq.lora_slot = self.adapters.bind_slot(item.seq.adapter)
+        sampled = self.runner.execute(plan.scheduled, self._sampling_row)
         self.scheduler.advance(plan)
-        return self._postprocess(sampling, token_ids)
+        return self._postprocess(sampled)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self._unbind(seq)
+
+    def _unbind(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.adapters.unbind_slot(seq.adapter)
+            seq.lora_slot = -1
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         return SamplingRow(seq.params, self.requests[seq.request_id].generator, seq.num_output_tokens)
 
-    def _postprocess(self, sampling: list[ScheduledSequence], token_ids: list[int]) -> list[RequestOutput]:
+    def _postprocess(self, sampled: list[tuple[ScheduledSequence, int]]) -> list[RequestOutput]:
         outputs = []
-        for item, token in zip(sampling, token_ids, strict=True):
+        for item, token in sampled:
             state = self.requests.get(item.seq.request_id)
             if state is not None:
                 outputs.append(self._append_token(state, token))
@@ -100,7 +117,7 @@ class LLMEngine:
                 text += tail
                 reason = FinishReason.STOP if stopped else reason
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self._finish(seq, reason)
             del self.requests[seq.request_id]
         return self._output(state, text, [token], reason)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from server.engine.batch_builder import build_forward_batch
 from server.engine.sampler import Sampler, SamplingRow
 from server.engine.scheduler import ScheduledSequence
+from server.engine.sequence import Sequence
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
+from server.model.lora import make_lora_batch
 
 
 class ModelRunner:
@@ -23,13 +27,21 @@ class ModelRunner:
         self.sampler = Sampler(loaded.spec.eos_token_ids)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence], rows: list[SamplingRow]) -> list[int]:
-        """Run one step; returns the next token of each sampling item (`item.samples`), in `scheduled` order.
+    def execute(
+        self, scheduled: list[ScheduledSequence], row_of: Callable[[Sequence], SamplingRow]
+    ) -> list[tuple[ScheduledSequence, int]]:
+        """Run one step; returns (item, next token) for every item whose chunk ends its sequence (`item.samples`).
 
-        `rows` holds one SamplingRow per sampling item, in the same order.
+        Sequences are packed in adapter-slot order so that each adapter's tokens form one contiguous segment.
         """
-        work = [(item.seq, item.num_new_tokens) for item in scheduled]
-        batch = build_forward_batch(work, self.block_size, self.device)
-        hidden = self.model(batch, self.kv_cache)  # [T, hidden]
+        items = sorted(scheduled, key=lambda item: item.seq.lora_slot)
+        work = [(item.seq, item.num_new_tokens) for item in items]
+        slots = [item.seq.lora_slot for item in items]
+        with_adapters = any(slot >= 0 for slot in slots)
+        batch = build_forward_batch(work, self.block_size, self.device, slots if with_adapters else None)
+        lora = make_lora_batch(batch.adapter_slots) if batch.adapter_slots is not None else None
+        hidden = self.model(batch, self.kv_cache, lora)  # [T, hidden]
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [L, vocab]
-        return self.sampler.sample(logits, rows)
+        sampling = [item for item in items if item.samples]
+        tokens = self.sampler.sample(logits, [row_of(item.seq) for item in sampling])
+        return list(zip(sampling, tokens, strict=True))

@@ -57,6 +57,7 @@ class Sequence:
     num_computed_tokens: int = 0
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    lora_slot: int = -1  # device slot of the adapter while running; -1 = base model or not bound
 
     @property
     def token_ids(self) -> list[int]:

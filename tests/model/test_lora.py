@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaForCausalLM
 
 from server.adapters.slots import attach_lora_slots, clear_adapter_slot, load_adapter_slot, lora_targets
 from server.adapters.weights import ModelInfo, validate_adapter_dir
@@ -17,6 +13,7 @@ from server.model.kv_cache import KVCache
 from server.model.linear import TargetLinear
 from server.model.loader import load_model
 from server.model.lora import LoraSlots, LoraWeights, find_segments, lora_delta_reference, make_lora_batch
+from tests.helpers import make_peft_adapter, peft_logits
 
 IN = 32
 SLICES = {"q_proj": (0, 32), "k_proj": (32, 48), "v_proj": (48, 64)}
@@ -230,31 +227,11 @@ def test_gather_plan_reads_each_token_at_its_own_rank():
     assert plan.expand_inputs.tolist() == [*range(20), 32, 33, 34, 48, 49, 50]
 
 
-def _peft_adapter(model_dir: Path, path: Path, **kwargs) -> Path:
-    """A random (untrained) PEFT adapter for the checkpoint at `model_dir`, DoRA magnitudes moved off their init."""
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(init_lora_weights=False, **kwargs))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
-            elif "lora_B" in name:
-                p.mul_(10)  # make every adapter move the logits well past the tolerance
-    model.save_pretrained(path)
-    return path
-
-
-def _peft_logits(model_dir: Path, adapter: Path | None, token_ids: list[int]) -> torch.Tensor:
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        return model.eval()(torch.tensor([token_ids])).logits[0]  # [len, vocab]
-
-
 def test_packed_forward_with_mixed_adapters_matches_peft(tiny_model_dir, tmp_path):
     adapters = {
-        0: _peft_adapter(tiny_model_dir, tmp_path / "lora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-        1: _peft_adapter(tiny_model_dir, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True,
+        0: make_peft_adapter(tiny_model_dir, tmp_path / "lora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+                             ),
+        1: make_peft_adapter(tiny_model_dir, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True,
                          target_modules="all-linear", rank_pattern={"down_proj": 16}),
     }  # fmt: skip
     loaded = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
@@ -275,7 +252,7 @@ def test_packed_forward_with_mixed_adapters_matches_peft(tiny_model_dir, tmp_pat
         logits = loaded.model.compute_logits(loaded.model(batch, cache, lora_batch))
     for i, (slot, prompt) in enumerate(prompts):
         got = logits[batch.query_start[i] : batch.query_start[i + 1]]
-        want = _peft_logits(tiny_model_dir, adapters.get(slot), prompt)
+        want = peft_logits(tiny_model_dir, adapters.get(slot), prompt)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         if slot >= 0:
-            assert not torch.allclose(got, _peft_logits(tiny_model_dir, None, prompt), atol=1e-2)
+            assert not torch.allclose(got, peft_logits(tiny_model_dir, None, prompt), atol=1e-2)
