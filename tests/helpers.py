@@ -51,7 +51,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     return outs
 
 
-def make_peft_adapter(model_dir: Path, path: Path, seed: int = 0, **lora_kwargs) -> Path:
+def make_peft_adapter(model_dir: Path, path: Path, seed: int = 0, b_scale: float = 10.0, **lora_kwargs) -> Path:
     """A random (untrained) PEFT adapter for the checkpoint at `model_dir`, DoRA magnitudes moved off their init."""
     torch.manual_seed(seed)
     base = LlamaForCausalLM.from_pretrained(model_dir)
@@ -61,7 +61,7 @@ def make_peft_adapter(model_dir: Path, path: Path, seed: int = 0, **lora_kwargs)
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
             elif "lora_B" in name:
-                p.mul_(10)  # make every adapter move the logits well past the tolerance
+                p.mul_(b_scale)  # make every adapter move the logits well past the tolerance
     model.save_pretrained(path)
     return path
 

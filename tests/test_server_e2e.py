@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import hf_greedy, make_tiny_checkpoint
+from tests.helpers import hf_greedy, make_peft_adapter, make_tiny_checkpoint, peft_greedy
 
 
 def _free_port() -> int:
@@ -54,10 +55,21 @@ def server_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(server_model_dir) -> Iterator[str]:
+def store(server_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    make_peft_adapter(server_model_dir, root / "qv", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["lm_head"]}))  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(server_model_dir, store) -> Iterator[str]:
     proc, url = start_server(
-        server_model_dir, "--served-model-name", "tiny", "--kv-cache-bytes", str(2**24), "--max-num-seqs", "2",
-        "--max-queue", "1", "--max-request-bytes", "20000",
+        server_model_dir, "--adapters-store", str(store), "--served-model-name", "tiny",
+        "--kv-cache-bytes", str(2**24), "--max-num-seqs", "2", "--max-queue", "1", "--max-request-bytes", "20000",
     )  # fmt: skip
     yield url
     proc.terminate()
@@ -93,8 +105,21 @@ def test_openai_client_streams_chat_with_usage(client):
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
-def test_models_lists_the_base_model(client):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+def test_models_lists_the_base_model_and_adapters(server):
+    models = httpx.get(f"{server}/v1/models").json()["data"]
+    assert [(m["id"], m["parent"]) for m in models] == [("tiny", None), ("broken", "tiny"), ("qv", "tiny")]
+
+
+def test_adapter_requests_match_peft_and_bad_adapters_get_422(server, client, server_model_dir, store):
+    prompt = [9, 8, 7, 6, 5, 4]
+    out = client.completions.create(model="qv", prompt=prompt, max_tokens=8, temperature=0,
+                                    extra_body={"min_tokens": 8})  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(server_model_dir)
+    expected = peft_greedy(server_model_dir, store / "qv", prompt, 8)
+    assert out.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    bad = httpx.post(f"{server}/v1/completions", json={"model": "broken", "prompt": "hi", "max_tokens": 2})
+    assert bad.status_code == 422
+    assert "lm_head" in bad.json()["error"]["message"]
 
 
 def test_bad_inputs_get_openai_errors_and_the_server_stays_up(server, client):

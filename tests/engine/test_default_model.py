@@ -62,3 +62,32 @@ def test_packed_logits_match_hf_forward(engine, default_model_dir):
         for row, prompt in zip(ours, prompts, strict=True):
             ref = hf(torch.tensor([prompt])).logits[0, -1]
             torch.testing.assert_close(row, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_three_adapters_on_the_default_model_match_peft(default_model_dir, tmp_path):
+    from tests.helpers import make_peft_adapter, peft_greedy
+
+    specs = {
+        "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "all4": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+        "dora-qkv": dict(r=8, lora_alpha=8, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj"]),
+    }
+    for seed, (name, kwargs) in enumerate(specs.items()):
+        make_peft_adapter(default_model_dir, tmp_path / name, seed=seed, b_scale=0.5, **kwargs)
+    engine = build_engine(Settings(adapters_store=tmp_path, kv_cache_bytes=64 * 2**20, max_num_batched_tokens=128))
+    try:
+        prompts = [engine.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+        jobs = [*zip(specs, prompts, strict=False), (None, prompts[3])]
+        params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0.0)
+
+        async def burst():
+            async def one(i, adapter, prompt):
+                return [t async for out in engine.generate(prompt, params, adapter, f"a{i}") for t in out.token_ids]
+
+            return await asyncio.gather(*[one(i, a, p) for i, (a, p) in enumerate(jobs)])
+
+        results = asyncio.run(burst())
+    finally:
+        engine.shutdown()
+    for (adapter, prompt), got in zip(jobs, results, strict=True):
+        assert got == peft_greedy(default_model_dir, tmp_path / adapter if adapter else None, prompt, 12), adapter
