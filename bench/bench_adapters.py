@@ -99,6 +99,10 @@ def cold_load_ms(engine, names: list[str]) -> float:
     return statistics.median(times)
 
 
+def report(name: str, value: float) -> None:
+    print(f"{name:36} {value:10.2f}", flush=True)
+
+
 def main() -> None:
     torch.manual_seed(0)
     base_dir = default_model_dir()
@@ -109,51 +113,41 @@ def main() -> None:
     settings = Settings(adapters_store=root, max_loras=40, max_cpu_loras=64, max_num_seqs=128,
                         kv_cache_bytes=2 * 2**30)  # fmt: skip
     engine = build_engine(settings)
-    rows = []
+    cases = {
+        "B": requests([None], 32, vocab),
+        "M32": requests(qv, 1, vocab),
+        "M4": requests(qv[:4], 8, vocab),
+        "H": requests([f"all{i}" for i in range(4)], 8, vocab),
+        "D-dora": requests(["dora"], 8, vocab),
+        "D-lora": requests(["dora-as-lora"], 8, vocab),
+    }
+    ours = {}
     try:
-        load_ms = cold_load_ms(engine, qv[:8])
+        report("cold load median ms", cold_load_ms(engine, qv[:8]))
         engine_throughput(engine, requests([None], 4, vocab, seed=9))  # warm-up
-        cases = {
-            "B": requests([None], 32, vocab),
-            "M32": requests(qv, 1, vocab),
-            "M4": requests(qv[:4], 8, vocab),
-            "H": requests([f"all{i}" for i in range(4)], 8, vocab),
-            "D-dora": requests(["dora"], 8, vocab),
-            "D-lora": requests(["dora-as-lora"], 8, vocab),
-        }
-        ours = {name: engine_throughput(engine, reqs) for name, reqs in cases.items()}
+        for name, reqs in cases.items():
+            ours[name] = engine_throughput(engine, reqs)
+            report(f"{name} engine tok/s", ours[name])
         load = engine_throughput(engine, requests(qv, 4, vocab, seed=3))
+        report("Load 128 req / 32 adapters tok/s", load)
     finally:
         engine.shutdown()
+    report("M32 / B (target >= 0.90)", ours["M32"] / ours["B"])
+    report("D DoRA / D LoRA (target >= 0.95)", ours["D-dora"] / ours["D-lora"])
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     peft = PeftModel.from_pretrained(base, root / "qv0", adapter_name="qv0")
     for name in qv[1:]:
         peft.load_adapter(root / name, adapter_name=name)
-    p = peft_mixed(peft, cases["M32"])
     s = peft_sequential(peft, cases["M32"][:4])
+    report("S  PEFT sequential tok/s", s)
+    report("Load / S (target >= 20)", load / s)
+    p = peft_mixed(peft, cases["M32"])
+    report("P  PEFT mixed batch (M32) tok/s", p)
+    report("M32 / P (target >= 3)", ours["M32"] / p)
     dora_base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    peft_dora = PeftModel.from_pretrained(dora_base, root / "dora")
-    pd = peft_mixed(peft_dora, cases["D-dora"], names=["default"])
-    rows = [
-        ("B  engine tok/s", ours["B"]),
-        ("M32 engine tok/s", ours["M32"]),
-        ("M4 engine tok/s", ours["M4"]),
-        ("H  engine tok/s", ours["H"]),
-        ("D  engine DoRA tok/s", ours["D-dora"]),
-        ("D  engine same as LoRA tok/s", ours["D-lora"]),
-        ("P  PEFT mixed batch (M32) tok/s", p),
-        ("S  PEFT sequential tok/s", s),
-        ("PEFT DoRA batch 8 tok/s", pd),
-        ("Load 128 req / 32 adapters tok/s", load),
-        ("M32 / B (target >= 0.90)", ours["M32"] / ours["B"]),
-        ("M32 / P (target >= 3)", ours["M32"] / p),
-        ("D DoRA / D LoRA (target >= 0.95)", ours["D-dora"] / ours["D-lora"]),
-        ("D DoRA / PEFT DoRA (target >= 2)", ours["D-dora"] / pd),
-        ("Load / S (target >= 20)", load / s),
-        ("cold load median ms", load_ms),
-    ]
-    for name, value in rows:
-        print(f"{name:36} {value:10.2f}")
+    pd = peft_mixed(PeftModel.from_pretrained(dora_base, root / "dora"), cases["D-dora"], names=["default"])
+    report("PEFT DoRA batch 8 tok/s", pd)
+    report("D DoRA / PEFT DoRA (target >= 2)", ours["D-dora"] / pd)
 
 
 if __name__ == "__main__":
