@@ -10,8 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pydantic
+from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
+from server.adapters.cli import add_adapters_parser
 from server.settings import Settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,17 +38,20 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def _help(name: str, field: FieldInfo) -> str:
     value = field.get_default(call_default_factory=True)
     default = "" if value is None else f"; default: {value}"
-    return f"{field.description} (env: {env_name(name)}{default})"
+    as_json = " as a JSON list" if typing.get_origin(field.annotation) is list else ""
+    return f"{field.description} (env: {env_name(name)}{as_json}{default})"
 
 
 def _kind(field: FieldInfo) -> dict[str, Any]:
-    """How argparse reads the flag: literals as choices, the rest as text that pydantic converts (as for env vars)."""
+    """How argparse reads the flag: literals as choices, lists as repeated flags, the rest as text for pydantic."""
     annotation = field.annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
     if typing.get_origin(annotation) is typing.Literal:
         return {"choices": [str(choice) for choice in typing.get_args(annotation)]}
-    return {"metavar": "TEXT" if annotation is str else getattr(annotation, "__name__", "value").upper()}
+    if typing.get_origin(annotation) is list:  # a repeatable flag: `--merged a --merged b` gives ["a", "b"]
+        return {"action": "append", "metavar": "TEXT"}
+    return {"metavar": "TEXT" if annotation in (str, SecretStr) else getattr(annotation, "__name__", "value").upper()}
 
 
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
@@ -93,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare the default model once (make serve and make test run this); later starts take seconds.",
     )
     prepare_parser.set_defaults(run=lambda args: prepare_model())
+    add_adapters_parser(commands)
     return parser
 
 
@@ -105,7 +111,7 @@ def prepare_model() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; its exit status (0 unless it says otherwise)."""
     args = build_parser().parse_args(argv)
-    run: Callable[[argparse.Namespace], None] = args.run
-    run(args)
-    return 0
+    run: Callable[[argparse.Namespace], int | None] = args.run
+    return run(args) or 0

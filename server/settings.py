@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,5 +34,34 @@ class Settings(BaseSettings):
     max_loras: int = Field(32, gt=0, description="Adapters resident on the device at once")
     max_cpu_loras: int = Field(64, gt=0, description="Adapters cached in host memory (at least --max-loras)")
     max_lora_rank: int = Field(64, gt=0, description="Largest adapter rank accepted")
+    merged: list[str] = Field(
+        default_factory=list,
+        description="Latency-critical adapter to serve merged into the base weights; repeat for several (one is "
+        "merged at a time)",
+    )
+    auto_merge: list[str] = Field(
+        default_factory=list,
+        description="Adapter to merge while it dominates traffic (see --merge-share); repeat for several",
+    )
+    merge_share: float = Field(
+        0.6, gt=0, le=1, description="Share of running and waiting requests at which an auto adapter is merged"
+    )
+    unmerge_share: float = Field(
+        0.4, ge=0, le=1, description="Share below which a merged auto adapter is unmerged (at most --merge-share)"
+    )
+    merge_window_s: float = Field(1.0, ge=0, description="Seconds a new merge choice must hold before the swap")
     max_request_bytes: int = Field(4 * 2**20, gt=0, description="Largest JSON request body accepted")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the /admin API; the admin API is off without one (prefer the env var)"
+    )
+    max_adapter_bytes: int = Field(256 * 2**20, gt=0, description="Largest adapter weights file an upload may send")
     seed: int = Field(0, description="Seed for requests that give none")
+    metrics_max_adapters: int = Field(
+        100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"
+    )
+
+    @model_validator(mode="after")
+    def _merge_shares_ordered(self) -> Settings:
+        if self.unmerge_share > self.merge_share:
+            raise ValueError(f"unmerge_share {self.unmerge_share} is above merge_share {self.merge_share}")
+        return self

@@ -1,166 +1,133 @@
-"""The adapter registry: disk → host-memory LRU → device slots, with reference counts held by requests.
+"""The adapter registry: the serving cache of adapter versions plus the admin operations that change the store.
 
-Loading from disk (read, validate, compute DoRA factors) runs in a worker thread when a request for a cold adapter
-arrives, so the engine keeps stepping. The engine thread only copies host updates into a device slot, once per
-admission of an adapter that is not resident. Host entries are pinned while requests for them are in flight; device
-slots while running sequences use them. Idle entries are evicted least recently used first.
+Adding, replacing and removing adapters change the store atomically (see `server.adapters.store`) and give the cache
+a new current version; requests already running keep the version they hold.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from typing import BinaryIO
 
-from torch import nn
-
-from server.adapters.slots import load_adapter_slot
-from server.adapters.store import AdapterStore
-from server.adapters.weights import AdapterWeights, ModelInfo, validate_adapter_dir
-from server.errors import NotFoundError
+from server.adapters.cache import AdapterCache
+from server.adapters.records import AdapterRecord, describe_adapter_dir
+from server.adapters.store import AdapterMeta, Mode, check_name, now
+from server.adapters.validation import StagedAdapter, stage_adapter
+from server.adapters.versions import AdapterState, AdapterView, Tier, adapter_key, adapter_name
+from server.errors import ConflictError, LoraplexError, NotFoundError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class HostEntry:
-    """An adapter loaded into host memory."""
+class AdapterRegistry(AdapterCache):
+    """The adapter cache, and the operations that add, replace, change, describe and remove adapters."""
 
-    weights: AdapterWeights
-    in_flight: int = 0  # requests submitted and not finished
-    loaded_at: float = field(default_factory=time.time)
+    def add(
+        self, name: str, config: BinaryIO, weights: BinaryIO, *, replace: bool, mode: Mode | None,
+        pinned: bool | None, max_adapter_bytes: int,
+    ) -> AdapterView:  # fmt: skip
+        """Check an uploaded adapter, then make it the current version of `name`: atomically, warm in host memory.
 
-
-class AdapterRegistry:
-    """Where every adapter is (disk, host, device slot) and the operations that move it."""
-
-    def __init__(
-        self,
-        store: AdapterStore,
-        model: nn.Module,
-        info: ModelInfo,
-        max_loras: int,
-        max_cpu_loras: int,
-        max_lora_rank: int,
-    ) -> None:
-        self.store = store
-        self.model = model
-        self.info = info
-        self.max_lora_rank = max_lora_rank
-        self.max_cpu_loras = max(max_cpu_loras, max_loras)
-        self._lock = threading.Lock()
-        self._host: OrderedDict[str, HostEntry] = OrderedDict()  # LRU order, oldest first
-        self._loading: dict[str, Future[HostEntry]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
-        self.slots = DeviceSlots(max_loras)
-
-    # --- event-loop side -------------------------------------------------------------------------------------
-    async def acquire(self, name: str) -> None:
-        """Make `name` resident in host memory (loading it off-thread if cold) and pin it for one request."""
-        with self._lock:
-            entry = self._host.get(name)
-            if entry is not None:
-                entry.in_flight += 1
-                self._host.move_to_end(name)
-                return
-            future = self._loading.get(name)
-            if future is None:
-                future = self._pool.submit(self._load, name)
-                self._loading[name] = future
-        entry = await asyncio.wrap_future(future)
-        with self._lock:
-            entry.in_flight += 1
-            self._host.move_to_end(name)
-
-    def release(self, name: str) -> None:
-        """Unpin one request's hold on `name`; idle entries beyond the host capacity are evicted."""
-        with self._lock:
-            entry = self._host.get(name)
-            if entry is not None:
-                entry.in_flight -= 1
-            self._evict_host()
-
-    def _load(self, name: str) -> HostEntry:
+        Unless given, a replacement keeps the mode and pin of the adapter it replaces.
+        """
+        if not replace and self.store.exists(check_name(name)):
+            raise ConflictError(f"adapter {name!r} already exists; send replace=true to overwrite it", param="name")
+        staged = stage_adapter(self.store, config, weights, max_adapter_bytes, self.info, self.max_lora_rank)
         try:
-            if not self.store.exists(name):
-                raise NotFoundError(f"adapter {name!r} is not in the store", param="model")
-            start = time.perf_counter()
-            weights = validate_adapter_dir(self.store.path(name), self.info, self.max_lora_rank)
-            log.info("loaded adapter %s into host memory in %.1f ms", name, 1e3 * (time.perf_counter() - start))
-            with self._lock:
-                entry = HostEntry(weights)
-                self._host[name] = entry
-                return entry
+            self._install(name, staged, replace, mode, pinned)
         finally:
+            self.store.purge(staged.path)  # nothing left there once committed
+        return self.view(name)
+
+    def _install(self, name: str, staged: StagedAdapter, replace: bool, mode: Mode | None, pinned: bool | None) -> None:
+        """Commit a staged adapter as `name` and make it the current version, retiring the one it replaces."""
+        with self._admin:
             with self._lock:
-                self._loading.pop(name, None)
-
-    def _evict_host(self) -> None:
-        idle = [n for n, e in self._host.items() if e.in_flight <= 0 and not self.slots.holds(n)]
-        while len(self._host) > self.max_cpu_loras and idle:
-            del self._host[idle.pop(0)]
-
-    # --- engine-thread side ----------------------------------------------------------------------------------
-    def bind_slot(self, name: str) -> int:
-        """Device slot of `name` for a sequence about to run, copying it in if it is not resident."""
-        slot, load = self.slots.bind(name)
-        if load:
+                prior = self._state(name) if self.store.exists(name) else self._states.get(name)
+                base = prior.meta if prior is not None and replace else AdapterMeta()
+                meta = AdapterMeta(mode or base.mode, base.pinned if pinned is None else pinned, now())
+                self._check_pin(name, meta)
+            self.store.write_meta(staged.path, meta)
             with self._lock:
-                weights = self._host[name].weights
-            load_adapter_slot(self.model, slot, weights.updates)
-        return slot
+                aside = self.store.commit(staged.path, name, replace)
+                state = self._states[name] = AdapterState(next(self._versions), meta, staged.record)
+                if prior is not None:
+                    state.served, state.last_used = prior.served, prior.last_used
+                    self._retire(adapter_key(name, prior.version))
+                key = adapter_key(name, state.version)
+                self._host.put(key, staged.weights)
+                self.slots.pin(key, meta.pinned)
+                self._evict_host()
+            self.store.purge(aside)
+        log.info("added adapter %s as %s (sha256 %s)", name, key, staged.record.sha256)
 
-    def unbind_slot(self, name: str) -> None:
-        self.slots.unbind(name)
+    def update(self, name: str, mode: Mode | None, pinned: bool | None) -> AdapterView:
+        """Change an adapter's mode or pin; persisted in its folder. Pinning loads it into host memory ahead."""
+        with self._admin:
+            with self._lock:
+                state = self._state(name)
+                meta = AdapterMeta(
+                    mode or state.meta.mode, state.meta.pinned if pinned is None else pinned, state.meta.created_at
+                )
+                self._check_pin(name, meta)
+            self.store.write_meta(self.store.path(name), meta)
+            with self._lock:
+                state.meta = meta
+                key = adapter_key(name, state.version)
+                self.slots.pin(key, meta.pinned)
+                if meta.pinned and key not in self._host:
+                    self._loader.load(key)  # warm it ahead of its first request
+                self._evict_host()
+        return self.view(name)
 
-    def host_names(self) -> list[str]:
+    def remove(self, name: str) -> None:
+        """Take `name` out of the store; running requests finish on the weights they hold, new ones get 404."""
+        with self._admin:
+            with self._lock:
+                self._state(name)
+                hidden = self.store.detach(name)
+                self._drop(name)
+            self.store.purge(hidden)
+        log.info("removed adapter %s", name)
+
+    def view(self, name: str) -> AdapterView:
+        """The record (read from disk the first time), settings and live state of `name`."""
         with self._lock:
-            return list(self._host)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class DeviceSlots:
-    """Which adapter each of `max_loras` device slots holds, how many running sequences use it, LRU among idle."""
-
-    def __init__(self, max_loras: int) -> None:
-        self.max_loras = max_loras
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
-        self._users: dict[str, int] = {}
-        self._free = list(range(max_loras - 1, -1, -1))
-        self._lock = threading.Lock()
-
-    def holds(self, name: str) -> bool:
+            state = self._state(name)
+            record = state.record
+        error = None
+        if record is None:
+            try:
+                record = state.record = describe_adapter_dir(self.store.path(name))
+            except LoraplexError as exc:
+                error = exc.message
         with self._lock:
-            return name in self._slot_of
+            return self._view(name, state, record, error)
 
-    def resident(self) -> list[str]:
+    def views(self) -> list[AdapterView]:
         with self._lock:
-            return list(self._slot_of)
+            names = self._sync()
+        views = []
+        for name in names:
+            try:
+                views.append(self.view(name))
+            except NotFoundError:  # removed meanwhile
+                continue
+        return views
 
-    def bind(self, name: str) -> tuple[int, bool]:
-        """(slot, whether the caller must load the adapter into it); evicts the least recently used idle slot."""
-        with self._lock:
-            self._users[name] = self._users.get(name, 0) + 1
-            if name in self._slot_of:
-                self._slot_of.move_to_end(name)
-                return self._slot_of[name], False
-            if not self._free:
-                victim = next((n for n in self._slot_of if self._users.get(n, 0) == 0), None)
-                if victim is None:
-                    self._users[name] -= 1
-                    raise RuntimeError(f"all {self.max_loras} adapter slots are in use; the scheduler must cap them")
-                self._free.append(self._slot_of.pop(victim))
-                self._users.pop(victim, None)
-            self._slot_of[name] = slot = self._free.pop()
-            return slot, True
+    def _check_pin(self, name: str, meta: AdapterMeta) -> None:
+        others = sum(s.meta.pinned for n, s in self._states.items() if n != name)
+        if meta.pinned and others >= self.max_pinned:
+            raise ConflictError(
+                f"at most {self.max_pinned} adapters can be pinned (max_loras - 1, so one device slot serves "
+                "the rest); unpin another adapter first",
+                param="pinned",
+            )
 
-    def unbind(self, name: str) -> None:
-        with self._lock:
-            if self._users.get(name, 0) > 0:
-                self._users[name] -= 1
+    def _view(self, name: str, state: AdapterState, record: AdapterRecord | None, error: str | None) -> AdapterView:
+        key = adapter_key(name, state.version)
+        tier: Tier = "device" if self.slots.holds(key) else "host" if key in self._host else "disk"
+        keys = [k for k in self._requests if adapter_name(k) == name]
+        running = sum(self.slots.users(k) for k in keys)
+        waiting = max(0, sum(self._requests[k] for k in keys) - running)
+        return AdapterView(name, state.meta, record, error, tier, running, waiting, state.served, state.last_used)

@@ -9,20 +9,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import server
-from server.api import routes_health, routes_openai
+from server.api import routes_admin, routes_health, routes_metrics, routes_openai
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.deps import EngineFactory, EngineState
 from server.api.errors import install_error_handlers
+from server.metrics import Metrics
 from server.settings import Settings
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
-    """Build the app; its lifespan starts building the engine in the background and shuts it down at exit."""
+    """Build the app and its metrics; its lifespan builds the engine in the background and shuts it down at exit."""
     state = EngineState()
+    metrics = Metrics(settings.metrics_max_adapters, settings.max_loras)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        build = asyncio.create_task(state.build(engine_factory, settings))
+        build = asyncio.create_task(state.build(engine_factory, settings, metrics))
         try:
             yield
         finally:
@@ -32,8 +34,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
 
     app = FastAPI(title="loraplex", version=server.__version__, lifespan=lifespan)
     app.state.engine_state = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.state.metrics = metrics
+    app.state.settings = settings
+    uploads = {routes_admin.UPLOAD_PATH: routes_admin.upload_limit(settings)}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, streamed=uploads)
     install_error_handlers(app)
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_metrics.router)
+    app.include_router(routes_admin.router)
     return app

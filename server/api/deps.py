@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from server.errors import ServiceUnavailableError
+from server.metrics import Metrics
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings], "AsyncEngine"]
+EngineFactory = Callable[[Settings, Metrics], "AsyncEngine"]  # the engine records into the app's Metrics
 
 
 class EngineState:
@@ -27,10 +28,10 @@ class EngineState:
         self.engine: AsyncEngine | None = None
         self.failure: str | None = None
 
-    async def build(self, factory: EngineFactory, settings: Settings) -> None:
+    async def build(self, factory: EngineFactory, settings: Settings, metrics: Metrics) -> None:
         """Run the (blocking) factory in a worker thread, so the server answers /health meanwhile."""
         try:
-            self.engine = await asyncio.to_thread(factory, settings)
+            self.engine = await asyncio.to_thread(factory, settings, metrics)
         except Exception as exc:
             logger.exception("engine failed to start")
             self.failure = f"engine failed to start: {exc}"

@@ -1,4 +1,4 @@
-"""The one place where errors become HTTP responses in the OpenAI error shape."""
+"""The one place where errors become HTTP responses in the OpenAI error shape, each counted by status."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
-from server.errors import InvalidRequestError, LoraplexError, NotFoundError, QueueFullError
+from server.errors import AuthenticationError, InvalidRequestError, LoraplexError, NotFoundError, QueueFullError
+from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +21,25 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 def error_response(exc: LoraplexError) -> JSONResponse:
-    """The HTTP response for a user-facing error, with Retry-After when the queue is full."""
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
+    """The HTTP response for a user-facing error, with Retry-After when the queue is full and the auth scheme on 401."""
+    headers = None
+    if isinstance(exc, QueueFullError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, AuthenticationError):
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+
+async def send_error(scope: Scope, receive: Receive, send: Send, exc: LoraplexError) -> None:
+    """Answer a raw ASGI request with `exc`: for middleware, which runs outside the exception handlers."""
+    await _counted(scope["app"], error_response(exc))(scope, receive, send)
+
+
+def _counted(app: FastAPI, response: Response) -> Response:
+    """Count an error response in `request_errors_total` by its status, then return it."""
+    metrics: Metrics = app.state.metrics
+    metrics.record_http_error(response.status_code)
+    return response
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequestError:
@@ -53,28 +71,28 @@ def _param_path(loc: tuple[str | int, ...]) -> str | None:
 async def _loraplex_error(request: Request, exc: LoraplexError) -> Response:
     if exc.status_code == 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return error_response(exc)
+    return _counted(request.app, error_response(exc))
 
 
 async def _request_validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return error_response(validation_error(exc))
+    return _counted(request.app, error_response(validation_error(exc)))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 404:
-        return error_response(NotFoundError(f"no route for {request.method} {request.url.path}"))
+        return _counted(request.app, error_response(NotFoundError(f"no route for {request.method} {request.url.path}")))
     error = InvalidRequestError(str(exc.detail))
-    return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
+    return _counted(request.app, JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers))
 
 
 async def _client_disconnect(request: Request, exc: ClientDisconnect) -> Response:
     logger.info("client disconnected from %s %s", request.method, request.url.path)
-    return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return _counted(request.app, Response(status_code=CLIENT_CLOSED_REQUEST))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this handler, so the server logs the traceback; the client learns nothing internal.
-    return error_response(LoraplexError("internal server error"))
+    return _counted(request.app, error_response(LoraplexError("internal server error")))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -11,10 +11,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from server.adapters.versions import adapter_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
+from server.metrics import Metrics, RequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ class _Submit:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter: str | None
+    adapter: str | None  # adapter key (name@version), see server.adapters.versions
     loop: asyncio.AbstractEventLoop  # the caller's loop; outputs are handed over on it
     put: Callable[[RequestOutput], None]
 
@@ -37,8 +39,12 @@ class _Abort:
 class AsyncEngine:
     """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
 
-    def __init__(self, core: LLMEngine, served_model_name: str, max_queue: int, max_num_seqs: int) -> None:
+    def __init__(
+        self, core: LLMEngine, served_model_name: str, max_queue: int, max_num_seqs: int, metrics: Metrics
+    ) -> None:
         self.core = core
+        self.metrics = metrics
+        metrics.set_base_model(served_model_name)
         self.adapters = core.adapters
         self.tokenizer = core.tokenizer
         self.served_model_name = served_model_name
@@ -59,15 +65,14 @@ class AsyncEngine:
 
     def list_models(self) -> list[ModelCard]:
         """The base model, then every adapter in the store (loaded or not)."""
-        store = self.adapters.store
         base = ModelCard(self.served_model_name, None, self.created)
-        return [base, *(ModelCard(name, self.served_model_name, store.created(name)) for name in store.names())]
+        return [base, *(ModelCard(name, self.served_model_name, created) for name, created in self.adapters.listing())]
 
     def resolve_adapter(self, model: str) -> str | None:
         """None for the base model, the adapter name for an adapter in the store; 404 otherwise."""
         if model == self.served_model_name:
             return None
-        if self.adapters.store.exists(model):
+        if self.adapters.exists(model):
             return model
         raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
 
@@ -97,23 +102,28 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._in_flight += 1
-        finished = False
-        acquired = False
+        trace = RequestTrace(len(prompt_token_ids))  # TTFT and queue time include a cold adapter's load
+        submitted = finished = False
+        key = None  # the adapter version this request runs with, held until it ends
         try:
             if adapter is not None:
-                await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
-                acquired = True
-            self._inbox.put(_Submit(request_id, prompt_token_ids, params, adapter, loop, outputs.put_nowait))
+                key = await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
+            self._inbox.put(_Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
+            submitted = True
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
+                reason = out.finish_reason.value if finished and out.finish_reason else None
+                trace.on_output(len(out.token_ids), out.scheduled_time, reason)
                 yield out
         finally:
             self._in_flight -= 1
             if not finished:
                 self._inbox.put(_Abort(request_id))
-            if acquired:
-                self.adapters.release(adapter)
+            if key is not None:
+                self.adapters.release(key)
+            if submitted:
+                self.metrics.record_request(adapter or self.served_model_name, trace)
 
     def shutdown(self) -> None:
         self._stopped.set()
@@ -144,6 +154,8 @@ class AsyncEngine:
                 break
             if self.core.has_work:
                 self._step()
+            else:
+                self._record_state()  # aborts can empty the engine without a step
 
     def _drain(self, block: bool) -> bool:
         """Apply queued submissions and aborts; False once shutdown was requested."""
@@ -168,11 +180,15 @@ class AsyncEngine:
             self._subscribers[command.request_id] = command
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             outputs = self.core.step()
         except Exception as exc:
             log.exception("engine step failed; failing the running requests")
             outputs = self.core.fail_all(f"internal engine error: {exc}")
+        if self.core.last_step_tokens:
+            self.metrics.record_step(time.perf_counter() - start, self.core.last_step_tokens)
+        self._record_state()
         # One wake-up per caller loop and step, not one per token: a cross-thread wake-up costs the
         # engine thread the GIL, which measured 2-3x slower steps at batch 32 when done per output.
         batches: dict[asyncio.AbstractEventLoop, list] = {}
@@ -182,6 +198,16 @@ class AsyncEngine:
                 batches.setdefault(sub.loop, []).append((sub.put, out))
         for loop, items in batches.items():
             _hand_over(loop, items)
+
+    def _record_state(self) -> None:
+        scheduler = self.core.scheduler
+        self.metrics.record_scheduler_state(
+            scheduler.num_running,
+            scheduler.num_waiting,
+            scheduler.block_manager.usage,
+            {adapter_name(key) for key in scheduler.running_adapters},  # names, not versions, in labels
+            {adapter_name(key) for key in scheduler.waiting_adapters},
+        )
 
 
 def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]):

@@ -11,9 +11,12 @@ from server.adapters.weights import ModelInfo
 from server.engine.async_engine import AsyncEngine
 from server.engine.block_manager import BlockManager
 from server.engine.llm_engine import LLMEngine
+from server.engine.merge_controller import MergeController
+from server.engine.merge_policy import MergePolicy, MergePolicyConfig, start_modes
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.errors import InvalidRequestError
+from server.metrics import Metrics
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model, resolve_device, resolve_dtype
@@ -22,8 +25,9 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings) -> AsyncEngine:
-    """Load the base model and start the engine thread."""
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> AsyncEngine:
+    """Load the base model and start the engine thread; it records into `metrics` (the app's, or its own)."""
+    metrics = metrics or Metrics(settings.metrics_max_adapters, settings.max_loras)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     path = settings.model or default_model_dir()
@@ -43,18 +47,25 @@ def build_engine(settings: Settings) -> AsyncEngine:
         max_model_len = capacity
     runner = ModelRunner(loaded, num_blocks, settings.block_size)
     attach_lora_slots(loaded.model, settings.max_loras)
+    store = AdapterStore(settings.adapters_store)
+    store.recover()  # a crash mid-upload leaves the store as it was
     adapters = AdapterRegistry(
-        AdapterStore(settings.adapters_store),
+        store,
         loaded.model,
         ModelInfo.from_model(loaded.model),
         max_loras=settings.max_loras,
         max_cpu_loras=settings.max_cpu_loras,
         max_lora_rank=settings.max_lora_rank,
+        metrics=metrics,
     )
     scheduler = Scheduler(
-        SchedulerConfig.from_settings(settings, max_model_len), BlockManager(num_blocks, settings.block_size)
+        SchedulerConfig.from_settings(settings, max_model_len),
+        BlockManager(num_blocks, settings.block_size),
+        adapter_fits=adapters.fits,
     )
-    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters)
+    policy = MergePolicy(MergePolicyConfig.from_settings(settings), start_modes(settings, adapters.mode))
+    merger = MergeController(loaded.model, policy, adapters.host_weights, record=metrics.record_merge)
+    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters, merger)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else loaded.name)
     log.info("serving %s on %s (%s): %d KV blocks, max_model_len %d", name, device, dtype, num_blocks, max_model_len)
-    return AsyncEngine(core, name, settings.max_queue, settings.max_num_seqs)
+    return AsyncEngine(core, name, settings.max_queue, settings.max_num_seqs, metrics)

@@ -10,6 +10,7 @@ import torch
 
 from server.adapters.registry import AdapterRegistry
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from server.engine.merge_controller import MergeController
 from server.engine.outputs import RequestOutput
 from server.engine.runner import ModelRunner
 from server.engine.sampler import GeneratorFactory, SamplingRow
@@ -33,16 +34,24 @@ class LLMEngine:
     """Adds and aborts requests and advances all of them by one step per `step()` call."""
 
     def __init__(
-        self, runner: ModelRunner, scheduler: Scheduler, tokenizer, server_seed: int, adapters: AdapterRegistry
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        tokenizer,
+        server_seed: int,
+        adapters: AdapterRegistry,
+        merger: MergeController,
     ) -> None:
         self.runner = runner
         self.adapters = adapters
+        self.merger = merger
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.generators = GeneratorFactory(server_seed)
         self.eos_token_ids = frozenset(runner.loaded.spec.eos_token_ids)
         self.max_model_len = scheduler.config.max_model_len
         self.requests: dict[str, RequestState] = {}
+        self.last_step_tokens = 0  # tokens (prefill + decode) the latest step computed, for the metrics
 
     @property
     def has_work(self) -> bool:
@@ -71,15 +80,20 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, append sampled tokens and report what each sampled request produced."""
+        self.merger.update(self.scheduler)  # merged-mode swaps happen here, between steps
         plan = self.scheduler.schedule()
+        self.last_step_tokens = plan.num_batched_tokens
         for seq in plan.preempted:
             self._unbind(seq)
         if plan.is_empty:
             return []
+        now = time.monotonic()
         for item in plan.scheduled:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
             if item.seq.adapter is not None and item.seq.lora_slot < 0:
                 item.seq.lora_slot = self.adapters.bind_slot(item.seq.adapter)
-        sampled = self.runner.execute(plan.scheduled, self._sampling_row)
+        sampled = self.runner.execute(plan.scheduled, self._sampling_row, self.merger.merged)
         self.scheduler.advance(plan)
         return self._postprocess(sampled)
 
@@ -144,4 +158,5 @@ class LLMEngine:
             finished=reason is not None,
             finish_reason=reason,
             error=error,
+            scheduled_time=seq.first_scheduled_time,
         )

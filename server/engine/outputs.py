@@ -19,6 +19,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the request failed inside the engine
+    scheduled_time: float | None = None  # time.monotonic() when the engine first scheduled the request
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
-from server.model.lora import make_lora_batch
+from server.model.lora import MERGED_SLOT, make_lora_batch
 
 
 class ModelRunner:
@@ -28,16 +28,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: list[ScheduledSequence], row_of: Callable[[Sequence], SamplingRow]
+        self,
+        scheduled: list[ScheduledSequence],
+        row_of: Callable[[Sequence], SamplingRow],
+        merged: str | None = None,
     ) -> list[tuple[ScheduledSequence, int]]:
         """Run one step; returns (item, next token) for every item whose chunk ends its sequence (`item.samples`).
 
         Sequences are packed in adapter-slot order so that each adapter's tokens form one contiguous segment.
+        `merged` names the adapter merged into the base weights: its tokens need no adapter work, the others (base
+        model included) the merged adapter's correction.
         """
-        items = sorted(scheduled, key=lambda item: item.seq.lora_slot)
+
+        def slot_of(seq: Sequence) -> int:
+            return MERGED_SLOT if merged is not None and seq.adapter == merged else seq.lora_slot
+
+        items = sorted(scheduled, key=lambda item: slot_of(item.seq))
         work = [(item.seq, item.num_new_tokens) for item in items]
-        slots = [item.seq.lora_slot for item in items]
-        with_adapters = any(slot >= 0 for slot in slots)
+        slots = [slot_of(item.seq) for item in items]
+        with_adapters = any(slot >= 0 or (merged is not None and slot != MERGED_SLOT) for slot in slots)
         batch = build_forward_batch(work, self.block_size, self.device, slots if with_adapters else None)
         lora = make_lora_batch(batch.adapter_slots) if batch.adapter_slots is not None else None
         hidden = self.model(batch, self.kv_cache, lora)  # [T, hidden]

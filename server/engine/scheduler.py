@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
@@ -84,6 +84,10 @@ def _always_ready(adapter: str) -> bool:
     return True
 
 
+def _always_fits(adapter: str, in_use: Set[str]) -> bool:
+    return True
+
+
 def _adapter_counts(seqs: Iterable[Sequence]) -> Counter[str]:
     return Counter(seq.adapter for seq in seqs if seq.adapter is not None)
 
@@ -101,6 +105,7 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         adapter_ready: Callable[[str], bool] = _always_ready,
+        adapter_fits: Callable[[str, Set[str]], bool] = _always_fits,
     ) -> None:
         if block_manager.capacity < config.max_model_len:
             raise ValueError(
@@ -110,6 +115,7 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.adapter_ready = adapter_ready  # False while an adapter is still loading: its requests wait
+        self.adapter_fits = adapter_fits  # False while no device slot can take it next to those in use (pinned ones)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # ordered by arrival_time
         self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
@@ -242,7 +248,7 @@ class Scheduler:
         if seq.adapter is None:
             return True
         fits = seq.adapter in adapters or len(adapters) < self.config.max_loras
-        return fits and self.adapter_ready(seq.adapter)
+        return fits and self.adapter_fits(seq.adapter, adapters) and self.adapter_ready(seq.adapter)
 
     def _check_runnable(self, seq: Sequence) -> None:
         if len(seq) > self.config.max_model_len:

@@ -49,7 +49,7 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter: str | None = None  # adapter name; None = base model
+    adapter: str | None = None  # adapter key, `name@version` (server.adapters.versions); None = base model
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -57,6 +57,7 @@ class Sequence:
     num_computed_tokens: int = 0
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() of its first step, for the queue-time metric
     lora_slot: int = -1  # device slot of the adapter while running; -1 = base model or not bound
 
     @property

@@ -15,21 +15,30 @@ distinct r=8 adapters on q_proj and v_proj of SmolLM2-135M, per layer: qkv base 
 adapters' 2.0 MB of A and B once (the qkv weight is 2.2 MB). A is stored in granules of `GRANULE` ranks, so a resident
 r=64 slot costs r=8 tokens little (267 µs; padding them to 64 cost 3-4x). One run is cheaper as a GEMM pair than
 gathered from about 12-16 tokens up.
+
+While an adapter is merged into the base weights (`server.model.merge`), its tokens carry `MERGED_SLOT`: nothing is
+added to them, and every other token first gets the merged adapter's `Correction`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from server.model.gather_plan import GatherPlan, build_gather_plan
 from server.model.linear import TargetLinear
+
+if TYPE_CHECKING:
+    from server.model.merge import Correction
 
 MIN_GEMM_RUN = 16  # shortest run served by its own GEMM pair; below it, per-token gathering is cheaper (measured)
 RANK_ALIGN = 8  # slot buffers grow in steps of this many ranks up to one granule
 GRANULE = 16  # the shrink gathers A in rows of at most this many ranks, so one wide slot slows the rest little
+MERGED_SLOT = -2  # slot of the tokens of the adapter merged into the base weights: no delta, no correction
 
 
 @dataclass(frozen=True)
@@ -41,26 +50,11 @@ class LoraWeights:
     g: torch.Tensor | None = None  # [out], DoRA factor m / ‖W + s·B·A‖_row; None for plain LoRA
 
 
-@dataclass(frozen=True)
-class GatherPlan:
-    """Indices for one per-token (BGMV) pass: each gathered token reads its own slot's rows, at its own rank.
-
-    A token of rank r reads k = ceil(r / g) granules of its slot's A (one shrink bag each) and r rows of its B
-    (one expand bag); tokens with nothing to add (base, GEMM-served, slot not targeting this projection) get none.
-    """
-
-    bag_tokens: torch.Tensor  # [B] token of each shrink bag, B = sum of k over tokens
-    shrink_index: torch.Tensor  # [B, in] row of `a_t.view(-1, g)` holding each input feature of the bag's granule
-    expand_index: torch.Tensor  # [E] row of `b_t.view(-1, out)`, token after token, E = sum of r over tokens
-    expand_offsets: torch.Tensor  # [T] start of each token's expand bag in `expand_index`
-    expand_inputs: torch.Tensor  # [E] position in the flattened shrink output [B * g] feeding each expand row
-
-
 @dataclass(eq=False)
 class LoraBatch:
     """Adapter routing of one step, shared by every adapter-aware layer; build it with `make_lora_batch`."""
 
-    token_slots: torch.Tensor  # [T] int64, adapter slot of each token, -1 = base
+    token_slots: torch.Tensor  # [T] int64, adapter slot of each token, -1 = base, MERGED_SLOT = the merged adapter
     seg_starts: torch.Tensor  # [S + 1] int64 (CPU), first token of each maximal run of equal slots, then T
     seg_slots: torch.Tensor  # [S] int64 (CPU), slot of each run, -1 = base
     active_slots: frozenset[int]  # every adapter slot with tokens in this step
@@ -68,6 +62,7 @@ class LoraBatch:
     gather_slots: frozenset[int]  # slots of the tokens served per token
     gather_rows: torch.Tensor | None  # [T] int64, buffer row per token: slot + 1 if gathered, else 0
     gather_rows_cpu: torch.Tensor | None  # [T] int64 (CPU), the same, for building plans without a device sync
+    unmerged_runs: tuple[tuple[int, int], ...]  # (start, end) of maximal runs of tokens not in MERGED_SLOT
     _plans: dict[tuple, GatherPlan] = field(default_factory=dict, init=False, repr=False)
 
     def gather_plan(self, ranks: Mapping[int, int], in_features: int, granules: int, width: int) -> GatherPlan:
@@ -78,34 +73,8 @@ class LoraBatch:
         key = (in_features, granules, width, tuple(sorted(ranks.items())))
         if key not in self._plans:
             rows, device = self.gather_rows_cpu, self.token_slots.device
-            self._plans[key] = _build_plan(rows, ranks, in_features, granules, width, device)
+            self._plans[key] = build_gather_plan(rows, ranks, in_features, granules, width, device)
         return self._plans[key]
-
-
-def _build_plan(
-    rows: torch.Tensor, ranks: Mapping[int, int], in_features: int, granules: int, width: int, device: torch.device
-) -> GatherPlan:
-    """Index arithmetic on the host (no device sync), then one copy of each index to the device."""
-    tokens = torch.arange(rows.numel())
-    rank_of_row = torch.zeros(int(rows.max()) + 1, dtype=torch.int64)
-    for slot, rank in ranks.items():
-        rank_of_row[slot + 1] = rank
-    r = rank_of_row[rows]  # [T] rank each token reads here, 0 = nothing to add
-    k = -(-r // width)  # [T] granules each token reads
-    bag_tokens = torch.repeat_interleave(tokens, k)  # [B]
-    first_bag = torch.cumsum(k, 0) - k  # [T]
-    granule = torch.arange(bag_tokens.numel()) - first_bag[bag_tokens]  # [B]
-    offsets = torch.cumsum(r, 0) - r  # [T]
-    expand_tokens = torch.repeat_interleave(tokens, r)  # [E]
-    component = torch.arange(expand_tokens.numel()) - offsets[expand_tokens]  # [E], rank component c < r
-    first_rows = (rows[bag_tokens] * granules + granule).to(device)  # [B], granule's block of `in` rows
-    return GatherPlan(
-        bag_tokens=bag_tokens.to(device),
-        shrink_index=first_rows[:, None] * in_features + torch.arange(in_features, device=device),
-        expand_index=(rows[expand_tokens] * granules * width + component).to(device),
-        expand_offsets=offsets.to(device),
-        expand_inputs=(first_bag[expand_tokens] * width + component).to(device),
-    )
 
 
 def find_segments(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +110,21 @@ def make_lora_batch(token_slots: torch.Tensor, min_gemm_run: int = MIN_GEMM_RUN)
         gather_slots=frozenset(slot for start, end, slot in runs if end - start < min_gemm_run),
         gather_rows=None if rows is None else rows.to(token_slots.device),
         gather_rows_cpu=rows,
+        unmerged_runs=_unmerged_runs(seg_starts, seg_slots),
     )
+
+
+def _unmerged_runs(seg_starts: torch.Tensor, seg_slots: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """Maximal runs of tokens that do not belong to the merged adapter: they get its correction."""
+    runs: list[tuple[int, int]] = []
+    bounds = zip(seg_starts[:-1].tolist(), seg_starts[1:].tolist(), seg_slots.tolist(), strict=True)
+    for start, end, slot in bounds:
+        if slot == MERGED_SLOT:
+            continue
+        if runs and runs[-1][1] == start:
+            start = runs.pop()[0]
+        runs.append((start, end))
+    return tuple(runs)
 
 
 def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -275,6 +258,7 @@ class LoraSlots:
 
     def __init__(self, linear: TargetLinear, max_loras: int) -> None:
         self.max_loras = max_loras
+        self.correction: Correction | None = None  # of the adapter merged into this layer's weight, if any
         self._slices = {
             name: _Slice(start, end, linear.in_features, max_loras, linear.weight)
             for name, (start, end) in linear.slices.items()
@@ -284,6 +268,10 @@ class LoraSlots:
         """Raise `ValueError` unless `load_slot(slot, weights)` fits this layer; nothing is changed."""
         if not 0 <= slot < self.max_loras:
             raise ValueError(f"slot {slot} is outside 0..{self.max_loras - 1}")
+        self.check_updates(weights)
+
+    def check_updates(self, weights: Mapping[str, LoraWeights]) -> None:
+        """Raise `ValueError` unless every update names a projection of this layer and has its shapes."""
         unknown = set(weights) - set(self._slices)
         if unknown:
             raise ValueError(f"this layer has no projection named {sorted(unknown)}")
@@ -300,8 +288,13 @@ class LoraSlots:
         self.load_slot(slot, {})
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
-        """Add every token's delta to `y` in place: `y_slice = g ⊙ (y_slice + (x·Aᵀ)·(s·B)ᵀ)`, g = 1 unless DoRA."""
+        """Add every token's delta to `y` in place: `y_slice = g ⊙ (y_slice + (x·Aᵀ)·(s·B)ᵀ)`, g = 1 unless DoRA.
+
+        With an adapter merged, the other tokens' `y` is first corrected back to the base model's.
+        """
         # x: [T, in], y: [T, out]
+        if self.correction is not None and batch.unmerged_runs:
+            self.correction.apply(x, y, batch.unmerged_runs)
         slices = [s for s in self._slices.values() if not batch.active_slots.isdisjoint(s.rank)]
         if not slices:
             return y

@@ -26,7 +26,7 @@ def settings() -> Settings:
 
 @pytest.fixture
 async def app(engine: FakeEngine, settings: Settings) -> AsyncIterator[FastAPI]:
-    app = create_app(settings, lambda _: engine)
+    app = create_app(settings, lambda *_: engine)
     async with app.router.lifespan_context(app):
         yield app
 

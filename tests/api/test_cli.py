@@ -53,6 +53,14 @@ def test_flag_beats_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.block_size == Settings.model_fields["block_size"].default
 
 
+def test_list_flags_repeat_and_their_env_vars_read_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse("--merged", "a", "--merged", "b").merged == ["a", "b"]
+    assert parse().merged == []
+    monkeypatch.setenv("LORAPLEX_AUTO_MERGE", '["x", "y"]')
+    assert parse().auto_merge == ["x", "y"]
+    assert parse("--auto-merge", "z").auto_merge == ["z"]
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
@@ -81,7 +89,7 @@ def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def test_serve_runs_uvicorn_on_the_engine_factory(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = FakeEngine()
-    monkeypatch.setattr("server.engine.factory.build_engine", lambda settings: engine)
+    monkeypatch.setattr("server.engine.factory.build_engine", lambda settings, metrics: engine)
     served: dict[str, Any] = {}
     monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.update(app=app, **kwargs))
 

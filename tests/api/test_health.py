@@ -12,6 +12,7 @@ from fake_engine import FakeEngine
 from fastapi import FastAPI
 
 from server.api import create_app
+from server.metrics import Metrics
 from server.settings import Settings
 
 COMPLETION = {"model": "base-model", "prompt": "a"}
@@ -39,7 +40,7 @@ async def test_503_while_the_engine_builds_then_ready() -> None:
     release = threading.Event()
     engine = FakeEngine()
 
-    def slow_factory(settings: Settings) -> FakeEngine:
+    def slow_factory(settings: Settings, metrics: Metrics) -> FakeEngine:
         release.wait(timeout=10)
         return engine
 
@@ -61,7 +62,7 @@ async def test_engine_that_is_built_but_not_ready(client: httpx.AsyncClient, eng
 
 
 async def test_factory_failure_keeps_503_with_the_reason(caplog: pytest.LogCaptureFixture) -> None:
-    def broken_factory(settings: Settings) -> FakeEngine:
+    def broken_factory(settings: Settings, metrics: Metrics) -> FakeEngine:
         raise RuntimeError("no weights in /nowhere")
 
     app = create_app(Settings(), broken_factory)
@@ -79,7 +80,7 @@ async def test_factory_failure_keeps_503_with_the_reason(caplog: pytest.LogCaptu
 
 async def test_shutdown_stops_the_engine() -> None:
     engine = FakeEngine()
-    app = create_app(Settings(), lambda _: engine)
+    app = create_app(Settings(), lambda *_: engine)
     async with app.router.lifespan_context(app):
         async with client_for(app) as client:
             await wait_until_healthy(client)

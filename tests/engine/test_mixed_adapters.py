@@ -80,15 +80,15 @@ def test_mixed_prefill_logits_match_peft(engine, tiny_model_dir, store):
     runner, adapters = engine.core.runner, engine.adapters
 
     async def acquire_all():
-        await asyncio.gather(*[adapters.acquire(n) for n in names])
+        return await asyncio.gather(*[adapters.acquire(n) for n in names])
 
-    asyncio.run(acquire_all())
+    keys = asyncio.run(acquire_all())
     seqs, slots = [], []
-    for i, name in enumerate([*names, None]):
+    for i, key in enumerate([*keys, None]):
         seq = Sequence(f"l{i}", _prompt(30 + i), SamplingParams())
         seq.block_table = list(range(8 * i, 8 * i + 8))
         seqs.append(seq)
-        slots.append(adapters.bind_slot(name) if name else -1)
+        slots.append(adapters.bind_slot(key) if key else -1)
     order = sorted(range(len(seqs)), key=lambda i: slots[i])
     batch = build_forward_batch([(seqs[i], len(seqs[i])) for i in order], 4, torch.device("cpu"),
                                 [slots[i] for i in order])  # fmt: skip
@@ -100,9 +100,9 @@ def test_mixed_prefill_logits_match_peft(engine, tiny_model_dir, store):
         got = logits[batch.query_start[row] : batch.query_start[row + 1]]
         want = peft_logits(tiny_model_dir, store / name if name else None, seqs[i].prompt_token_ids)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    for name in names:
-        adapters.unbind_slot(name)
-        adapters.release(name)
+    for key in keys:
+        adapters.unbind_slot(key)
+        adapters.release(key)
 
 
 def test_models_lists_every_adapter_with_its_parent(engine):

@@ -1,0 +1,205 @@
+"""Merged mode on the default model, one run (issue: hot task switching).
+
+1. Batch 1, 128 generated tokens: time per output token (TPOT) for the base model, adapter X merged, the same
+   weights unmerged, and the base model while X is merged (it pays X's correction); the cases take turns for 3
+   rounds and each reports its best round (other processes share these 2 cores).
+2. Merge + unmerge of X (r=8 on q_proj, v_proj): ours vs PEFT's merge_adapter/unmerge_adapter and merge_and_unload.
+3. Batch 32 on one adapter (64 prompt tokens, 64 generated): throughput merged vs unmerged.
+4. Mixed: 32 concurrent clients, 96 requests (32 prompt tokens, 48 generated), 70 % on one adapter and the rest
+   spread over 15 others; `auto` vs every adapter unmerged: throughput and p50/p99 TPOT over requests.
+Adapters are random PEFT adapters (r=8, q_proj and v_proj) written to a temporary store.
+
+Usage: .venv/bin/python -m bench.bench_merge
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from bench.common import Request, random_prompt
+from server.engine.factory import build_engine
+from server.engine.sequence import SamplingParams
+from server.model.default_model import default_model_dir
+from server.settings import Settings
+
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+COLD = [f"cold{i}" for i in range(15)]
+VOCAB = 49152
+
+
+def make_adapters(base_dir: Path, root: Path) -> None:
+    """x and x-copy (the same weights under a name that stays unmerged), hot and 15 cold adapters."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    for seed, name in enumerate(["x", "hot", *COLD]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **LORA), adapter_name=name)
+        model.save_pretrained(root, selected_adapters=[name])
+        base = model.unload()
+    (root / "x-copy").mkdir()
+    for file in (root / "x").iterdir():
+        (root / "x-copy" / file.name).write_bytes(file.read_bytes())
+
+
+async def timed(engine, requests: list[Request], clients: int) -> tuple[float, int, list[float]]:
+    """Run `requests` from `clients` concurrent clients; (seconds, generated tokens, TPOT of each request)."""
+    queue = list(enumerate(requests))
+    tpots: list[float] = []
+
+    async def client() -> int:
+        count = 0
+        while queue:
+            i, req = queue.pop(0)
+            params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
+            stamps = []
+            async for out in engine.generate(req.prompt, params, req.adapter, f"bench-{i}-{time.monotonic()}"):
+                stamps.extend([time.perf_counter()] * len(out.token_ids))
+            tpots.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+            count += len(stamps)
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*[client() for _ in range(clients)])
+    return time.perf_counter() - start, sum(counts), tpots
+
+
+def run(engine, requests: list[Request], clients: int) -> tuple[float, int, list[float]]:
+    return asyncio.run(timed(engine, requests, clients))
+
+
+def batch1_tpot(engine, rounds: int = 3) -> dict[str, float]:
+    """Best TPOT (ms) over the rounds of one 128-token request per case; X is unmerged before each round."""
+    rng = random.Random(1)
+    cases: dict[str, list[float]] = {"base": [], "x unmerged": [], "x merged": [], "base, x merged": []}
+    adapter = {"base": None, "x unmerged": "x-copy", "x merged": "x", "base, x merged": None}
+    for _ in range(rounds):
+        engine.core.merger.unmerge()  # the engine thread is idle between runs
+        for case in cases:
+            request = Request(random_prompt(rng, 32, VOCAB), 128, adapter[case])
+            cases[case].append(1e3 * run(engine, [request], 1)[2][0])
+    engine.core.merger.unmerge()
+    return {case: min(values) for case, values in cases.items()}
+
+
+def swap_ms(engine, repeats: int = 10) -> tuple[float, float, float]:
+    """Median merge and unmerge time (ms) of X through the engine's controller, and the merged copy's MiB."""
+    merger = engine.core.merger
+    key = asyncio.run(engine.adapters.acquire("x"))
+    merges, unmerges, mib = [], [], 0.0
+    for _ in range(repeats):
+        merger.merge(key)
+        mib = merger.merged_bytes / 2**20
+        merger.unmerge()
+        merges.append(1e3 * merger.swaps[-2].seconds)
+        unmerges.append(1e3 * merger.swaps[-1].seconds)
+    engine.adapters.release(key)
+    return statistics.median(merges), statistics.median(unmerges), mib
+
+
+def peft_swap_ms(base_dir: Path, adapter: Path, repeats: int = 10) -> tuple[float, float, float]:
+    """PEFT's median merge_adapter and unmerge_adapter time (ms), and one merge_and_unload."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
+    merges, unmerges = [], []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.merge_adapter()
+            middle = time.perf_counter()
+            model.unmerge_adapter()
+            merges.append(1e3 * (middle - start))
+            unmerges.append(1e3 * (time.perf_counter() - middle))
+        start = time.perf_counter()
+        model.merge_and_unload()
+    return statistics.median(merges), statistics.median(unmerges), 1e3 * (time.perf_counter() - start)
+
+
+def mixed_requests(n: int = 96, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    names = [rng.choice(COLD) if rng.random() >= 0.7 else "hot" for _ in range(n)]
+    return [Request(random_prompt(rng, 32, VOCAB), 48, name) for name in names]
+
+
+def throughput(engine, requests: list[Request], clients: int) -> tuple[float, float, float]:
+    """(tokens/s, p50 TPOT ms, p99 TPOT ms)."""
+    seconds, tokens, tpots = run(engine, requests, clients)
+    ms = sorted(1e3 * t for t in tpots)
+    return tokens / seconds, statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+
+
+Rows = list[tuple[str, str]]
+
+
+def single_adapter_rows(engine) -> Rows:
+    """Cases 1-3 on an engine where x is in merged mode and nothing is merged automatically."""
+    run(engine, [Request(random_prompt(random.Random(9), 16, VOCAB), 8, name) for name in ("x-copy", None)], 2)
+    tpot = batch1_tpot(engine)
+    rows = [(f"batch 1 TPOT ms: {case}", f"{ms:.2f}") for case, ms in tpot.items()]
+    rows.append(("x merged / base (target <= 1.02)", f"{tpot['x merged'] / tpot['base']:.3f}"))
+    rows.append(("x unmerged / base", f"{tpot['x unmerged'] / tpot['base']:.3f}"))
+    merge, unmerge, mib = swap_ms(engine)
+    rows.append(("merge ms (r=8 q,v)", f"{merge:.1f}"))
+    rows.append(("unmerge ms", f"{unmerge:.2f}"))
+    rows.append(("merge + unmerge ms (target <= 10)", f"{merge + unmerge:.1f}"))
+    rows.append(("merged weight copies MiB", f"{mib:.0f}"))
+    batch = [Request(random_prompt(random.Random(i), 64, VOCAB), 64) for i in range(32)]
+    for name, label in (("x-copy", "unmerged"), ("x", "merged")):
+        tps, _, _ = throughput(engine, [Request(r.prompt, r.max_tokens, name) for r in batch], 32)
+        rows.append((f"batch 32 tok/s: x {label}", f"{tps:.1f}"))
+    engine.core.merger.unmerge()
+    return rows
+
+
+def mixed_rows(label: str, engine) -> Rows:
+    run(engine, [Request(random_prompt(random.Random(9), 16, VOCAB), 8, None)], 1)  # warm-up
+    engine.core.merger.unmerge()
+    tps, p50, p99 = throughput(engine, mixed_requests(), 32)
+    rows = [(f"mixed {label}: tok/s", f"{tps:.1f}"), (f"mixed {label}: TPOT p50 / p99 ms", f"{p50:.1f} / {p99:.1f}")]
+    swaps = [f"{s.op} {s.adapter.split('@')[0]} {1e3 * s.seconds:.0f} ms" for s in engine.core.merger.swaps]
+    if label == "auto":
+        rows.append(("mixed auto: swaps", "; ".join(swaps) or "none"))
+    return rows
+
+
+def peft_rows(base_dir: Path, adapter: Path) -> Rows:
+    merge, unmerge, unload = peft_swap_ms(base_dir, adapter)
+    return [
+        ("PEFT merge_adapter ms", f"{merge:.1f}"),
+        ("PEFT unmerge_adapter ms", f"{unmerge:.1f}"),
+        ("PEFT merge + unmerge ms", f"{merge + unmerge:.1f}"),
+        ("PEFT merge_and_unload ms", f"{unload:.1f}"),
+    ]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    base_dir = default_model_dir()
+    root = Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    make_adapters(base_dir, root)
+    common = dict(adapters_store=root, max_num_seqs=64)
+    rows: Rows = []
+    engine = build_engine(Settings(merged=["x"], merge_window_s=3600, **common))  # no automatic swaps
+    try:
+        rows += single_adapter_rows(engine)
+        rows += mixed_rows("all unmerged", engine)
+    finally:
+        engine.shutdown()
+    engine = build_engine(Settings(auto_merge=["hot", *COLD], merge_window_s=0.5, **common))
+    try:
+        rows += mixed_rows("auto", engine)
+    finally:
+        engine.shutdown()
+    rows += peft_rows(base_dir, root / "x")
+    for name, value in rows:
+        print(f"{name:40} {value:>16}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Merging an adapter into the base weights: every token's output unchanged, exact restore, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from server.adapters.slots import attach_lora_slots, load_adapter_slot
+from server.adapters.weights import ModelInfo, validate_adapter_dir
+from server.engine.batch_builder import build_forward_batch
+from server.engine.sequence import SamplingParams, Sequence
+from server.model.kv_cache import KVCache
+from server.model.loader import LoadedModel, load_model
+from server.model.lora import MERGED_SLOT, LoraWeights, make_lora_batch
+from server.model.merge import merge_adapter, unmerge_adapter
+from tests.helpers import make_peft_adapter
+
+ADAPTERS = {
+    "x-lora": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "x-dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"),
+    "y": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    "z-dora": dict(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj"]),
+}
+SLOTS = {"x-lora": 0, "x-dora": 1, "y": 2, "z-dora": 3}
+# (adapter, prompt): long runs are served by GEMMs, short ones gathered per token, next to base tokens
+PROMPTS = [
+    ("x", list(range(3, 23))),
+    ("y", [5, 9, 22]),
+    (None, [8, 8, 120, 64]),
+    ("z-dora", list(range(40, 58))),
+    ("x", [17]),
+    ("y", list(range(60, 80))),
+    (None, [33]),
+]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge-store")
+    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
+        make_peft_adapter(tiny_model_dir, root / name, seed=seed, **kwargs)
+    return root
+
+
+@pytest.fixture
+def served(tiny_model_dir, store) -> tuple[LoadedModel, ModelInfo, dict[str, dict]]:
+    loaded = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    attach_lora_slots(loaded.model, max_loras=4)
+    info = ModelInfo.from_model(loaded.model)
+    updates = {name: validate_adapter_dir(store / name, info, max_lora_rank=16).updates for name in ADAPTERS}
+    for name, slot in SLOTS.items():
+        load_adapter_slot(loaded.model, slot, updates[name])
+    return loaded, info, updates
+
+
+def _logits(loaded: LoadedModel, x_name: str, merged: bool) -> list[torch.Tensor]:
+    """Logits of every prompt in one packed prefill step; X's tokens are MERGED_SLOT when `merged`."""
+    slot = {"x": MERGED_SLOT if merged else SLOTS[x_name], None: -1, **SLOTS}
+    order = sorted(range(len(PROMPTS)), key=lambda i: slot[PROMPTS[i][0]])
+    seqs = [Sequence(str(i), PROMPTS[i][1], SamplingParams()) for i in order]
+    for i, seq in enumerate(seqs):
+        seq.block_table.extend(range(8 * i, 8 * i + 8))
+    slots = [slot[PROMPTS[i][0]] for i in order]
+    batch = build_forward_batch([(s, len(s)) for s in seqs], 4, torch.device("cpu"), slots)
+    cache = KVCache(loaded.spec, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        logits = loaded.model.compute_logits(loaded.model(batch, cache, make_lora_batch(batch.adapter_slots)))
+    rows = [logits[batch.query_start[j] : batch.query_start[j + 1]] for j in range(len(seqs))]
+    return [rows[order.index(i)] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize(
+    ("slots", "unmerged_runs", "gather_rows"),
+    [
+        ([-2, -2], (), None),
+        ([-2, -1, -1], ((1, 3),), None),
+        ([-2, -2, -1, 0, 0, -2, 1], ((2, 5), (6, 7)), [0, 0, 0, 1, 1, 0, 2]),
+        ([0, 1, -1], ((0, 3),), [1, 2, 0]),
+    ],
+)
+def test_merged_tokens_get_no_delta_and_the_others_the_correction(slots, unmerged_runs, gather_rows):
+    batch = make_lora_batch(torch.tensor(slots), min_gemm_run=10**9)
+    assert batch.unmerged_runs == unmerged_runs
+    assert batch.active_slots == {s for s in slots if s >= 0} and not batch.gemm_runs
+    assert (None if batch.gather_rows is None else batch.gather_rows.tolist()) == gather_rows
+
+
+@pytest.mark.parametrize("x_name", ["x-lora", "x-dora"])
+def test_merged_outputs_equal_unmerged_for_every_token(served, x_name):
+    loaded, _, updates = served
+    want = _logits(loaded, x_name, merged=False)
+    state = merge_adapter(loaded.model, updates[x_name])
+    got = _logits(loaded, x_name, merged=True)
+    for (adapter, _), g, w in zip(PROMPTS, got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=f"{adapter} with {x_name} merged")
+    unmerge_adapter(state)
+    for g, w in zip(_logits(loaded, x_name, merged=False), want, strict=True):
+        assert g.equal(w)
+
+
+def _weights(loaded: LoadedModel) -> dict:
+    return {key: (lin.weight, lin.weight.detach().clone(), lin.packed) for key, lin in _linears(loaded).items()}
+
+
+def _linears(loaded: LoadedModel) -> dict:
+    return loaded.model.target_linears()
+
+
+def test_hundred_cycles_leave_the_base_weights_bit_identical(served):
+    loaded, _, updates = served
+    before = _weights(loaded)
+    want = _logits(loaded, "x-lora", merged=False)
+    for cycle in range(100):
+        state = merge_adapter(loaded.model, updates["x-dora" if cycle % 2 else "x-lora"])
+        assert any(not lin.weight.equal(before[key][1]) for key, lin in _linears(loaded).items())
+        unmerge_adapter(state)
+    for key, lin in _linears(loaded).items():
+        original, copy, packed = before[key]
+        assert lin.weight is original and lin.weight.equal(copy) and lin.packed is packed
+        assert lin.lora.correction is None
+    assert all(g.equal(w) for g, w in zip(_logits(loaded, "x-lora", merged=False), want, strict=True))
+
+
+def test_merged_copies_cover_only_the_layers_the_adapter_touches(served):
+    loaded, _, updates = served
+    state = merge_adapter(loaded.model, updates["x-lora"])  # q_proj and v_proj: the fused qkv layers only
+    qkv = [lin for (_, name), lin in _linears(loaded).items() if name == "qkv_proj"]
+    assert set(state.originals) == set(qkv)
+    copies = 1 if qkv[0].packed is None else 2
+    assert state.num_bytes == copies * sum(lin.weight.numel() * 4 for lin in qkv)
+    unmerge_adapter(state)
+
+
+def test_dora_factors_of_adapters_loaded_while_merged_come_from_pristine_weights(served, store):
+    loaded, info, updates = served
+    state = merge_adapter(loaded.model, updates["x-dora"])
+    during = validate_adapter_dir(store / "z-dora", info, max_lora_rank=16).updates
+    unmerge_adapter(state)
+    for key, update in updates["z-dora"].items():
+        assert during[key].g.equal(update.g)
+
+
+def test_refused_merges_change_nothing(served):
+    loaded, _, updates = served
+    before = _weights(loaded)
+    (layer, proj), update = next(iter(updates["x-dora"].items()))
+    zero_g = {**updates["x-dora"], (layer, proj): dataclasses.replace(update, g=torch.zeros_like(update.g))}
+    with pytest.raises(ValueError, match="DoRA factor is 0"):
+        merge_adapter(loaded.model, zero_g)
+    infinite = dataclasses.replace(update, b=torch.full_like(update.b, float("inf")))
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_adapter(loaded.model, {(layer, proj): infinite})
+    with pytest.raises(ValueError, match="no projections"):
+        merge_adapter(loaded.model, {(9, "q_proj"): update})
+    wrong_shape = LoraWeights(a=torch.zeros(2, 3), b=torch.zeros(update.b.shape[0], 2))
+    with pytest.raises(ValueError, match="do not fit"):
+        merge_adapter(loaded.model, {(layer, proj): wrong_shape})
+    for key, lin in _linears(loaded).items():
+        assert lin.weight is before[key][0] and lin.packed is before[key][2] and lin.lora.correction is None
+    state = merge_adapter(loaded.model, updates["x-lora"])
+    with pytest.raises(ValueError, match="unmerge it first"):
+        merge_adapter(loaded.model, updates["y"])
+    unmerge_adapter(state)
+
+
+def test_low_precision_weights_are_merged_in_float32_and_restored_exactly(tiny_model_dir, store):
+    loaded = load_model(tiny_model_dir, torch.device("cpu"), torch.bfloat16)
+    attach_lora_slots(loaded.model, max_loras=2)
+    info = ModelInfo.from_model(loaded.model)
+    updates = validate_adapter_dir(store / "z-dora", info, max_lora_rank=16).updates
+    before = _weights(loaded)
+    state = merge_adapter(loaded.model, updates)
+    for (layer, proj), w in updates.items():
+        fused = "qkv_proj" if proj in ("q_proj", "v_proj") else proj
+        linear = loaded.model.target_linears()[(layer, fused)]
+        start, end = linear.slices[proj]
+        pristine = before[(layer, fused)][1][start:end].float()
+        want = ((pristine + w.b.float() @ w.a.float()) * w.g.float()[:, None]).to(torch.bfloat16)
+        assert linear.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(linear.weight[start:end], want, atol=0, rtol=2**-7)  # one bf16 rounding
+    unmerge_adapter(state)
+    for key, lin in _linears(loaded).items():
+        assert lin.weight is before[key][0] and lin.weight.equal(before[key][1])
