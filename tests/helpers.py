@@ -86,3 +86,10 @@ def peft_logits(model_dir: Path, adapter: Path | None, token_ids: list[int]) -> 
         model = PeftModel.from_pretrained(model, adapter)
     with torch.no_grad():
         return model.eval()(torch.tensor([token_ids])).logits[0]
+
+
+def make_adapter_store(model_dir: Path, root: Path, specs: dict[str, dict]) -> Path:
+    """A store folder with one random PEFT adapter per entry of `specs` (name -> LoraConfig arguments)."""
+    for seed, (name, kwargs) in enumerate(specs.items()):
+        make_peft_adapter(model_dir, root / name, seed=seed, **kwargs)
+    return root

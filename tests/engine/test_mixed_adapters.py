@@ -16,7 +16,7 @@ from server.errors import AdapterError, NotFoundError
 from server.model.kv_cache import KVCache
 from server.model.lora import make_lora_batch
 from server.settings import Settings
-from tests.helpers import make_peft_adapter, peft_greedy, peft_logits
+from tests.helpers import make_adapter_store, peft_greedy, peft_logits
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
@@ -35,10 +35,7 @@ ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def store(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
-        make_peft_adapter(tiny_model_dir, root / name, seed=seed, **kwargs)
-    return root
+    return make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("store"), ADAPTERS)
 
 
 @pytest.fixture(scope="module")

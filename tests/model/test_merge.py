@@ -15,7 +15,7 @@ from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
 from server.model.lora import MERGED_SLOT, LoraWeights, make_lora_batch
 from server.model.merge import merge_adapter, unmerge_adapter
-from tests.helpers import make_peft_adapter
+from tests.helpers import make_adapter_store
 
 ADAPTERS = {
     "x-lora": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -38,10 +38,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def store(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge-store")
-    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
-        make_peft_adapter(tiny_model_dir, root / name, seed=seed, **kwargs)
-    return root
+    return make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("merge-store"), ADAPTERS)
 
 
 @pytest.fixture
