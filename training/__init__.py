@@ -1,0 +1,1 @@
+"""Synthetic-data LoRA/DoRA task adapters for the default base model: data, training, evaluation, demo."""
