@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bench.common import Request, engine_throughput, random_prompt
@@ -50,15 +52,11 @@ def make_adapters(base_dir: Path, root: Path) -> None:
     plain.mkdir()
     config = json.loads((root / "dora" / "adapter_config.json").read_text())
     (plain / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(root / "dora" / "adapter_model.safetensors")
     save_file({k: v for k, v in tensors.items() if "magnitude" not in k}, plain / "adapter_model.safetensors")
 
 
 def requests(adapters: list[str | None], per_adapter: int, vocab: int, seed: int = 0) -> list[Request]:
-    import random
-
     rng = random.Random(seed)
     return [Request(random_prompt(rng, PROMPT, vocab), OUT, a) for _ in range(per_adapter) for a in adapters]
 

@@ -205,7 +205,7 @@ def _targeted_modules(raw: Mapping[str, Any], num_layers: int) -> list[tuple[int
 def _refuse_foreign_targets(targeting: _Targeting, num_layers: int) -> None:
     """Every target must name projections of this model; embeddings, the LM head, norms or other models' layers fail."""
     projections = [module_name(i, n) for i in range(num_layers) for n in TARGET_MODULES]
-    others = _other_module_names(num_layers)
+    others = other_module_names(num_layers)
     is_regex = isinstance(targeting.target, str)
     for entry in [targeting.target] if is_regex else targeting.target:
         one = replace(targeting, target=entry if is_regex else [entry], layers=None)
@@ -224,7 +224,7 @@ def _refuse_foreign_targets(targeting: _Targeting, num_layers: int) -> None:
             )
 
 
-def _other_module_names(num_layers: int) -> list[str]:
+def other_module_names(num_layers: int) -> list[str]:
     """Every non-projection module name of a Hugging Face `LlamaForCausalLM`."""
     names = ["", "model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"]
     for i in range(num_layers):

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from server.adapters.config import _other_module_names, module_name
+from server.adapters.config import module_name, other_module_names
 from server.errors import AdapterError
 from server.model.architecture import TARGET_MODULES
 
@@ -49,7 +49,7 @@ def check_config_patterns(raw: Mapping[str, Any], num_layers: int) -> None:
         return
     if len(probes) > MAX_PATTERNS:
         raise AdapterError(f"{probes[0][0]}: more than {MAX_PATTERNS} patterns", param=probes[0][0])
-    subjects = [module_name(i, n) for i in range(num_layers) for n in TARGET_MODULES] + _other_module_names(num_layers)
+    subjects = [module_name(i, n) for i in range(num_layers) for n in TARGET_MODULES] + other_module_names(num_layers)
     job = json.dumps({"probes": [[kind, regex] for _, kind, regex in probes], "subjects": subjects})
     try:
         done = subprocess.run(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from server.adapters.store import CONFIG_FILE
-from server.adapters.weights import WEIGHTS_FILE, _digest
+from server.adapters.weights import WEIGHTS_FILE, file_digest
 from server.errors import AdapterError, UnsupportedMediaError
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -40,7 +40,7 @@ def describe_adapter_dir(path: Path) -> AdapterRecord:
     """The record of an adapter folder (hashes its weights); `AdapterError` when its files cannot be read."""
     raw = read_raw_config(path)
     header = read_safetensors_header(path / WEIGHTS_FILE)
-    return make_record(raw, header, *_digest(path / WEIGHTS_FILE))
+    return make_record(raw, header, *file_digest(path / WEIGHTS_FILE))
 
 
 def make_record(raw: Mapping[str, Any], header: Mapping[str, Any], size_bytes: int, sha256: str) -> AdapterRecord:

@@ -76,7 +76,7 @@ def validate_adapter_dir(path: Path | str, info: ModelInfo, max_lora_rank: int) 
         raise AdapterError(f"adapter folder {path.name!r} does not exist", param="path")
     config = read_adapter_config(path / "adapter_config.json", info.num_layers, max_lora_rank)
     file = _weights_file(path)
-    size, digest = _digest(file)
+    size, digest = file_digest(file)
     tensors = _read_tensors(file, _expected_shapes(config, info))
     updates = {key: _update(key, spec, tensors, config.use_dora, info) for key, spec in config.targets.items()}
     return AdapterWeights(config, MappingProxyType(updates), size, digest)
@@ -96,7 +96,7 @@ def _weights_file(path: Path) -> Path:
     raise AdapterError(f"{WEIGHTS_FILE} is missing", param=WEIGHTS_FILE)
 
 
-def _digest(file: Path) -> tuple[int, str]:
+def file_digest(file: Path) -> tuple[int, str]:
     sha = hashlib.sha256()
     size = 0
     with file.open("rb") as f:

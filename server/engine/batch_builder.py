@@ -23,7 +23,7 @@ def build_forward_batch(
     for i, (seq, n) in enumerate(work):
         start = seq.num_computed_tokens
         end = start + n
-        ids.extend(seq.token_ids[start:end])
+        ids.extend(seq.token_slice(start, end))
         positions.extend(range(start, end))
         table = seq.block_table
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))

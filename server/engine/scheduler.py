@@ -61,7 +61,7 @@ class ScheduledSequence:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start : self.end]
+        return self.seq.token_slice(self.start, self.end)
 
 
 @dataclass

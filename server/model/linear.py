@@ -35,7 +35,7 @@ class TargetLinear(nn.Module):
 
     `slices` maps each fused Hugging Face projection (e.g. `q_proj`) to its output columns `[start, end)`;
     adapters target those names. `lora` holds the per-slot adapter weights once adapters are enabled.
-    Whoever changes `weight` in place (merging an adapter) calls `repack()` afterwards.
+    Whoever replaces `weight` (merging an adapter, `server.model.merge`) calls `repack()` afterwards.
     """
 
     def __init__(self, weight: torch.Tensor, slices: dict[str, tuple[int, int]]) -> None:
