@@ -14,6 +14,7 @@ from server.adapters.store import AdapterStore
 from server.adapters.validation import load_from_store
 from server.adapters.versions import HostEntry, adapter_name
 from server.adapters.weights import AdapterWeights, ModelInfo
+from server.threads import pin_single_thread
 
 if TYPE_CHECKING:
     from server.metrics import Metrics
@@ -36,7 +37,7 @@ class AdapterLoader:
         self.metrics = metrics
         self._loading: dict[str, Future[HostEntry]] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._pool = ThreadPoolExecutor(1, "adapter-loader", initializer=pin_single_thread)  # see server.threads
 
     def is_loading(self, key: str) -> bool:
         with self._lock:

@@ -25,6 +25,7 @@ from server.api.admin_schemas import (
 from server.api.auth import require_admin
 from server.api.deps import EngineDep
 from server.settings import Settings
+from server.threads import single_threaded
 
 UPLOAD_PATH = "/admin/adapters"
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the small fields
@@ -51,7 +52,7 @@ async def upload_adapter(request: Request, registry: RegistryDep) -> AdapterObje
     try:
         upload = AdapterUpload.from_form(form)
         view = await asyncio.to_thread(
-            registry.add, upload.name, upload.config.file, upload.weights.file, replace=upload.replace,
+            single_threaded, registry.add, upload.name, upload.config.file, upload.weights.file, replace=upload.replace,
             mode=upload.mode, pinned=upload.pinned, max_adapter_bytes=settings.max_adapter_bytes,
         )  # fmt: skip
     finally:

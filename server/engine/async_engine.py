@@ -9,7 +9,9 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from server.adapters.versions import adapter_name
 from server.engine.llm_engine import LLMEngine
@@ -17,8 +19,12 @@ from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
 from server.metrics import Metrics, RequestTrace
+from server.settings import Settings
+from server.threads import use_engine_threads
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -36,29 +42,44 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: Future
+
+    def run(self, core: LLMEngine) -> None:
+        try:
+            self.future.set_result(self.fn(core))
+        except Exception as exc:
+            self.future.set_exception(exc)
+
+
 class AsyncEngine:
     """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
 
-    def __init__(
-        self, core: LLMEngine, served_model_name: str, max_queue: int, max_num_seqs: int, metrics: Metrics
-    ) -> None:
-        self.core = core
+    def __init__(self, build: Callable[[], tuple[LLMEngine, str]], settings: Settings, metrics: Metrics) -> None:
+        """Start the engine thread, which builds the core and its served model name with `build`; wait for it.
+
+        The engine thread is the only one that computes with every core (`server.threads`), so the model is
+        loaded there too. Whatever `build` raises is raised here.
+        """
         self.metrics = metrics
-        metrics.set_base_model(served_model_name)
-        self.adapters = core.adapters
-        self.tokenizer = core.tokenizer
-        self.served_model_name = served_model_name
-        self.max_model_len = core.max_model_len
-        self.vocab_size = core.runner.loaded.spec.vocab_size
-        self.max_queue = max_queue
-        self.max_num_seqs = max_num_seqs
+        self.max_queue = settings.max_queue
+        self.max_num_seqs = settings.max_num_seqs
         self.created = int(time.time())
-        self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submit | _Abort | _Call | None] = queue.SimpleQueue()
         self._subscribers: dict[str, _Submit] = {}
         self._in_flight = 0  # submitted and not yet finished; changed on the event loop only
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        started: Future[tuple[LLMEngine, str]] = Future()
+        self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
+        self.core, self.served_model_name = started.result()
+        self.adapters = self.core.adapters
+        self.tokenizer = self.core.tokenizer
+        metrics.set_base_model(self.served_model_name)
+        self.max_model_len = self.core.max_model_len
+        self.vocab_size = self.core.runner.loaded.spec.vocab_size
 
     def is_ready(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
@@ -148,6 +169,26 @@ class AsyncEngine:
                 param="max_tokens",
             )
 
+    async def call(self, fn: Callable[[LLMEngine], _T]) -> _T:
+        """Run `fn(core)` on the engine thread between two steps and return its result (or raise its error).
+
+        The way to touch the model from outside, e.g. for a tool or a benchmark that times work where it runs.
+        """
+        future: Future[_T] = Future()
+        self._inbox.put(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
+    def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[tuple[LLMEngine, str]]) -> None:
+        use_engine_threads()
+        try:
+            built = build()
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        self.core = built[0]  # the loop needs it before __init__ has taken the result
+        started.set_result(built)
+        self._loop()
+
     def _loop(self) -> None:
         while not self._stopped.is_set():
             if not self._drain(block=not self.core.has_work):
@@ -170,6 +211,9 @@ class AsyncEngine:
             if isinstance(command, _Abort):
                 self.core.abort(command.request_id)
                 self._subscribers.pop(command.request_id, None)
+                continue
+            if isinstance(command, _Call):
+                command.run(self.core)
                 continue
             try:
                 self.core.add_request(command.request_id, command.prompt_token_ids, command.params, command.adapter)

@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> AsyncEngine:
-    """Load the base model and start the engine thread; it records into `metrics` (the app's, or its own)."""
+    """Start the engine thread, which loads the base model; it records into `metrics` (the app's, or its own)."""
     metrics = metrics or Metrics(settings.metrics_max_adapters, settings.max_loras)
+    return AsyncEngine(lambda: build_core(settings, metrics), settings, metrics)
+
+
+def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, str]:
+    """Load the model and assemble the engine core; returns it and the name the base model is served as."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     path = settings.model or default_model_dir()
@@ -68,4 +73,4 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> AsyncEng
     core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters, merger)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else loaded.name)
     log.info("serving %s on %s (%s): %d KV blocks, max_model_len %d", name, device, dtype, num_blocks, max_model_len)
-    return AsyncEngine(core, name, settings.max_queue, settings.max_num_seqs, metrics)
+    return core, name
