@@ -3,7 +3,11 @@
 1. Batch 1, 128 generated tokens: time per output token (TPOT) for the base model, adapter X merged, the same
    weights unmerged, and the base model while X is merged (it pays X's correction); the cases take turns for 3
    rounds and each reports its best round (other processes share these 2 cores).
-2. Merge + unmerge of X (r=8 on q_proj, v_proj): ours vs PEFT's merge_adapter/unmerge_adapter and merge_and_unload.
+2. Merge + unmerge of X (r=8 on q_proj, v_proj) on the engine thread: switching between X and another adapter
+   (every merge computes), back to back (the weights stay in the CPU's last-level cache, as in PEFT's own loop) and
+   cold (after streaming more than that cache through the cores, as a step of a model larger than the cache does);
+   merging X again while the buffers still hold it; the first merge, which allocates the buffers. PEFT's
+   merge_adapter/unmerge_adapter back to back and cold, and merge_and_unload.
 3. Batch 32 on one adapter (64 prompt tokens, 64 generated): throughput merged vs unmerged.
 4. Mixed: 32 concurrent clients, 96 requests (32 prompt tokens, 48 generated), 70 % on one adapter and the rest
    spread over 15 others; `auto` vs every adapter unmerged: throughput and p50/p99 TPOT over requests.
@@ -27,9 +31,11 @@ from transformers import AutoModelForCausalLM
 
 from bench.common import Request, random_prompt
 from server.engine.factory import build_engine
+from server.engine.merge_controller import SwapRecord
 from server.engine.sequence import SamplingParams
 from server.model.default_model import default_model_dir
 from server.settings import Settings
+from server.threads import pin_single_thread, use_engine_threads
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 COLD = [f"cold{i}" for i in range(15)]
@@ -75,50 +81,68 @@ def run(engine, requests: list[Request], clients: int) -> tuple[float, int, list
     return asyncio.run(timed(engine, requests, clients))
 
 
+def unmerge(engine) -> None:
+    asyncio.run(engine.call(lambda core: core.merger.unmerge()))
+
+
 def batch1_tpot(engine, rounds: int = 3) -> dict[str, float]:
     """Best TPOT (ms) over the rounds of one 128-token request per case; X is unmerged before each round."""
     rng = random.Random(1)
     cases: dict[str, list[float]] = {"base": [], "x unmerged": [], "x merged": [], "base, x merged": []}
     adapter = {"base": None, "x unmerged": "x-copy", "x merged": "x", "base, x merged": None}
     for _ in range(rounds):
-        engine.core.merger.unmerge()  # the engine thread is idle between runs
+        unmerge(engine)
         for case in cases:
             request = Request(random_prompt(rng, 32, VOCAB), 128, adapter[case])
             cases[case].append(1e3 * run(engine, [request], 1)[2][0])
-    engine.core.merger.unmerge()
+    unmerge(engine)
     return {case: min(values) for case, values in cases.items()}
 
 
-def swap_ms(engine, repeats: int = 10) -> tuple[float, float, float]:
-    """Median merge and unmerge time (ms) of X through the engine's controller, and the merged copy's MiB."""
-    merger = engine.core.merger
-    key = asyncio.run(engine.adapters.acquire("x"))
-    merges, unmerges, mib = [], [], 0.0
-    for _ in range(repeats):
-        merger.merge(key)
-        mib = merger.merged_bytes / 2**20
-        merger.unmerge()
-        merges.append(1e3 * merger.swaps[-2].seconds)
-        unmerges.append(1e3 * merger.swaps[-1].seconds)
-    engine.adapters.release(key)
-    return statistics.median(merges), statistics.median(unmerges), mib
+class CacheFlusher:
+    """Streams more memory than the last-level cache holds through the cores, so the next reads come from DRAM."""
+
+    def __init__(self, mib: int = 512) -> None:
+        self.block = torch.ones(mib * 2**20 // 4)
+
+    def __call__(self) -> None:
+        self.block.mul_(1.0)
 
 
-def peft_swap_ms(base_dir: Path, adapter: Path, repeats: int = 10) -> tuple[float, float, float]:
-    """PEFT's median merge_adapter and unmerge_adapter time (ms), and one merge_and_unload."""
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
+def swap_ms(engine, names: list[str], flush: CacheFlusher | None, repeats: int = 10) -> tuple[float, float]:
+    """Median merge and unmerge time (ms) on the engine thread, merging `names` in turn, flushing before each."""
+    keys = [asyncio.run(engine.adapters.acquire(name)) for name in names]
+
+    def cycles(core) -> list[SwapRecord]:
+        for i in range(repeats):
+            if flush is not None:
+                flush()
+            core.merger.merge(keys[i % len(keys)])
+            core.merger.unmerge()
+        return list(core.merger.swaps)[-2 * repeats :]
+
+    swaps = asyncio.run(engine.call(cycles))
+    for key in keys:
+        engine.adapters.release(key)
+    merges = [1e3 * s.seconds for s in swaps if s.op == "merge"]
+    unmerges = [1e3 * s.seconds for s in swaps if s.op == "unmerge"]
+    return statistics.median(merges), statistics.median(unmerges)
+
+
+def peft_swap_ms(model: PeftModel, flush: CacheFlusher | None, repeats: int = 10) -> tuple[float, float]:
+    """PEFT's median merge_adapter and unmerge_adapter time (ms), flushing the cache before each."""
     merges, unmerges = [], []
     with torch.inference_mode():
         for _ in range(repeats):
+            if flush is not None:
+                flush()
             start = time.perf_counter()
             model.merge_adapter()
             middle = time.perf_counter()
             model.unmerge_adapter()
             merges.append(1e3 * (middle - start))
             unmerges.append(1e3 * (time.perf_counter() - middle))
-        start = time.perf_counter()
-        model.merge_and_unload()
-    return statistics.median(merges), statistics.median(unmerges), 1e3 * (time.perf_counter() - start)
+    return statistics.median(merges), statistics.median(unmerges)
 
 
 def mixed_requests(n: int = 96, seed: int = 0) -> list[Request]:
@@ -144,22 +168,34 @@ def single_adapter_rows(engine) -> Rows:
     rows = [(f"batch 1 TPOT ms: {case}", f"{ms:.2f}") for case, ms in tpot.items()]
     rows.append(("x merged / base (target <= 1.02)", f"{tpot['x merged'] / tpot['base']:.3f}"))
     rows.append(("x unmerged / base", f"{tpot['x unmerged'] / tpot['base']:.3f}"))
-    merge, unmerge, mib = swap_ms(engine)
-    rows.append(("merge ms (r=8 q,v)", f"{merge:.1f}"))
-    rows.append(("unmerge ms", f"{unmerge:.2f}"))
-    rows.append(("merge + unmerge ms (target <= 10)", f"{merge + unmerge:.1f}"))
-    rows.append(("merged weight copies MiB", f"{mib:.0f}"))
+    rows += swap_rows(engine)
     batch = [Request(random_prompt(random.Random(i), 64, VOCAB), 64) for i in range(32)]
     for name, label in (("x-copy", "unmerged"), ("x", "merged")):
         tps, _, _ = throughput(engine, [Request(r.prompt, r.max_tokens, name) for r in batch], 32)
         rows.append((f"batch 32 tok/s: x {label}", f"{tps:.1f}"))
-    engine.core.merger.unmerge()
+    unmerge(engine)
+    return rows
+
+
+def swap_rows(engine) -> Rows:
+    """Merge + unmerge of r=8 q,v adapters, switching between two (every merge computes) and re-merging one."""
+    merger = engine.core.merger  # read here only while the engine thread is idle
+    unmerge(engine)
+    first = next(s.seconds for s in merger.swaps if s.op == "merge")  # batch1_tpot merged X: buffers allocated
+    rows = [("first merge ms (allocates the buffers)", f"{1e3 * first:.1f}")]
+    cases = (("switching, back to back", ["x", "hot"], None), ("switching, cold cache", ["x", "hot"], CacheFlusher()),
+             ("same adapter again", ["x"], None))  # fmt: skip
+    for label, names, flush in cases:
+        merge_ms, unmerge_ms = swap_ms(engine, names, flush)
+        rows.append((f"merge / unmerge ms, {label}", f"{merge_ms:.1f} / {unmerge_ms:.2f}"))
+        rows.append((f"merge + unmerge ms, {label}", f"{merge_ms + unmerge_ms:.1f}"))
+    rows.append(("merge buffers MiB", f"{merger.buffer_bytes / 2**20:.0f}"))
     return rows
 
 
 def mixed_rows(label: str, engine) -> Rows:
     run(engine, [Request(random_prompt(random.Random(9), 16, VOCAB), 8, None)], 1)  # warm-up
-    engine.core.merger.unmerge()
+    unmerge(engine)
     tps, p50, p99 = throughput(engine, mixed_requests(), 32)
     rows = [(f"mixed {label}: tok/s", f"{tps:.1f}"), (f"mixed {label}: TPOT p50 / p99 ms", f"{p50:.1f} / {p99:.1f}")]
     swaps = [f"{s.op} {s.adapter.split('@')[0]} {1e3 * s.seconds:.0f} ms" for s in engine.core.merger.swaps]
@@ -169,16 +205,21 @@ def mixed_rows(label: str, engine) -> Rows:
 
 
 def peft_rows(base_dir: Path, adapter: Path) -> Rows:
-    merge, unmerge, unload = peft_swap_ms(base_dir, adapter)
-    return [
-        ("PEFT merge_adapter ms", f"{merge:.1f}"),
-        ("PEFT unmerge_adapter ms", f"{unmerge:.1f}"),
-        ("PEFT merge + unmerge ms", f"{merge + unmerge:.1f}"),
-        ("PEFT merge_and_unload ms", f"{unload:.1f}"),
-    ]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
+    rows = []
+    for label, flush in (("back to back", None), ("cold cache", CacheFlusher())):
+        merge, unmerge = peft_swap_ms(model, flush)
+        rows.append((f"PEFT merge / unmerge ms, {label}", f"{merge:.1f} / {unmerge:.1f}"))
+        rows.append((f"PEFT merge + unmerge ms, {label}", f"{merge + unmerge:.1f}"))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.merge_and_unload()
+    rows.append(("PEFT merge_and_unload ms", f"{1e3 * (time.perf_counter() - start):.1f}"))
+    return rows
 
 
 def main() -> None:
+    pin_single_thread()  # only the engine thread computes with every core while it runs (server.threads)
     torch.manual_seed(0)
     base_dir = default_model_dir()
     root = Path(tempfile.mkdtemp(prefix="bench-merge-"))
@@ -196,6 +237,7 @@ def main() -> None:
         rows += mixed_rows("auto", engine)
     finally:
         engine.shutdown()
+    use_engine_threads()  # the engines have stopped: PEFT gets the cores they had
     rows += peft_rows(base_dir, root / "x")
     for name, value in rows:
         print(f"{name:40} {value:>16}")

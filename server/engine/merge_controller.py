@@ -14,7 +14,7 @@ from server.adapters.weights import AdapterWeights
 from server.engine.merge_policy import Demand, MergePolicy
 from server.engine.scheduler import Scheduler
 from server.model.llama import LlamaModel
-from server.model.merge import MergedAdapter, merge_adapter, unmerge_adapter
+from server.model.merge import WeightMerger
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +47,18 @@ class MergeController:
         record: RecordSwap | None = None,
         history: int = 256,
     ) -> None:
-        self.model = model
+        self.weight_merger = WeightMerger(model)
         self.policy = policy
         self.weights_of = weights_of  # an adapter's weights in host memory; None while it is not there
         self.record = record
         self.swaps: deque[SwapRecord] = deque(maxlen=history)  # the latest swaps, oldest first
         self.num_swaps: Counter[SwapOp] = Counter()
-        self._merged: tuple[str, MergedAdapter] | None = None
+        self.merged: str | None = None  # the adapter merged into the base weights, if any
 
     @property
-    def merged(self) -> str | None:
-        """The adapter merged into the base weights, if any."""
-        return None if self._merged is None else self._merged[0]
-
-    @property
-    def merged_bytes(self) -> int:
-        """Memory the merged weights take on top of the originals."""
-        return 0 if self._merged is None else self._merged[1].num_bytes
+    def buffer_bytes(self) -> int:
+        """Memory the merged weights take on top of the base weights (kept after an unmerge, for the next merge)."""
+        return self.weight_merger.num_bytes
 
     def update(self, scheduler: Scheduler) -> None:
         """Ask the policy about the running and waiting requests; merge, unmerge or switch accordingly."""
@@ -85,27 +80,27 @@ class MergeController:
         self.unmerge()
         start = time.perf_counter()
         try:
-            state = merge_adapter(self.model, weights.updates)
+            self.weight_merger.merge(weights.updates)
         except ValueError as exc:
             log.warning("adapter %s cannot be merged and will be served unmerged: %s", name, exc)
             self.policy.refuse(name)
             return False
-        self._merged = (name, state)
+        self.merged = name
         self._done("merge", name, time.perf_counter() - start)
         return True
 
     def unmerge(self) -> None:
         """Restore the original base weights, if an adapter is merged."""
-        if self._merged is None:
+        name = self.merged
+        if name is None:
             return
-        name, state = self._merged
         start = time.perf_counter()
-        unmerge_adapter(state)
-        self._merged = None
+        self.weight_merger.unmerge()
+        self.merged = None
         self._done("unmerge", name, time.perf_counter() - start)
 
     def _done(self, op: SwapOp, name: str, seconds: float) -> None:
-        log.info("%s %s in %.1f ms (merged weights: %.0f MiB)", op, name, 1e3 * seconds, self.merged_bytes / 2**20)
+        log.info("%s %s in %.1f ms (merge buffers: %.0f MiB)", op, name, 1e3 * seconds, self.buffer_bytes / 2**20)
         self.swaps.append(SwapRecord(op, name, seconds, time.time()))
         self.num_swaps[op] += 1
         if self.record is not None:

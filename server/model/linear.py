@@ -35,7 +35,10 @@ class TargetLinear(nn.Module):
 
     `slices` maps each fused Hugging Face projection (e.g. `q_proj`) to its output columns `[start, end)`;
     adapters target those names. `lora` holds the per-slot adapter weights once adapters are enabled.
-    Whoever replaces `weight` (merging an adapter, `server.model.merge`) calls `repack()` afterwards.
+    `weight` is the frozen base weight and is never replaced. While an adapter is merged (`server.model.merge`),
+    `merged` holds the weight with the adapter in it and the GEMM runs on that instead, unpacked: re-packing it
+    would cost more than the merge itself, and at the batch sizes merged mode is for (1-2 rows) the plain GEMM
+    is as fast as the packed one (bench/bench_merge.py).
     """
 
     def __init__(self, weight: torch.Tensor, slices: dict[str, tuple[int, int]]) -> None:
@@ -44,6 +47,7 @@ class TargetLinear(nn.Module):
         self.slices = slices
         self.lora: LoraSlots | None = None
         self.packed = prepack(self.weight.data)
+        self.merged: torch.Tensor | None = None  # [out, in], the weight with the merged adapter in it, if any
 
     @property
     def in_features(self) -> int:
@@ -53,12 +57,9 @@ class TargetLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def repack(self) -> None:
-        self.packed = prepack(self.weight.data)
-
     def forward(self, x: torch.Tensor, lora_batch: LoraBatch | None = None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
-        y = linear(x, self.weight, self.packed)
+        y = linear(x, self.weight, self.packed) if self.merged is None else F.linear(x, self.merged)
         if lora_batch is not None and self.lora is not None:
             y = self.lora.apply(x, y, lora_batch)
         return y

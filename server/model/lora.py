@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +49,12 @@ class LoraWeights:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r], multiplied by the scale s
     g: torch.Tensor | None = None  # [out], DoRA factor m / ‖W + s·B·A‖_row; None for plain LoRA
+
+    @cached_property
+    def max_abs(self) -> tuple[float, float]:
+        """(r · max|b| · max|a|, max|g|): bounds on |(b·a)[i, j]| and on the DoRA factor (1 for LoRA)."""
+        update = self.a.shape[0] * float(self.b.abs().max()) * float(self.a.abs().max())
+        return update, 1.0 if self.g is None else float(self.g.abs().max())
 
 
 @dataclass(eq=False)

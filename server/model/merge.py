@@ -1,11 +1,17 @@
 """Merge one adapter into the base weights and take it out again, exactly.
 
-Merging X gives every layer X targets a new weight `W' = W + s·B·A` on X's projections (DoRA: `g ⊙ (W + s·B·A)`),
-computed in float32 and re-packed for oneDNN. The original tensors, the plain weight and its packed copy, are set
-aside untouched and unmerging puts them back: after any number of cycles the base weights are the very same tensors,
-bit for bit, unmerging costs no arithmetic, and views taken of the originals (`ModelInfo.base_weight`, which DoRA
-factors are computed from) keep reading pristine values while X is merged. The price is memory: while X is merged,
-each layer it touches is held twice (`MergedAdapter.num_bytes` says how much).
+Merging X gives every layer X targets a merged weight `W' = W + s·B·A` on X's projections (DoRA:
+`g ⊙ (W + s·B·A)`), computed in float32 into a buffer that the layer's GEMM then reads instead of `W`. The base
+weight itself is never written: unmerging just stops reading the buffer, so after any number of cycles the base
+weights are the very same tensors, bit for bit, unmerging costs no arithmetic, and views of them
+(`ModelInfo.base_weight`, which DoRA factors are computed from) keep reading pristine values while X is merged.
+
+A merge is bound by memory traffic: it reads the base rows of X's projections once and writes them once (r=8 on
+q_proj and v_proj of SmolLM2-135M: 53 MB each way). Buffers are kept between merges, so that only the first merge
+of a layer pays for allocating (and page-faulting) its buffer; each remembers which update its projections hold,
+so merging the adapter merged last time again costs nothing, and another adapter's merge restores from `W` only
+the rows it does not overwrite. Buffers of layers the latest merge does not touch are freed, so the extra memory
+is at most one copy of the layers one adapter targets (`WeightMerger.num_bytes`).
 
 Tokens that do not use X must not see it. Each layer X touches gets a `Correction`, applied by `LoraSlots.apply`
 before the tokens' own adapter deltas: `x·Wᵀ = (x·W'ᵀ) / g_X − x·(s·B·A)ᵀ` on X's projections (g_X = 1 for LoRA).
@@ -17,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from server.model.linear import TargetLinear
 from server.model.llama import LlamaModel
@@ -30,8 +35,8 @@ class _Piece:
 
     start: int  # the projection's output columns [start, end) in the fused layer
     end: int
-    a_t: torch.Tensor  # [in, r]
-    b_t: torch.Tensor  # [r, out_slice], scale folded in
+    a_t: torch.Tensor  # [in, r], a transposed view (BLAS reads it as it is)
+    b_t: torch.Tensor  # [r, out_slice], likewise; scale folded in
     g: torch.Tensor | None  # [out_slice], DoRA factor; None for LoRA
 
 
@@ -41,8 +46,7 @@ class Correction:
     def __init__(self, linear: TargetLinear, pieces: Mapping[str, LoraWeights]) -> None:
         opts = {"device": linear.weight.device, "dtype": linear.weight.dtype}  # updates may live in host memory
         self._pieces = [
-            _Piece(*linear.slices[name], w.a.T.to(**opts).contiguous(), w.b.T.to(**opts).contiguous(),
-                   None if w.g is None else w.g.to(**opts))
+            _Piece(*linear.slices[name], w.a.to(**opts).T, w.b.to(**opts).T, None if w.g is None else w.g.to(**opts))
             for name, w in pieces.items()
         ]  # fmt: skip
 
@@ -57,54 +61,90 @@ class Correction:
                 ys.addmm_(x[first:last] @ piece.a_t, piece.b_t, alpha=-1)
 
 
-@dataclass(frozen=True)
-class _Original:
-    weight: nn.Parameter
-    packed: torch.Tensor | None
+class _Buffer:
+    """A layer's merged weight: equal to the base weight except on the projections in `held`."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        self.weight = base.clone()  # [out, in]
+        self.held: dict[str, LoraWeights | None] = {}  # projection -> the update its rows hold (None: unknown)
+
+    def fill(self, base: torch.Tensor, slices: Mapping[str, tuple[int, int]], pieces: Mapping[str, LoraWeights],
+             base_max: Mapping[str, float]) -> None:  # fmt: skip
+        """Make the buffer `base` with `pieces` merged in; `ValueError` if that gives non-finite weights.
+
+        Rows that already hold the very same update (the adapter merged last time) are left as they are.
+        `base_max` holds max |W| of each projection's rows, for `_surely_finite`.
+        """
+        for name in sorted(self.held.keys() - pieces.keys()):
+            start, end = slices[name]
+            self.weight[start:end].copy_(base[start:end])
+            del self.held[name]
+        for name, update in pieces.items():
+            if self.held.get(name) is update:
+                continue
+            start, end = slices[name]
+            self.held[name] = None  # the rows are neither the base's nor a good merge until checked
+            rows = self.weight[start:end]
+            _merge_rows(base[start:end], update, rows)
+            if not _surely_finite(base_max[name], update, rows.dtype) and not bool(torch.isfinite(rows).all()):
+                raise ValueError(f"merging {name} gives non-finite weights")
+            self.held[name] = update
 
 
-@dataclass(frozen=True)
-class MergedAdapter:
-    """One merge: the original weights of every layer it replaced, which `unmerge_adapter` puts back."""
+class WeightMerger:
+    """Merges one adapter at a time into a model's target layers and takes it out again, bit-exactly."""
 
-    originals: Mapping[TargetLinear, _Original]
-    num_bytes: int  # memory the merged weights take, packed copies included
+    def __init__(self, model: LlamaModel) -> None:
+        self._linears = model.target_linears()  # (layer, fused module name) -> layer
+        self._buffers: dict[TargetLinear, _Buffer] = {}
+        self._merged: list[TargetLinear] = []  # the layers the merged adapter replaced
+        self._base_max: dict[TargetLinear, dict[str, float]] = {}  # max |W| per projection, measured once
 
+    @property
+    def is_merged(self) -> bool:
+        return bool(self._merged)
 
-def merge_adapter(model: LlamaModel, weights: Mapping[tuple[int, str], LoraWeights]) -> MergedAdapter:
-    """Merge one adapter, (layer, HF projection) -> update, into the model; `ValueError` changes nothing.
+    @property
+    def num_bytes(self) -> int:
+        """Memory the merge buffers hold."""
+        return sum(buf.weight.numel() * buf.weight.element_size() for buf in self._buffers.values())
 
-    Refused while another adapter is merged, for a DoRA factor of 0 (the correction divides by it) and for
-    non-finite merged weights.
-    """
-    linears = model.target_linears()  # (layer, fused module name) -> layer
-    if any(linear.lora is not None and linear.lora.correction is not None for linear in linears.values()):
-        raise ValueError("another adapter is merged; unmerge it first")
-    per_linear = _per_linear(linears, weights)
-    for linear, pieces in per_linear.items():
-        if linear.lora is None:
-            raise ValueError("call attach_lora_slots before merging: other tokens need the merged adapter's correction")
-        linear.lora.check_updates(pieces)
-        if any(w.g is not None and not bool(w.g.ne(0).all()) for w in pieces.values()):
-            raise ValueError("a DoRA factor is 0: the merge could not be undone for other tokens")
-    merged = {linear: _merged_weight(linear, pieces) for linear, pieces in per_linear.items()}
-    originals = {}
-    for linear, weight in merged.items():
-        originals[linear] = _Original(linear.weight, linear.packed)
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        linear.repack()
-        linear.lora.correction = Correction(linear, per_linear[linear])
-    _synchronize(merged.values())
-    copies = {linear: 1 if linear.packed is None else 2 for linear in merged}  # the packed copy is as large
-    return MergedAdapter(originals, sum(copies[lin] * w.numel() * w.element_size() for lin, w in merged.items()))
+    def merge(self, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
+        """Merge one adapter, (layer, HF projection) -> update, into the model; `ValueError` changes nothing.
 
+        Refused while another adapter is merged, for a DoRA factor of 0 (the correction divides by it) and for
+        non-finite merged weights.
+        """
+        if any(linear.merged is not None for linear in self._linears.values()):
+            raise ValueError("another adapter is merged; unmerge it first")
+        per_linear = _per_linear(self._linears, weights)
+        for linear, pieces in per_linear.items():
+            if linear.lora is None:
+                raise ValueError("call attach_lora_slots before merging: other tokens need the correction")
+            linear.lora.check_updates(pieces)
+            if any(w.g is not None and not bool(w.g.ne(0).all()) for w in pieces.values()):
+                raise ValueError("a DoRA factor is 0: the merge could not be undone for other tokens")
+        self._buffers = {linear: self._buffers.get(linear) or _Buffer(linear.weight.detach()) for linear in per_linear}
+        for linear, pieces in per_linear.items():
+            self._buffers[linear].fill(linear.weight.detach(), linear.slices, pieces, self._max_of(linear))
+        for linear, pieces in per_linear.items():
+            linear.merged = self._buffers[linear].weight
+            linear.lora.correction = Correction(linear, pieces)
+        self._merged = list(per_linear)
+        _synchronize(linear.merged for linear in self._merged)
 
-def unmerge_adapter(merged: MergedAdapter) -> None:
-    """Put back the original weights of every layer `merged` replaced and drop its corrections."""
-    for linear, original in merged.originals.items():
-        linear.weight = original.weight
-        linear.packed = original.packed
-        linear.lora.correction = None
+    def unmerge(self) -> None:
+        """Serve the base weights again and drop the corrections; the buffers stay for the next merge."""
+        for linear in self._merged:
+            linear.merged = None
+            linear.lora.correction = None
+        self._merged = []
+
+    def _max_of(self, linear: TargetLinear) -> dict[str, float]:
+        if linear not in self._base_max:
+            w = linear.weight.detach()  # [out, in]
+            self._base_max[linear] = {name: float(w[a:b].abs().max()) for name, (a, b) in linear.slices.items()}
+        return self._base_max[linear]
 
 
 def _per_linear(
@@ -121,28 +161,26 @@ def _per_linear(
     return per_linear
 
 
-def _merged_weight(linear: TargetLinear, pieces: Mapping[str, LoraWeights]) -> torch.Tensor:
-    """A new `[out, in]` weight: the original, with `g ⊙ (W + s·B·A)` on each updated slice; one pass over W."""
-    original = linear.weight.detach()  # [out, in]
-    weight = torch.empty_like(original)
-    done = 0
-    for name in sorted(pieces, key=lambda name: linear.slices[name]):
-        start, end = linear.slices[name]
-        weight[done:start].copy_(original[done:start])
-        _merge_rows(original[start:end], pieces[name], weight[start:end])
-        if not bool(weight[start:end].sum(dtype=torch.float32).isfinite()):  # any non-finite value shows in the sum
-            raise ValueError(f"merging {name} gives non-finite weights")
-        done = end
-    weight[done:].copy_(original[done:])
-    return weight
+def _surely_finite(base_max: float, w: LoraWeights, dtype: torch.dtype) -> bool:
+    """Whether `g ⊙ (W + b·a)`, summed in float32 and stored as `dtype`, is finite; from bounds alone, no pass over W.
+
+    Every partial sum is at most max|W| + r·max|b|·max|a| in magnitude; half the largest value leaves room for
+    rounding.
+    """
+    update, g = w.max_abs
+    return (base_max + update) * g <= min(torch.finfo(dtype).max, torch.finfo(torch.float32).max) / 2
 
 
 def _merge_rows(rows: torch.Tensor, w: LoraWeights, out: torch.Tensor) -> None:
     """`out = g ⊙ (rows + b·a)`, summed in float32; rows, out: [out_slice, in], b: [out_slice, r], a: [r, in]."""
     opts = {"device": rows.device, "dtype": torch.float32}
     a, b = w.a.to(**opts), w.b.to(**opts)
-    in_place = out.dtype == torch.float32  # sum straight into the new weight
-    merged = torch.addmm(rows, b, a, out=out) if in_place else torch.addmm(rows.float(), b, a)
+    if out.dtype == torch.float32:  # sum straight into the buffer
+        torch.addmm(rows, b, a, out=out)
+        if w.g is not None:
+            out.mul_(w.g.to(**opts)[:, None])
+        return
+    merged = torch.addmm(rows.float(), b, a)
     if w.g is not None:
         merged.mul_(w.g.to(**opts)[:, None])
     out.copy_(merged)

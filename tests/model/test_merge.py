@@ -14,7 +14,7 @@ from server.engine.sequence import SamplingParams, Sequence
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
 from server.model.lora import MERGED_SLOT, LoraWeights, make_lora_batch
-from server.model.merge import merge_adapter, unmerge_adapter
+from server.model.merge import WeightMerger
 from tests.helpers import make_adapter_store
 
 ADAPTERS = {
@@ -88,11 +88,12 @@ def test_merged_tokens_get_no_delta_and_the_others_the_correction(slots, unmerge
 def test_merged_outputs_equal_unmerged_for_every_token(served, x_name):
     loaded, _, updates = served
     want = _logits(loaded, x_name, merged=False)
-    state = merge_adapter(loaded.model, updates[x_name])
+    merger = WeightMerger(loaded.model)
+    merger.merge(updates[x_name])
     got = _logits(loaded, x_name, merged=True)
     for (adapter, _), g, w in zip(PROMPTS, got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=f"{adapter} with {x_name} merged")
-    unmerge_adapter(state)
+    merger.unmerge()
     for g, w in zip(_logits(loaded, x_name, merged=False), want, strict=True):
         assert g.equal(w)
 
@@ -105,36 +106,63 @@ def _linears(loaded: LoadedModel) -> dict:
     return loaded.model.target_linears()
 
 
+def _merged_weight(linear, pristine: torch.Tensor, updates) -> torch.Tensor:
+    """What merging `updates` must serve on `linear`, computed from scratch: g ⊙ (W + s·B·A) on each slice."""
+    want = pristine.clone()
+    for proj, (start, end) in linear.slices.items():
+        w = updates.get(proj)
+        if w is not None:
+            want[start:end] = ((pristine[start:end] + w.b @ w.a) * (1 if w.g is None else w.g[:, None])).float()
+    return want
+
+
 def test_hundred_cycles_leave_the_base_weights_bit_identical(served):
     loaded, _, updates = served
     before = _weights(loaded)
     want = _logits(loaded, "x-lora", merged=False)
+    merger = WeightMerger(loaded.model)
+    order = ["x-lora", "x-dora", "y", "y", "x-lora", "z-dora", "z-dora"]  # buffers reused, kept or shed
     for cycle in range(100):
-        state = merge_adapter(loaded.model, updates["x-dora" if cycle % 2 else "x-lora"])
-        assert any(not lin.weight.equal(before[key][1]) for key, lin in _linears(loaded).items())
-        unmerge_adapter(state)
+        name = order[cycle % len(order)]
+        per_layer = {}
+        for (layer, proj), w in updates[name].items():
+            per_layer.setdefault(layer, {})[proj] = w
+        merger.merge(updates[name])
+        for (layer, fused), lin in _linears(loaded).items():
+            if lin.merged is not None:
+                expected = _merged_weight(lin, before[(layer, fused)][1], per_layer.get(layer, {}))
+                torch.testing.assert_close(lin.merged, expected, atol=1e-6, rtol=1e-6, msg=f"{name}, cycle {cycle}")
+        assert any(lin.merged is not None for lin in _linears(loaded).values())
+        merger.unmerge()
     for key, lin in _linears(loaded).items():
         original, copy, packed = before[key]
         assert lin.weight is original and lin.weight.equal(copy) and lin.packed is packed
-        assert lin.lora.correction is None
+        assert lin.merged is None and lin.lora.correction is None
     assert all(g.equal(w) for g, w in zip(_logits(loaded, "x-lora", merged=False), want, strict=True))
 
 
-def test_merged_copies_cover_only_the_layers_the_adapter_touches(served):
+def test_merge_buffers_cover_only_the_layers_of_the_latest_merge(served):
     loaded, _, updates = served
-    state = merge_adapter(loaded.model, updates["x-lora"])  # q_proj and v_proj: the fused qkv layers only
+    merger = WeightMerger(loaded.model)
+    merger.merge(updates["x-lora"])  # q_proj and v_proj: the fused qkv layers only
     qkv = [lin for (_, name), lin in _linears(loaded).items() if name == "qkv_proj"]
-    assert set(state.originals) == set(qkv)
-    copies = 1 if qkv[0].packed is None else 2
-    assert state.num_bytes == copies * sum(lin.weight.numel() * 4 for lin in qkv)
-    unmerge_adapter(state)
+    assert {lin for lin in _linears(loaded).values() if lin.merged is not None} == set(qkv)
+    assert merger.num_bytes == sum(lin.weight.numel() * 4 for lin in qkv)
+    merger.unmerge()
+    assert merger.num_bytes == sum(lin.weight.numel() * 4 for lin in qkv)  # kept for the next merge
+    merger.merge(updates["y"])  # every layer
+    merger.unmerge()
+    merger.merge(updates["x-lora"])
+    assert merger.num_bytes == sum(lin.weight.numel() * 4 for lin in qkv)
+    merger.unmerge()
 
 
 def test_dora_factors_of_adapters_loaded_while_merged_come_from_pristine_weights(served, store):
     loaded, info, updates = served
-    state = merge_adapter(loaded.model, updates["x-dora"])
+    merger = WeightMerger(loaded.model)
+    merger.merge(updates["x-dora"])
     during = validate_adapter_dir(store / "z-dora", info, max_lora_rank=16).updates
-    unmerge_adapter(state)
+    merger.unmerge()
     for key, update in updates["z-dora"].items():
         assert during[key].g.equal(update.g)
 
@@ -142,24 +170,34 @@ def test_dora_factors_of_adapters_loaded_while_merged_come_from_pristine_weights
 def test_refused_merges_change_nothing(served):
     loaded, _, updates = served
     before = _weights(loaded)
+    want = _logits(loaded, "x-lora", merged=False)
+    merger = WeightMerger(loaded.model)
     (layer, proj), update = next(iter(updates["x-dora"].items()))
     zero_g = {**updates["x-dora"], (layer, proj): dataclasses.replace(update, g=torch.zeros_like(update.g))}
     with pytest.raises(ValueError, match="DoRA factor is 0"):
-        merge_adapter(loaded.model, zero_g)
+        merger.merge(zero_g)
     infinite = dataclasses.replace(update, b=torch.full_like(update.b, float("inf")))
     with pytest.raises(ValueError, match="non-finite"):
-        merge_adapter(loaded.model, {(layer, proj): infinite})
+        merger.merge({**updates["x-lora"], (layer, proj): infinite})  # fails after other layers were filled
+    huge = dataclasses.replace(update, a=torch.full_like(update.a, 1e30), b=torch.full_like(update.b, 1e30))
+    for _ in range(2):  # the rows a refused merge left are not taken for a good merge of the same update
+        with pytest.raises(ValueError, match="non-finite"):
+            merger.merge({(layer, proj): huge})  # finite factors, overflowing product
     with pytest.raises(ValueError, match="no projections"):
-        merge_adapter(loaded.model, {(9, "q_proj"): update})
+        merger.merge({(9, "q_proj"): update})
     wrong_shape = LoraWeights(a=torch.zeros(2, 3), b=torch.zeros(update.b.shape[0], 2))
     with pytest.raises(ValueError, match="do not fit"):
-        merge_adapter(loaded.model, {(layer, proj): wrong_shape})
+        merger.merge({(layer, proj): wrong_shape})
     for key, lin in _linears(loaded).items():
-        assert lin.weight is before[key][0] and lin.packed is before[key][2] and lin.lora.correction is None
-    state = merge_adapter(loaded.model, updates["x-lora"])
+        assert lin.weight is before[key][0] and lin.packed is before[key][2]
+        assert lin.merged is None and lin.lora.correction is None
+    assert not merger.is_merged
+    merger.merge(updates["x-lora"])  # buffers a failed merge left behind serve a good one correctly
+    merged = _logits(loaded, "x-lora", merged=True)
+    assert all(torch.allclose(g, w, atol=1e-4, rtol=1e-4) for g, w in zip(merged, want, strict=True))
     with pytest.raises(ValueError, match="unmerge it first"):
-        merge_adapter(loaded.model, updates["y"])
-    unmerge_adapter(state)
+        merger.merge(updates["y"])
+    merger.unmerge()
 
 
 def test_low_precision_weights_are_merged_in_float32_and_restored_exactly(tiny_model_dir, store):
@@ -168,15 +206,16 @@ def test_low_precision_weights_are_merged_in_float32_and_restored_exactly(tiny_m
     info = ModelInfo.from_model(loaded.model)
     updates = validate_adapter_dir(store / "z-dora", info, max_lora_rank=16).updates
     before = _weights(loaded)
-    state = merge_adapter(loaded.model, updates)
+    merger = WeightMerger(loaded.model)
+    merger.merge(updates)
     for (layer, proj), w in updates.items():
         fused = "qkv_proj" if proj in ("q_proj", "v_proj") else proj
         linear = loaded.model.target_linears()[(layer, fused)]
         start, end = linear.slices[proj]
         pristine = before[(layer, fused)][1][start:end].float()
         want = ((pristine + w.b.float() @ w.a.float()) * w.g.float()[:, None]).to(torch.bfloat16)
-        assert linear.weight.dtype == torch.bfloat16
-        torch.testing.assert_close(linear.weight[start:end], want, atol=0, rtol=2**-7)  # one bf16 rounding
-    unmerge_adapter(state)
+        assert linear.merged.dtype == torch.bfloat16
+        torch.testing.assert_close(linear.merged[start:end], want, atol=0, rtol=2**-7)  # one bf16 rounding
+    merger.unmerge()
     for key, lin in _linears(loaded).items():
-        assert lin.weight is before[key][0] and lin.weight.equal(before[key][1])
+        assert lin.weight is before[key][0] and lin.weight.equal(before[key][1]) and lin.merged is None
