@@ -3,8 +3,8 @@
 torch's CPU kernels run on OpenMP (libgomp), which keeps a pool of worker threads for each thread that ever ran a
 parallel op, for as long as that thread lives. Once the pools together hold more threads than there are cores,
 libgomp stops spinning between parallel regions, and every op then pays for waking its workers, even while the
-other pools sit idle. Measured on this 2-core machine: one idle pool left behind by the thread that loaded the
-model made the engine's batch-32 decode 1.3-1.6x slower and its batch-1 tokens 1.2-1.4x slower.
+other pools sit idle. Measured on this 2-core machine (bench/bench_threads.py): one idle pool left behind by the
+thread that loaded the model cost the engine 1.3x of its batch-32 throughput and 1.5x on each batch-1 token.
 
 So the engine thread loads the model and runs every step with `engine_threads()` threads, and any other thread
 that touches tensors (adapter loads, uploads, tools) does so through `single_threaded`, which creates no pool.
