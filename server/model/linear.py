@@ -12,12 +12,16 @@ if TYPE_CHECKING:
     from server.model.lora import LoraBatch, LoraSlots
 
 
+PLAIN_MAX_ROWS = 3  # up to this many rows the plain weight's GEMM beats the packed one (see `prepack`)
+
+
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked copy of a CPU float32 weight `[out, in]`, or None where it does not apply.
 
     On this CPU a decode-sized GEMM of 4-64 rows runs 1.1-2x faster from the blocked layout than `F.linear` on the
-    plain weight (most for gate/up), prefill-sized GEMMs run the same, and at 1-2 rows the plain weight is as fast
-    or faster (measured per projection of SmolLM2-135M, 2 threads).
+    plain weight (most for gate/up) and prefill-sized GEMMs run the same, but up to `PLAIN_MAX_ROWS` rows the plain
+    weight is faster: a whole SmolLM2-135M decode step of 1-3 sequences took 0.84-0.88x the time on plain weights,
+    one of 4 or 8 sequences 1.22-1.35x (2 threads, steps taking turns). `linear` picks accordingly.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
@@ -26,7 +30,7 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
     # x: [T, in], weight: [out, in] -> [T, out]
-    if packed is None:
+    if packed is None or x.shape[0] <= PLAIN_MAX_ROWS:
         return F.linear(x, weight)
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
@@ -38,8 +42,8 @@ class TargetLinear(nn.Module):
     adapters target those names. `lora` holds the per-slot adapter weights once adapters are enabled.
     `weight` is the frozen base weight and is never replaced. While an adapter is merged (`server.model.merge`),
     `merged` holds the weight with the adapter in it and the GEMM runs on that instead, unpacked: re-packing it
-    would cost more than the merge itself, and at the batch sizes merged mode is for (1-2 rows) the plain GEMM
-    is as fast as the packed one (bench/bench_merge.py).
+    would cost more than the merge itself, at the batch sizes merged mode is for (1-3 rows) the plain GEMM is the
+    faster one anyway, and at batch 32 a merged q/v adapter measured no slower (bench/bench_merge.py).
     """
 
     def __init__(self, weight: torch.Tensor, slices: dict[str, tuple[int, int]]) -> None:
