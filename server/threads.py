@@ -4,7 +4,7 @@ torch's CPU kernels run on OpenMP (libgomp), which keeps a pool of worker thread
 parallel op, for as long as that thread lives. Once the pools together hold more threads than there are cores,
 libgomp stops spinning between parallel regions, and every op then pays for waking its workers, even while the
 other pools sit idle. Measured on this 2-core machine (bench/bench_threads.py): one idle pool left behind by the
-thread that loaded the model cost the engine 1.3x of its batch-32 throughput and 1.5x on each batch-1 token.
+thread that loaded the model cost the engine 1.3-1.5x of its batch-32 throughput and 1.5-1.8x on each batch-1 token.
 
 So the engine thread loads the model and runs every step with `engine_threads()` threads, and any other thread
 that touches tensors (adapter loads, uploads, tools) does so through `single_threaded`, which creates no pool.

@@ -20,8 +20,8 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
     On this CPU a decode-sized GEMM of 4-64 rows runs 1.1-2x faster from the blocked layout than `F.linear` on the
     plain weight (most for gate/up) and prefill-sized GEMMs run the same, but up to `PLAIN_MAX_ROWS` rows the plain
-    weight is faster: a whole SmolLM2-135M decode step of 1-3 sequences took 0.84-0.88x the time on plain weights,
-    one of 4 or 8 sequences 1.22-1.35x (2 threads, steps taking turns). `linear` picks accordingly.
+    weight is faster: a whole SmolLM2-135M decode step of 1-3 sequences took 0.85-0.87x the time on plain weights,
+    one of 4 or 8 sequences 1.24-1.35x (2 threads, bench/bench_linear.py). `linear` picks accordingly.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
