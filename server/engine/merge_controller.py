@@ -69,6 +69,8 @@ class MergeController:
             self.unmerge()
             if target is not None:
                 self.merge(target)
+        elif self.weight_merger.needs_packing:
+            self.weight_merger.pack_next()  # one layer per step: the packed GEMM returns without a long stall
 
     def merge(self, name: str) -> bool:
         """Merge `name` (after unmerging any other); False when its weights are not in host memory or it cannot be."""

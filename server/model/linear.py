@@ -41,9 +41,9 @@ class TargetLinear(nn.Module):
     `slices` maps each fused Hugging Face projection (e.g. `q_proj`) to its output columns `[start, end)`;
     adapters target those names. `lora` holds the per-slot adapter weights once adapters are enabled.
     `weight` is the frozen base weight and is never replaced. While an adapter is merged (`server.model.merge`),
-    `merged` holds the weight with the adapter in it and the GEMM runs on that instead, unpacked: re-packing it
-    would cost more than the merge itself, at the batch sizes merged mode is for (1-3 rows) the plain GEMM is the
-    faster one anyway, and at batch 32 a merged q/v adapter measured no slower (bench/bench_merge.py).
+    `merged` holds the weight with the adapter in it and the GEMM runs on that instead; `merged_packed`, its
+    oneDNN copy, arrives some steps after the merge (packing costs more than merging), and until then every
+    batch size runs the plain GEMM on it.
     """
 
     def __init__(self, weight: torch.Tensor, slices: dict[str, tuple[int, int]]) -> None:
@@ -53,6 +53,7 @@ class TargetLinear(nn.Module):
         self.lora: LoraSlots | None = None
         self.packed = prepack(self.weight.data)
         self.merged: torch.Tensor | None = None  # [out, in], the weight with the merged adapter in it, if any
+        self.merged_packed: torch.Tensor | None = None  # prepack(merged), once made
 
     @property
     def in_features(self) -> int:
@@ -64,7 +65,8 @@ class TargetLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora_batch: LoraBatch | None = None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
-        y = linear(x, self.weight, self.packed) if self.merged is None else F.linear(x, self.merged)
+        weight, packed = (self.weight, self.packed) if self.merged is None else (self.merged, self.merged_packed)
+        y = linear(x, weight, packed)
         if lora_batch is not None and self.lora is not None:
             y = self.lora.apply(x, y, lora_batch)
         return y

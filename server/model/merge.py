@@ -10,8 +10,11 @@ A merge is bound by memory traffic: it reads the base rows of X's projections on
 q_proj and v_proj of SmolLM2-135M: 53 MB each way). Buffers are kept between merges, so that only the first merge
 of a layer pays for allocating (and page-faulting) its buffer; each remembers which update its projections hold,
 so merging the adapter merged last time again costs nothing, and another adapter's merge restores from `W` only
-the rows it does not overwrite. Buffers of layers the latest merge does not touch are freed, so the extra memory
-is at most one copy of the layers one adapter targets (`WeightMerger.num_bytes`).
+the rows it does not overwrite. On CPU the merged layers first run the plain GEMM (the faster one up to
+`PLAIN_MAX_ROWS` rows); `pack_next`, one layer per engine step, then gives them oneDNN's packed copy for larger
+batches, kept as long as the buffer's rows do not change. Buffers of layers the latest merge does not touch are
+freed, so the extra memory is at most two copies (plain and packed) of the layers one adapter targets
+(`WeightMerger.num_bytes`).
 
 Tokens that do not use X must not see it. Each layer X touches gets a `Correction`, applied by `LoraSlots.apply`
 before the tokens' own adapter deltas: `x·Wᵀ = (x·W'ᵀ) / g_X − x·(s·B·A)ᵀ` on X's projections (g_X = 1 for LoRA).
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.model.linear import TargetLinear
+from server.model.linear import TargetLinear, prepack
 from server.model.llama import LlamaModel
 from server.model.lora import LoraWeights
 
@@ -67,6 +70,7 @@ class _Buffer:
     def __init__(self, base: torch.Tensor) -> None:
         self.weight = base.clone()  # [out, in]
         self.held: dict[str, LoraWeights | None] = {}  # projection -> the update its rows hold (None: unknown)
+        self.packed: torch.Tensor | None = None  # prepack(weight) as it is now; dropped whenever rows change
 
     def fill(self, base: torch.Tensor, slices: Mapping[str, tuple[int, int]], pieces: Mapping[str, LoraWeights],
              base_max: Mapping[str, float]) -> None:  # fmt: skip
@@ -77,12 +81,14 @@ class _Buffer:
         """
         for name in sorted(self.held.keys() - pieces.keys()):
             start, end = slices[name]
+            self.packed = None
             self.weight[start:end].copy_(base[start:end])
             del self.held[name]
         for name, update in pieces.items():
             if self.held.get(name) is update:
                 continue
             start, end = slices[name]
+            self.packed = None
             self.held[name] = None  # the rows are neither the base's nor a good merge until checked
             rows = self.weight[start:end]
             _merge_rows(base[start:end], update, rows)
@@ -105,9 +111,31 @@ class WeightMerger:
         return bool(self._merged)
 
     @property
+    def merged_layers(self) -> tuple[TargetLinear, ...]:
+        """The layers the merged adapter replaced (none while nothing is merged)."""
+        return tuple(self._merged)
+
+    @property
     def num_bytes(self) -> int:
-        """Memory the merge buffers hold."""
-        return sum(buf.weight.numel() * buf.weight.element_size() for buf in self._buffers.values())
+        """Memory the merge buffers hold, their packed copies included."""
+        sizes = [buf.weight.numel() * buf.weight.element_size() for buf in self._buffers.values()]
+        packed = [size for buf, size in zip(self._buffers.values(), sizes, strict=True) if buf.packed is not None]
+        return sum(sizes) + sum(packed)  # a packed copy is as large as the plain one
+
+    @property
+    def needs_packing(self) -> bool:
+        """Whether a merged layer still runs its GEMM without the packed copy `pack_next` would make."""
+        return any(linear.merged_packed is None and linear.packed is not None for linear in self._merged)
+
+    def pack_next(self) -> None:
+        """Give one merged layer the packed copy of its merged weight (0.5-2 ms on CPU); the engine calls it once
+        per step after a merge, so that batches of more than `PLAIN_MAX_ROWS` rows get the faster GEMM back."""
+        for linear in self._merged:
+            if linear.merged_packed is None and linear.packed is not None:  # weights that pack (CPU float32)
+                buffer = self._buffers[linear]
+                buffer.packed = prepack(buffer.weight)
+                linear.merged_packed = buffer.packed
+                return
 
     def merge(self, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
         """Merge one adapter, (layer, HF projection) -> update, into the model; `ValueError` changes nothing.
@@ -129,6 +157,7 @@ class WeightMerger:
             self._buffers[linear].fill(linear.weight.detach(), linear.slices, pieces, self._max_of(linear))
         for linear, pieces in per_linear.items():
             linear.merged = self._buffers[linear].weight
+            linear.merged_packed = self._buffers[linear].packed  # still there if the rows did not change
             linear.lora.correction = Correction(linear, pieces)
         self._merged = list(per_linear)
         _synchronize(linear.merged for linear in self._merged)
@@ -137,6 +166,7 @@ class WeightMerger:
         """Serve the base weights again and drop the corrections; the buffers stay for the next merge."""
         for linear in self._merged:
             linear.merged = None
+            linear.merged_packed = None
             linear.lora.correction = None
         self._merged = []
 

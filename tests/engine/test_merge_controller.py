@@ -74,3 +74,17 @@ def test_merging_needs_the_weights_in_host_memory_and_is_idempotent(controller):
     assert not merger.merge("cold@1")
     assert merger.merge("a@1") and merger.merge("a@1")  # merging the merged one again is a no-op
     assert [s.op for s in merger.swaps] == ["merge"]
+
+
+def test_while_the_choice_holds_each_step_packs_one_more_merged_layer(controller):
+    merger, _ = controller
+    merger.update(_scheduler({"a@1": 3}))
+    layers = merger.weight_merger.merged_layers
+    if layers[0].packed is None:
+        pytest.skip("oneDNN is not available: nothing is packed")
+    for step in range(1, len(layers) + 1):
+        merger.update(_scheduler({"a@1": 3}))
+        assert sum(lin.merged_packed is not None for lin in layers) == step
+    assert not merger.weight_merger.needs_packing
+    merger.update(_scheduler({"a@1": 3}))  # nothing left to do
+    assert [s.op for s in merger.swaps] == ["merge"]

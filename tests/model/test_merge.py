@@ -157,6 +157,32 @@ def test_merge_buffers_cover_only_the_layers_of_the_latest_merge(served):
     merger.unmerge()
 
 
+def test_merged_layers_get_packed_copies_one_per_call_and_keep_them_while_their_rows_do_not_change(served):
+    loaded, _, updates = served
+    want = _logits(loaded, "x-dora", merged=False)
+    merger = WeightMerger(loaded.model)
+    merger.merge(updates["x-dora"])  # every layer
+    merged = [lin for lin in _linears(loaded).values() if lin.merged is not None]
+    if merged[0].packed is None:
+        pytest.skip("oneDNN is not available: nothing is packed")
+    plain_bytes = merger.num_bytes
+    assert all(lin.merged_packed is None for lin in merged) and merger.needs_packing
+    for count in range(1, len(merged) + 1):
+        merger.pack_next()
+        assert sum(lin.merged_packed is not None for lin in merged) == count
+    assert not merger.needs_packing and merger.num_bytes == 2 * plain_bytes
+    got = _logits(loaded, "x-dora", merged=True)  # runs of 4+ tokens take the packed merged GEMMs
+    assert all(torch.allclose(g, w, atol=1e-4, rtol=1e-4) for g, w in zip(got, want, strict=True))
+    merger.unmerge()
+    assert all(lin.merged_packed is None for lin in merged)
+    merger.merge(updates["x-dora"])  # the same rows again: the packed copies come back at once
+    assert not merger.needs_packing
+    merger.unmerge()
+    merger.merge(updates["y"])  # other rows: packing starts over
+    assert merger.needs_packing and all(lin.merged_packed is None for lin in _linears(loaded).values())
+    merger.unmerge()
+
+
 def test_dora_factors_of_adapters_loaded_while_merged_come_from_pristine_weights(served, store):
     loaded, info, updates = served
     merger = WeightMerger(loaded.model)
