@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from bench.common import decode_batch, paired_ratio, step_ms
 from server.adapters.slots import attach_lora_slots
 from server.adapters.weights import ModelInfo, validate_adapter_dir
-from server.engine.batch_builder import build_forward_batch
-from server.engine.sequence import SamplingParams, Sequence
 from server.model import linear
 from server.model.default_model import default_model_dir
 from server.model.kv_cache import KVCache
@@ -32,25 +30,6 @@ from server.model.loader import LoadedModel, load_model
 from server.model.merge import WeightMerger
 
 PATHS = {"packed": 0, "plain": 1 << 30}  # PLAIN_MAX_ROWS for each path
-
-
-def decode_batch(n: int):
-    seqs = []
-    for i in range(n):
-        seq = Sequence(str(i), list(range(100, 140)), SamplingParams())
-        seq.block_table.extend(range(3 * i, 3 * i + 3))
-        seq.num_computed_tokens = 39  # the step computes the 40th token
-        seqs.append(seq)
-    return build_forward_batch([(seq, 1) for seq in seqs], 16, torch.device("cpu"))
-
-
-def step_ms(loaded: LoadedModel, batch, cache: KVCache, repeats: int = 2) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for _ in range(repeats):
-            hidden = loaded.model(batch, cache, None)
-            loaded.model.compute_logits(hidden[batch.logits_indices])
-    return 1e3 * (time.perf_counter() - start) / repeats
 
 
 def merged_rows(loaded: LoadedModel, cache: KVCache) -> None:
@@ -76,7 +55,7 @@ def merged_rows(loaded: LoadedModel, cache: KVCache) -> None:
                 for layer, copy in packed.items():
                     layer.merged_packed = copy if case == "packed" else None
                 times[case].append(step_ms(loaded, batch, cache))
-        ratio = statistics.median(a / b for a, b in zip(times["packed"], times["plain"], strict=True))
+        ratio = paired_ratio(times["packed"], times["plain"])
         plain, pack = (statistics.median(times[case]) for case in times)
         print(f"{n:17} {plain:9.2f} {pack:10.2f} {ratio:15.3f}", flush=True)
     merger.unmerge()
@@ -94,7 +73,7 @@ def main() -> None:
             for path, rows in PATHS.items():
                 linear.PLAIN_MAX_ROWS = rows
                 times[path].append(step_ms(loaded, batch, cache))
-        ratio = statistics.median(a / b for a, b in zip(times["plain"], times["packed"], strict=True))
+        ratio = paired_ratio(times["plain"], times["packed"])
         packed, plain = (statistics.median(times[path]) for path in PATHS)
         print(f"{n:9} {packed:10.2f} {plain:9.2f} {ratio:15.3f}", flush=True)
     linear.PLAIN_MAX_ROWS = PLAIN_MAX_ROWS

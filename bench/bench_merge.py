@@ -30,13 +30,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from bench.common import Request, random_prompt
+from bench.common import Request, decode_batch, paired_ratio, random_prompt, step_ms
 from server.adapters.slots import attach_lora_slots, load_adapter_slot
 from server.adapters.weights import ModelInfo, validate_adapter_dir
-from server.engine.batch_builder import build_forward_batch
 from server.engine.factory import build_engine
 from server.engine.merge_controller import SwapRecord
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import SamplingParams
 from server.model.default_model import default_model_dir
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
@@ -105,11 +104,6 @@ def batch1_tpot(engine, rounds: int = 5) -> dict[str, list[float]]:
             cases[case].append(1e3 * run(engine, [request], 1)[2][0])
     unmerge(engine)
     return cases
-
-
-def paired_ratio(ours: list[float], base: list[float]) -> float:
-    """Median over rounds of the ratio of two cases measured next to each other: drift cancels within a round."""
-    return statistics.median(a / b for a, b in zip(ours, base, strict=True))
 
 
 class CacheFlusher:
@@ -234,20 +228,11 @@ def decode_step_rows(base_dir: Path, adapter: Path, rounds: int = 40) -> Rows:
     load_adapter_slot(loaded.model, 0, updates)
     merger = WeightMerger(loaded.model)
     cache = KVCache(loaded.spec, num_blocks=4, block_size=16, dtype=torch.float32, device="cpu")
-    seq = Sequence("decode", list(range(100, 140)), SamplingParams())
-    seq.block_table.extend(range(3))
-    seq.num_computed_tokens = 39  # the step computes the 40th token
-    plain = build_forward_batch([(seq, 1)], 16, torch.device("cpu"))
-    with_x = build_forward_batch([(seq, 1)], 16, torch.device("cpu"), [0])
+    plain, with_x = decode_batch(1), decode_batch(1, [0])
     lora = make_lora_batch(with_x.adapter_slots)
 
     def steps(batch, lora_batch) -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for _ in range(3):
-                hidden = loaded.model(batch, cache, lora_batch)
-                loaded.model.compute_logits(hidden[batch.logits_indices])
-        return 1e3 * (time.perf_counter() - start) / 3
+        return step_ms(loaded, batch, cache, lora_batch, repeats=3)
 
     times: dict[str, list[float]] = {"base": [], "x merged": [], "x unmerged": []}
     steps(plain, None)

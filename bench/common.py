@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-from server.engine.sequence import SamplingParams
+from server.engine.batch_builder import build_forward_batch
+from server.engine.sequence import SamplingParams, Sequence
+from server.model.batch import ForwardBatch
+from server.model.kv_cache import KVCache
+from server.model.loader import LoadedModel
+from server.model.lora import LoraBatch
 
 
 @dataclass(frozen=True)
@@ -75,3 +81,30 @@ def hf_static_throughput(model, requests: list[Request], batch_size: int, pad_id
                 pad_token_id=pad_id,
             )  # fmt: skip
     return useful / (time.perf_counter() - start)
+
+
+def decode_batch(n: int, adapter_slots: list[int] | None = None) -> ForwardBatch:
+    """One decode step of `n` sequences at context 40 (blocks of 16 tokens, 3 per sequence), for timing the model."""
+    seqs = []
+    for i in range(n):
+        seq = Sequence(str(i), list(range(100, 140)), SamplingParams())
+        seq.block_table.extend(range(3 * i, 3 * i + 3))
+        seq.num_computed_tokens = 39  # the step computes the 40th token
+        seqs.append(seq)
+    return build_forward_batch([(seq, 1) for seq in seqs], 16, torch.device("cpu"), adapter_slots)
+
+
+def step_ms(loaded: LoadedModel, batch: ForwardBatch, cache: KVCache, lora: LoraBatch | None = None,
+            repeats: int = 2) -> float:  # fmt: skip
+    """Mean time (ms) of the model's forward and logits for `batch`, over `repeats` runs."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(repeats):
+            hidden = loaded.model(batch, cache, lora)
+            loaded.model.compute_logits(hidden[batch.logits_indices])
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def paired_ratio(ours: list[float], base: list[float]) -> float:
+    """Median over rounds of the ratio of two cases measured next to each other: drift cancels within a round."""
+    return statistics.median(a / b for a, b in zip(ours, base, strict=True))

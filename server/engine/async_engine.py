@@ -71,10 +71,10 @@ class AsyncEngine:
         self._subscribers: dict[str, _Submit] = {}
         self._in_flight = 0  # submitted and not yet finished; changed on the event loop only
         self._stopped = threading.Event()
-        started: Future[tuple[LLMEngine, str]] = Future()
+        started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
-        self.core, self.served_model_name = started.result()
+        started.result()  # the engine thread has set self.core and self.served_model_name
         self.adapters = self.core.adapters
         self.tokenizer = self.core.tokenizer
         metrics.set_base_model(self.served_model_name)
@@ -178,15 +178,14 @@ class AsyncEngine:
         self._inbox.put(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
-    def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[tuple[LLMEngine, str]]) -> None:
+    def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[None]) -> None:
         use_engine_threads()
         try:
-            built = build()
+            self.core, self.served_model_name = build()
         except BaseException as exc:
             started.set_exception(exc)
             return
-        self.core = built[0]  # the loop needs it before __init__ has taken the result
-        started.set_result(built)
+        started.set_result(None)
         self._loop()
 
     def _loop(self) -> None:

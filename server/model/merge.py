@@ -118,9 +118,8 @@ class WeightMerger:
     @property
     def num_bytes(self) -> int:
         """Memory the merge buffers hold, their packed copies included."""
-        sizes = [buf.weight.numel() * buf.weight.element_size() for buf in self._buffers.values()]
-        packed = [size for buf, size in zip(self._buffers.values(), sizes, strict=True) if buf.packed is not None]
-        return sum(sizes) + sum(packed)  # a packed copy is as large as the plain one
+        copies = {buf: 1 if buf.packed is None else 2 for buf in self._buffers.values()}  # packed is as large
+        return sum(n * buf.weight.numel() * buf.weight.element_size() for buf, n in copies.items())
 
     @property
     def needs_packing(self) -> bool:
@@ -143,7 +142,7 @@ class WeightMerger:
         Refused while another adapter is merged, for a DoRA factor of 0 (the correction divides by it) and for
         non-finite merged weights.
         """
-        if any(linear.merged is not None for linear in self._linears.values()):
+        if self._merged:
             raise ValueError("another adapter is merged; unmerge it first")
         per_linear = _per_linear(self._linears, weights)
         for linear, pieces in per_linear.items():
