@@ -20,7 +20,11 @@ def plan_jobs(body: GenerationRequest, prompts: list[list[int]], max_model_len: 
 
 def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, sample: int) -> SamplingParams:
     """The engine's parameters for one sample; max_tokens defaults to what is left of the context."""
-    max_tokens = body.requested_max_tokens() or _default_max_tokens(body, prompt_len, max_model_len)
+    max_tokens = body.requested_max_tokens()
+    if max_tokens is None:
+        max_tokens = _default_max_tokens(body, prompt_len, max_model_len)
+    if max_tokens == 0 and not body.allows_zero_max_tokens():
+        raise InvalidRequestError("max_tokens 0 generates nothing; set echo to score the prompt", param="max_tokens")
     if body.min_tokens > max_tokens:
         raise InvalidRequestError(
             f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
@@ -35,6 +39,8 @@ def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int
         stop=tuple(body.stop or ()),
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
+        logprobs=body.wanted_logprobs(),
+        prompt_logprobs=body.wanted_prompt_logprobs(),
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+
+from server.engine.logprobs import MAX_TOP_LOGPROBS
 
 NOT_SUPPORTED = "not supported by this server"
 MAX_STOP_STRINGS = 16
@@ -100,6 +102,18 @@ class GenerationRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def wanted_logprobs(self) -> int | None:
+        """How many alternatives to report per generated token; None: no log-probabilities."""
+        return None
+
+    def allows_zero_max_tokens(self) -> bool:
+        """Whether max_tokens may be 0: only to score an echoed prompt."""
+        return False
+
+    def wanted_prompt_logprobs(self) -> int | None:
+        """How many alternatives to report per prompt token; None: the prompt is not scored."""
+        return None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -111,24 +125,29 @@ class CompletionRequest(GenerationRequest):
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for legacy completions
 
     prompt: Annotated[list[str] | list[list[int]], BeforeValidator(_as_prompt_list)]
-    echo: bool | None = False
-    logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("echo", "suffix")
+    # Log-probabilities and prompt scoring.
+    max_tokens: int | None = Field(None, ge=0, description="0 scores the prompt without generating (needs echo)")
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("suffix")
     @classmethod
-    def _reject_echo_and_suffix(cls, value: object) -> object:
+    def _reject_suffix(cls, value: object) -> object:
         if value:
             raise ValueError(NOT_SUPPORTED)
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _reject_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError(NOT_SUPPORTED)
-        return value
+    def allows_zero_max_tokens(self) -> bool:
+        return bool(self.echo)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def wanted_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("best_of")
     @classmethod
@@ -152,14 +171,26 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
     function_call: Any = None
 
-    @field_validator("logprobs", "top_logprobs", "tools", "functions")
+    # Log-probabilities.
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return value
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @field_validator("tools", "functions")
     @classmethod
     def _reject_chat_when_set(cls, value: object) -> object:
         if value:
@@ -174,4 +205,4 @@ class ChatCompletionRequest(GenerationRequest):
         return value
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens

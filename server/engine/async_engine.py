@@ -100,6 +100,13 @@ class AsyncEngine:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def decode_tokens(self, token_ids: list[int]) -> list[str]:
+        """Each token's text decoded on its own (how log-probabilities name tokens)."""
+        return self.tokenizer.batch_decode([[token] for token in token_ids])
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

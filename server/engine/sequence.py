@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engine.logprobs import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each sampled token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +65,7 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() of its first step, for the queue-time metric
     lora_slot: int = -1  # device slot of the adapter while running; -1 = base model or not bound
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked for
 
     @property
     def token_ids(self) -> list[int]:

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError
@@ -59,6 +60,12 @@ class FakeEngine:
     def encode_prompt(self, prompt: str) -> list[int]:
         return [ord(c) for c in prompt]
 
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(map(chr, token_ids))
+
+    def decode_tokens(self, token_ids: list[int]) -> list[str]:
+        return [chr(token) for token in token_ids]
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         if messages[-1]["role"] == "assistant":
             raise InvalidRequestError("the last message must not be the assistant's", param="messages")
@@ -85,15 +92,18 @@ class FakeEngine:
                 await asyncio.sleep(self.step_delay_s)
                 error = "device fell over" if self.fail_after is not None and i >= self.fail_after else None
                 finished = i == len(pieces) - 1 or error is not None
+                token_ids = [ord(c) for c in piece]
                 yield RequestOutput(
                     request_id=request_id,
                     text=piece,
-                    token_ids=[ord(c) for c in piece],
+                    token_ids=token_ids,
                     num_prompt_tokens=len(prompt_token_ids),
-                    num_output_tokens=i + 1,
+                    num_output_tokens=min(i + 1, params.max_tokens),
                     finished=finished,
                     finish_reason=(FinishReason.ERROR if error else reason) if finished else None,
                     error=error,
+                    logprobs=_scores(token_ids, params.logprobs),
+                    prompt_logprobs=_scores(prompt_token_ids[1:], params.prompt_logprobs) if i == 0 else None,
                 )
                 if error:
                     return
@@ -103,6 +113,13 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.shut_down = True
+
+
+def _scores(token_ids: list[int], num_top: int | None) -> list[TokenLogprob] | None:
+    """Made-up log-probabilities: -0.25 for each token, alternatives the next code points at -1, -2, ..."""
+    if num_top is None:
+        return None
+    return [TokenLogprob(t, -0.25, tuple((t + 1 + j, -1.0 - j) for j in range(num_top))) for t in token_ids]
 
 
 def _reply(prompt: str, params: SamplingParams) -> tuple[str, FinishReason]:
