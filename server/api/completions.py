@@ -42,13 +42,26 @@ async def create_completion(
         outputs = await start(request, generation)
         return EventStreamResponse(_chunks(generation, outputs, body.include_usage, shaper))
     results = await collect(request, generation)
-    choices = [shaper.choice(index, result) for index, result in sorted(results.items())]
-    completion_tokens = sum(result.num_output_tokens for result in results.values())
+    completion_tokens = sum(result.num_output_tokens for result in results.values())  # best_of: every sample
+    best = _most_likely(results, body.samples_per_prompt(), body.n or 1)
+    choices = [shaper.choice(index, result) for index, result in sorted(best.items())]
     return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens))
 
 
 def _tokenize(engine: AsyncEngine, prompts: list[str] | list[list[int]]) -> list[list[int]]:
     return [engine.encode_prompt(prompt) if isinstance(prompt, str) else prompt for prompt in prompts]
+
+
+def _most_likely(results: dict[int, ChoiceResult], samples: int, n: int) -> dict[int, ChoiceResult]:
+    """best_of: each prompt's n samples with the highest total log-probability, most likely first, as `p * n + j`."""
+    if samples == n:
+        return results
+    best = {}
+    for prompt in range(len(results) // samples):
+        group = [results[prompt * samples + i] for i in range(samples)]
+        group.sort(key=lambda result: sum(score.logprob for score in result.logprobs), reverse=True)
+        best.update({prompt * n + j: result for j, result in enumerate(group[:n])})
+    return best
 
 
 class _Shaper:

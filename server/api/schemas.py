@@ -11,6 +11,8 @@ from server.engine.logprobs import MAX_TOP_LOGPROBS
 NOT_SUPPORTED = "not supported by this server"
 MAX_STOP_STRINGS = 16
 MAX_N = 128
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_TOKEN_IDS = 64
 
 
 def _as_stop_list(value: object) -> object:
@@ -80,17 +82,32 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    # Sampling controls (server.engine.penalties).
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM semantics; 1 = off")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit"
+    )
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+
+    @field_validator("logit_bias")
     @classmethod
-    def _reject_penalties(cls, value: object) -> object:
-        if value:
-            raise ValueError(NOT_SUPPORTED)
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = next((key for key in value or {} if not key.isdigit()), None)
+        if bad is not None:
+            raise ValueError(f"keys must be token ids, got {bad!r}")
         return value
+
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items())
+
+    def samples_per_prompt(self) -> int:
+        """How many sequences to generate per prompt (best_of may ask for more than the n returned)."""
+        return self.n or 1
 
     @field_validator("response_format")
     @classmethod
@@ -125,13 +142,7 @@ class CompletionRequest(GenerationRequest):
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for legacy completions
 
     prompt: Annotated[list[str] | list[list[int]], BeforeValidator(_as_prompt_list)]
-    best_of: int | None = None
     suffix: str | None = None
-
-    # Log-probabilities and prompt scoring.
-    max_tokens: int | None = Field(None, ge=0, description="0 scores the prompt without generating (needs echo)")
-    echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("suffix")
     @classmethod
@@ -139,6 +150,11 @@ class CompletionRequest(GenerationRequest):
         if value:
             raise ValueError(NOT_SUPPORTED)
         return value
+
+    # Log-probabilities and prompt scoring.
+    max_tokens: int | None = Field(None, ge=0, description="0 scores the prompt without generating (needs echo)")
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def allows_zero_max_tokens(self) -> bool:
         return bool(self.echo)
@@ -149,12 +165,25 @@ class CompletionRequest(GenerationRequest):
     def wanted_prompt_logprobs(self) -> int | None:
         return self.logprobs if self.echo else None
 
+    # Sampling controls: best_of.
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate this many, return the n most likely")
+
     @field_validator("best_of")
     @classmethod
-    def _reject_best_of(cls, value: int | None) -> int | None:
-        if value is not None and value > 1:
-            raise ValueError(NOT_SUPPORTED)
+    def _best_of_at_least_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n") or 1
+        if value is None or value == n:
+            return value
+        if value < n:
+            raise ValueError(f"must be at least n ({n})")
+        if info.data.get("stream"):
+            raise ValueError("cannot be over n when streaming")
+        if info.data.get("temperature") == 0.0:
+            raise ValueError("must equal n with greedy sampling (temperature 0), whose samples are all the same")
         return value
+
+    def samples_per_prompt(self) -> int:
+        return self.best_of or self.n or 1
 
 
 class ChatMessage(BaseModel):

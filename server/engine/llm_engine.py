@@ -108,7 +108,8 @@ class LLMEngine:
             seq.lora_slot = -1
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        return SamplingRow(seq.params, self.requests[seq.request_id].generator, seq.num_output_tokens)
+        generator = self.requests[seq.request_id].generator
+        return SamplingRow(seq.params, generator, seq.num_output_tokens, seq.prompt_token_ids, seq.output_token_ids)
 
     def _postprocess(self, step: StepResult) -> list[RequestOutput]:
         for request_id, scored in step.prompt_logprobs.items():
@@ -139,7 +140,8 @@ class LLMEngine:
     def _append_token(self, state: RequestState, token: int) -> RequestOutput:
         seq = state.seq
         seq.output_token_ids.append(token)
-        if token in self.eos_token_ids and not seq.params.ignore_eos:  # the sampler bans EOS before min_tokens
+        # The sampler bans EOS and stop token ids before min_tokens.
+        if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             text, _ = self._final_text(state)
             reason: FinishReason | None = FinishReason.STOP
         else:

@@ -24,10 +24,20 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report each sampled token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_p: float = 0.0  # 0 = off
+    stop_token_ids: tuple[int, ...] = ()  # generation stops after any of these (kept out of the text, like EOS)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 class SequenceStatus(enum.Enum):

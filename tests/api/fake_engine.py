@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError
 
@@ -34,6 +35,7 @@ class FakeEngine:
 
     served_model_name: str = "base-model"
     max_model_len: int = 128
+    vocab_size: int = 300
     adapters: tuple[str, ...] = ("sql-writer", "poet")
     ready: bool = True
     queue_full: bool = False
@@ -74,6 +76,7 @@ class FakeEngine:
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
     ) -> AsyncIterator[RequestOutput]:
+        validate_token_ids(params, self.vocab_size)
         if self.queue_full:
             raise QueueFullError("the request queue is full", retry_after_s=7)
         total = len(prompt_token_ids) + params.max_tokens
@@ -102,8 +105,8 @@ class FakeEngine:
                     finished=finished,
                     finish_reason=(FinishReason.ERROR if error else reason) if finished else None,
                     error=error,
-                    logprobs=_scores(token_ids, params.logprobs),
-                    prompt_logprobs=_scores(prompt_token_ids[1:], params.prompt_logprobs) if i == 0 else None,
+                    logprobs=_scores(token_ids, params.logprobs, params.seed),
+                    prompt_logprobs=_scores(prompt_token_ids[1:], params.prompt_logprobs, None) if i == 0 else None,
                 )
                 if error:
                     return
@@ -115,11 +118,13 @@ class FakeEngine:
         self.shut_down = True
 
 
-def _scores(token_ids: list[int], num_top: int | None) -> list[TokenLogprob] | None:
-    """Made-up log-probabilities: -0.25 for each token, alternatives the next code points at -1, -2, ..."""
+def _scores(token_ids: list[int], num_top: int | None, seed: int | None) -> list[TokenLogprob] | None:
+    """Made-up log-probabilities: -0.25 per token (times 1 + seed % 3 when seeded, to tell best_of samples apart),
+    alternatives the next code points at -1, -2, ..."""
     if num_top is None:
         return None
-    return [TokenLogprob(t, -0.25, tuple((t + 1 + j, -1.0 - j) for j in range(num_top))) for t in token_ids]
+    value = -0.25 * (1 + (seed or 0) % 3)
+    return [TokenLogprob(t, value, tuple((t + 1 + j, -1.0 - j) for j in range(num_top))) for t in token_ids]
 
 
 def _reply(prompt: str, params: SamplingParams) -> tuple[str, FinishReason]:

@@ -42,6 +42,19 @@ def assert_error(response: httpx.Response, status: int, error_type: str, param: 
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": -1, "echo": True}, "max_tokens"),
         ({"logprobs": 21}, "logprobs"),
+        ({"presence_penalty": -2.1}, "presence_penalty"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": -100.5}}, "logit_bias.5"),
+        ({"logit_bias": {"5": 1, "400": 2}}, "logit_bias"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids[0]"),
+        ({"stop_token_ids": [1000]}, "stop_token_ids"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
+        ({"best_of": 3, "temperature": 0}, "best_of"),
+        ({"best_of": 200}, "best_of"),
         ({"logprobs": -1}, "logprobs"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
@@ -68,11 +81,7 @@ async def test_context_overflow_names_both_numbers(client: httpx.AsyncClient) ->
 @pytest.mark.parametrize(
     "fields",
     [
-        {"best_of": 2},
         {"suffix": "end"},
-        {"presence_penalty": 0.5},
-        {"frequency_penalty": -1},
-        {"logit_bias": {"50256": -100}},
         {"response_format": {"type": "json_object"}},
     ],
 )
@@ -99,8 +108,8 @@ async def test_unsupported_completion_fields(client: httpx.AsyncClient, fields: 
         ({"logprobs": "yes please"}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"presence_penalty": 1}, "presence_penalty"),
-        ({"logit_bias": {"1": 1}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logit_bias": {"1": 101}}, "logit_bias.1"),
     ],
 )
 async def test_bad_chat_fields(client: httpx.AsyncClient, fields: dict, param: str) -> None:
