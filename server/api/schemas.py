@@ -6,6 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
+from server.api.structured_schemas import ResponseFormat, StructuredOutputs
 from server.engine.logprobs import MAX_TOP_LOGPROBS
 
 NOT_SUPPORTED = "not supported by this server"
@@ -82,7 +83,10 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    response_format: dict[str, Any] | None = None
+
+    # Structured outputs (server.engine.structured).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     # Sampling controls (server.engine.penalties).
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -108,13 +112,6 @@ class GenerationRequest(BaseModel):
     def samples_per_prompt(self) -> int:
         """How many sequences to generate per prompt (best_of may ask for more than the n returned)."""
         return self.n or 1
-
-    @field_validator("response_format")
-    @classmethod
-    def _reject_structured_output(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(NOT_SUPPORTED)
-        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -18,6 +18,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.structured import GrammarSpec
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
@@ -100,6 +101,14 @@ class AsyncEngine:
 
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile (or find cached) a request's output constraint; a 400 naming the problem if it cannot compile.
+
+        Blocking (a large schema takes a while, the first one also builds the grammar tokenizer): call it off the
+        event loop, before the request is queued.
+        """
+        self.core.grammars.compile(spec)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)

@@ -17,6 +17,7 @@ from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import GeneratorFactory, SamplingRow
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.engine.structured import GrammarCompiler, GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class RequestState:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
+    grammar: GrammarState | None = None  # for requests with structured outputs
 
 
 class LLMEngine:
@@ -49,6 +51,7 @@ class LLMEngine:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.generators = GeneratorFactory(server_seed)
+        self.grammars = GrammarCompiler(tokenizer, runner.loaded.spec.vocab_size, runner.loaded.spec.eos_token_ids)
         self.eos_token_ids = frozenset(runner.loaded.spec.eos_token_ids)
         self.max_model_len = scheduler.config.max_model_len
         self.requests: dict[str, RequestState] = {}
@@ -60,10 +63,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None):
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter, arrival_time=time.monotonic())
+        grammar = None if params.structured is None else self.grammars.start(params.structured)  # may refuse
         self.scheduler.add(seq)
         generator = None if params.greedy else self.generators.create(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
-        self.requests[request_id] = RequestState(seq, generator, detok, StopStringMatcher(params.stop))
+        self.requests[request_id] = RequestState(seq, generator, detok, StopStringMatcher(params.stop), grammar)
 
     def abort(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
@@ -108,8 +112,15 @@ class LLMEngine:
             seq.lora_slot = -1
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        generator = self.requests[seq.request_id].generator
-        return SamplingRow(seq.params, generator, seq.num_output_tokens, seq.prompt_token_ids, seq.output_token_ids)
+        state = self.requests[seq.request_id]
+        return SamplingRow(
+            seq.params,
+            state.generator,
+            seq.num_output_tokens,
+            seq.prompt_token_ids,
+            seq.output_token_ids,
+            state.grammar,
+        )
 
     def _postprocess(self, step: StepResult) -> list[RequestOutput]:
         for request_id, scored in step.prompt_logprobs.items():
@@ -119,9 +130,20 @@ class LLMEngine:
         for item, token in step.sampled:
             state = self.requests.get(item.seq.request_id)
             if state is not None:
-                out = self._score_only(state) if item.seq.params.max_tokens == 0 else self._append_token(state, token)
+                if item.seq.params.max_tokens == 0:
+                    out = self._score_only(state)
+                elif state.grammar is not None and not state.grammar.accept(token):
+                    out = self._fail(state, f"the grammar refused token {token}: {state.grammar.error}")
+                else:
+                    out = self._append_token(state, token)
                 outputs.append(self._with_logprobs(out, state.seq, step.logprobs.get(item.seq.request_id)))
         return outputs
+
+    def _fail(self, state: RequestState, message: str) -> RequestOutput:
+        """End one request with an error; the rest of the batch carries on."""
+        self._finish(state.seq, FinishReason.ERROR)
+        del self.requests[state.seq.request_id]
+        return self._output(state, "", [], FinishReason.ERROR, error=message)
 
     def _score_only(self, state: RequestState) -> RequestOutput:
         """End a `max_tokens: 0` request (prompt scoring) once its prompt is computed; its sampled token is dropped."""

@@ -21,6 +21,7 @@ import torch
 
 from server.engine.penalties import apply_min_p, apply_penalties
 from server.engine.sequence import SamplingParams
+from server.engine.structured import GrammarMasks, GrammarState
 
 _SEED_BOUND = 2**63 - 1
 
@@ -47,6 +48,7 @@ class SamplingRow:
     num_generated: int  # output tokens so far, before this step's token
     prompt_token_ids: Sequence[int] = ()  # read by the penalties only
     output_token_ids: Sequence[int] = ()
+    grammar: GrammarState | None = None  # constrained rows only
 
 
 class Sampler:
@@ -56,14 +58,19 @@ class Sampler:
         # Ids banned while a row has generated fewer than min_tokens: EOS and any other stop token ids.
         self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-        """Next token id of each row; `logits: [L, V]` float32 on any device, one row per entry of `rows`."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], masks: GrammarMasks | None = None) -> list[int]:
+        """Next token id of each row; `logits: [L, V]` float32 on any device, one row per entry of `rows`.
+
+        `masks` holds the grammar masks of the constrained rows, when there are any.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         logits = apply_penalties(
             logits, [r.params for r in rows], [(r.prompt_token_ids, r.output_token_ids) for r in rows]
         )
         logits = self._ban_eos(logits, rows)
+        if masks is not None:
+            logits = masks.apply(logits)
         next_ids = logits.argmax(dim=-1)  # [L]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
