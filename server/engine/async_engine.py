@@ -74,6 +74,7 @@ class AsyncEngine:
         self._stopped = threading.Event()
         self.health = EngineHealth(HealthLimits.from_settings(settings))
         self._inbox_lock = threading.Lock()  # a submission either reaches a running thread or is refused
+        self._failures_recorded = 0  # the core's request failures already counted in the metrics
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
@@ -225,12 +226,16 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            if not self._drain(block=not self.core.has_work):
-                break
-            if self.core.has_work:
-                self._step()
-            else:
-                self._record_state()  # aborts can empty the engine without a step
+            try:
+                if not self._drain(block=not self.core.has_work):
+                    break
+                if self.core.has_work:
+                    self._step()
+                else:
+                    self._record_state()  # aborts can empty the engine without a step
+            except Exception:  # a fault between steps: end every request rather than the engine thread
+                log.exception("the engine loop failed; failing every request")
+                self._finish_step(self.core.fail_all("the engine loop failed"), failed=True)
 
     def _drain(self, block: bool) -> bool:
         """Apply queued submissions and aborts; False once shutdown was requested."""
@@ -265,18 +270,19 @@ class AsyncEngine:
 
     def _step(self) -> None:
         start = time.perf_counter()
-        failures = self.core.num_request_failures
-        try:
-            outputs, failed = self.core.step(), self.core.last_step_failed
-        except Exception:  # step() contains its own failures: this is the last line of defence
-            log.exception("engine step failed; failing every request")
-            outputs, failed = self.core.fail_all("the engine step failed"), True
+        outputs = self.core.step()  # contains its own failures, see LLMEngine
+        if self.core.last_step_tokens:
+            self.metrics.record_step(time.perf_counter() - start, self.core.last_step_tokens)
+        self._finish_step(outputs, self.core.last_step_failed)
+
+    def _finish_step(self, outputs: list[RequestOutput], failed: bool) -> None:
+        """Note the step's health, update the gauges and hand the outputs to their callers."""
         self.health.step_done(failed)
         if failed:
             self.metrics.record_step_failure()
-        self.metrics.record_request_failures(self.core.num_request_failures - failures)
-        if self.core.last_step_tokens:
-            self.metrics.record_step(time.perf_counter() - start, self.core.last_step_tokens)
+        failures = self.core.num_request_failures
+        self.metrics.record_request_failures(failures - self._failures_recorded)
+        self._failures_recorded = failures
         self._record_state()
         # One wake-up per caller loop and step, not one per token: a cross-thread wake-up costs the
         # engine thread the GIL, which measured 2-3x slower steps at batch 32 when done per output.
@@ -302,8 +308,10 @@ class AsyncEngine:
 
 
 def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]):
-    if not loop.is_closed():
+    try:
         loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the caller's loop has closed: nobody is left to read these outputs
+        return
 
 
 def _put_all(items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:

@@ -94,3 +94,43 @@ async def test_a_dying_engine_thread_ends_every_request_and_refuses_new_ones(tin
             await engine.call(lambda core: None)
     finally:
         engine.shutdown()
+
+
+async def test_a_fault_between_steps_ends_the_requests_not_the_thread(tiny_model_dir, monkeypatch) -> None:
+    engine = build_engine(Settings(model=tiny_model_dir, kv_cache_bytes=2**20, block_size=4))
+    try:
+        record_state = engine._record_state
+        calls = []
+
+        def record_or_fail():
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("gauge trouble")
+            record_state()
+
+        monkeypatch.setattr(engine, "_record_state", record_or_fail)
+        params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+        outs = [out async for out in engine.generate([5, 6, 7], params, None, "unlucky")]
+        assert outs[-1].finish_reason is FinishReason.ERROR and "gauge" not in outs[-1].error
+        assert engine.is_ready() and engine.health.consecutive_failures == 1
+        outs = [out async for out in engine.generate([5, 6, 7], params, None, "lucky")]
+        assert outs[-1].finish_reason is FinishReason.LENGTH and engine.health_problem() is None
+        assert engine.core.scheduler.block_manager.num_used_blocks == 0
+    finally:
+        engine.shutdown()
+
+
+async def test_a_request_that_cannot_be_added_gets_a_generic_error(tiny_model_dir, monkeypatch) -> None:
+    engine = build_engine(Settings(model=tiny_model_dir, kv_cache_bytes=2**20, block_size=4))
+    try:
+
+        def refuse(*args):
+            raise RuntimeError("internal detail")
+
+        monkeypatch.setattr(engine.core, "add_request", refuse)
+        outs = [out async for out in engine.generate([5, 6], SamplingParams(max_tokens=2), None, "refused")]
+        assert outs[-1].finish_reason is FinishReason.ERROR
+        assert "refused" in outs[-1].error and "internal detail" not in outs[-1].error
+        assert engine.metrics.request_failures._value.get() == 1
+    finally:
+        engine.shutdown()
