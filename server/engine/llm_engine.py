@@ -128,9 +128,10 @@ class LLMEngine:
             seq = item.seq
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+            if seq.request_id not in self.requests:  # an engine bug; dropping it keeps the next steps sound
+                outputs += self._fail(seq, "the scheduler held a sequence with no request")
+                continue
             try:
-                if seq.request_id not in self.requests:
-                    raise RuntimeError("the scheduler holds a sequence the engine has no request for")
                 if seq.adapter is not None and seq.lora_slot < 0:
                     seq.lora_slot = self.adapters.bind_slot(seq.adapter)
             except Exception as exc:

@@ -11,7 +11,7 @@ import pytest
 
 from server.engine.factory import build_core
 from server.engine.llm_engine import LLMEngine
-from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.metrics import Metrics
 from server.settings import Settings
 from tests.helpers import make_adapter_store, make_peft_adapter
@@ -238,3 +238,12 @@ def test_a_failure_outside_the_forward_fails_everything_and_leaves_nothing(core:
     monkeypatch.setattr(core.scheduler, "schedule", schedule)
     again = run(core, NORMAL)
     assert all(summary(again[job.request_id]) == summary(clean[job.request_id]) for job in NORMAL)
+
+
+def test_a_sequence_without_a_request_is_dropped_not_run_forever(core: LLMEngine) -> None:
+    clean = run(core, NORMAL)
+    core.scheduler.add(Sequence("orphan", [1, 2, 3], GREEDY))  # what a half-done add_request used to leave
+    outputs = run(core, NORMAL)
+    assert "orphan" not in outputs and core.num_request_failures == 1
+    assert all(summary(outputs[job.request_id]) == summary(clean[job.request_id]) for job in NORMAL)
+    assert_clean(core)
