@@ -72,7 +72,7 @@ class Sampler:
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             idx = torch.tensor(sampled, device=logits.device)
-            next_ids[idx] = self._draw(logits[idx], [rows[i] for i in sampled], uniforms[idx])
+            next_ids[idx] = self._draw(logits[idx], [rows[i] for i in sampled], uniforms[sampled])
         return checked_token_ids(next_ids, logits, rows, failed)
 
     def _ban_eos(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
