@@ -58,7 +58,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() of its first step, for the queue-time metric
-    lora_slot: int = -1  # device slot of the adapter while running; -1 = base model or not bound
+    adapter_slot: int | None = None  # device slot of the adapter while running; None = base model or not bound yet
 
     @property
     def token_ids(self) -> list[int]:
