@@ -15,7 +15,7 @@ from server.model.loader import load_model
 from server.model.lora import lora_reference
 from server.model.lora_weights import LoraWeights
 from server.model.projections import ProjectionMap
-from server.model.routing import BASE_SLOT, make_lora_batch
+from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
 from tests.helpers import make_peft_adapter, peft_logits
 
 IN = 32
@@ -81,6 +81,31 @@ def test_decode_shapes_match_reference(tokens):
     with torch.no_grad():
         got = linear(x, make_lora_batch(token_slots))
     torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("min_gemm_run", [1, 10**9], ids=["sgmv", "bgmv"])
+def test_merged_layer_matches_reference_and_restores_the_other_tokens(min_gemm_run):
+    linear, loaded = _layer_with_adapters()
+    merged = {"q_proj": _random_update(8, 32, dora=True), "v_proj": _random_update(4, 16, dora=False)}
+    weight = linear.weight.detach().clone()
+    for name, update in merged.items():
+        start, end = SLICES[name]
+        update.merge_into(linear.weight.detach()[start:end], weight[start:end])
+    token_slots = torch.tensor([MERGED_SLOT, MERGED_SLOT, 1, 1, -1, 0, MERGED_SLOT, 3, 3, 3, 5])
+    x = torch.randn(len(token_slots), IN)
+    unmerged = _expected(linear, loaded, x, token_slots)  # the merged adapter's tokens get the base output here
+    linear.serve_merged(weight)
+    linear.lora.set_correction(merged)
+    with torch.no_grad():
+        got = linear(x, make_lora_batch(token_slots, min_gemm_run=min_gemm_run))
+    want = x @ weight.T
+    for name, (start, end) in SLICES.items():
+        updates = {slot: pieces[name] for slot, pieces in loaded.items() if name in pieces}
+        lora_reference(x, want[:, start:end], updates, token_slots, merged.get(name))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    others = token_slots != MERGED_SLOT
+    torch.testing.assert_close(got[others], unmerged[others], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[~others], x[~others] @ weight.T, atol=1e-5, rtol=1e-5)
 
 
 def test_base_only_batch_does_no_work():
