@@ -50,7 +50,8 @@ def lora_reference(
                 y[t] = y[t] / merged.g - (x[t] @ merged.a.T) @ merged.b.T    # back to the base model's output
             w = updates.get(token_slots[t])                                  # None for the base model
             if w is not None:
-                y[t] = w.g * (y[t] + (x[t] @ w.a.T) @ w.b.T)                 # g = 1 for plain LoRA
+                y[t] = w.g * (y[t] + (x[t] @ w.a.T) @ w.b.T)
+        (g = 1 for plain LoRA, in both lines)
 
     Args:
         x: [T, in] token activations.

@@ -123,10 +123,8 @@ class WeightMerger:
         for linear, pieces in per_linear.items():
             self._buffers[linear].fill(linear.weight.detach(), linear.slices, pieces, self._max_of(linear))
         for linear, pieces in per_linear.items():
-            buffer = self._buffers[linear]
-            linear.serve_merged(
-                buffer.weight, buffer.packed
-            )  # the packed copy is still there if the rows did not change
+            buffer = self._buffers[linear]  # its packed copy is still there if the rows did not change
+            linear.serve_merged(buffer.weight, buffer.packed)
             linear.lora.set_correction(pieces)
         self._merged = list(per_linear)
         _synchronize(linear.merged for linear in self._merged)
