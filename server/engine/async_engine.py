@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from server.adapters.versions import adapter_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
 from server.metrics import Metrics, RequestTrace
@@ -100,6 +101,13 @@ class AsyncEngine:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def decode_tokens(self, token_ids: list[int]) -> list[str]:
+        """Each token's text decoded on its own (how log-probabilities name tokens)."""
+        return self.tokenizer.batch_decode([[token] for token in token_ids])
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -153,6 +161,7 @@ class AsyncEngine:
         self.adapters.shutdown()
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        validate_token_ids(params, self.vocab_size)
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty; send at least one token", param="prompt")
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
