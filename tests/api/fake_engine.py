@@ -59,7 +59,7 @@ class FakeEngine:
             return model
         raise NotFoundError(f"model '{model}' does not exist", param="model", code="model_not_found")
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in prompt]
 
     def decode(self, token_ids: list[int]) -> str:
@@ -68,10 +68,13 @@ class FakeEngine:
     def decode_tokens(self, token_ids: list[int]) -> list[str]:
         return [chr(token) for token in token_ids]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False
+    ) -> list[int]:
         if messages[-1]["role"] == "assistant":
             raise InvalidRequestError("the last message must not be the assistant's", param="messages")
-        return self.encode_prompt("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+        rendered = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return self.encode_prompt(rendered + ("<assistant>" if add_generation_prompt else ""))
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
