@@ -10,11 +10,12 @@ import torch
 
 from server.adapters.registry import AdapterRegistry
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from server.engine.logprobs import TokenLogprob
 from server.engine.merge_controller import MergeController
 from server.engine.outputs import RequestOutput, engine_error
-from server.engine.runner import ModelRunner
+from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import INVALID_TOKEN, GeneratorFactory, SamplingRow
-from server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
+from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,13 @@ class LLMEngine:
         if plan.is_empty:
             return outputs
         try:
-            sampled = self.runner.execute(plan.scheduled, self._sampling_row, self.merger.merged)
+            step = self.runner.execute(plan.scheduled, self._sampling_row, self.merger.merged)
         except Exception:
             log.exception("engine step failed; failing the %d requests of the step", len(plan.scheduled))
             self.last_step_failed = True
             return outputs + [out for item in plan.scheduled for out in self._fail(item.seq, "its step failed")]
         self.scheduler.advance(plan)
-        return outputs + self._postprocess(sampled)
+        return outputs + self._postprocess(step)
 
     def _prepare(self, plan: SchedulerOutput) -> list[RequestOutput]:
         """Stamp first scheduling and bind adapter slots; a sequence that cannot run leaves the step, failed."""
@@ -132,8 +133,8 @@ class LLMEngine:
                 outputs += self._fail(seq, "the scheduler held a sequence with no request")
                 continue
             try:
-                if seq.adapter is not None and seq.lora_slot < 0:
-                    seq.lora_slot = self.adapters.bind_slot(seq.adapter)
+                if seq.adapter is not None and seq.adapter_slot is None:
+                    seq.adapter_slot = self.adapters.bind_slot(seq.adapter)
             except Exception as exc:
                 outputs += self._fail(seq, "its adapter could not be put in a device slot", exc)
                 continue
@@ -158,17 +159,23 @@ class LLMEngine:
         return [self._output(state, "", [], FinishReason.ERROR, error=engine_error(seq.request_id))]
 
     def _unbind(self, seq: Sequence) -> None:
-        if seq.lora_slot >= 0:
+        if seq.adapter_slot is not None:
             self.adapters.unbind_slot(seq.adapter)
-            seq.lora_slot = -1
+            seq.adapter_slot = None
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         state = self.requests[seq.request_id]
-        return SamplingRow(seq.params, state.generator, seq.num_output_tokens, seq.request_id)
+        return SamplingRow(
+            seq.params, state.generator, seq.num_output_tokens, seq.prompt_token_ids, seq.output_token_ids,
+            seq.request_id,
+        )  # fmt: skip
 
-    def _postprocess(self, sampled: list[tuple[ScheduledSequence, int]]) -> list[RequestOutput]:
+    def _postprocess(self, step: StepResult) -> list[RequestOutput]:
+        for request_id, scored in step.prompt_logprobs.items():
+            if (state := self.requests.get(request_id)) is not None:
+                state.seq.prompt_logprobs.extend(scored)
         outputs = []
-        for item, token in sampled:
+        for item, token in step.sampled:
             state = self.requests.get(item.seq.request_id)
             if state is None:
                 continue
@@ -176,15 +183,31 @@ class LLMEngine:
                 outputs += self._fail(item.seq, "sampling failed: non-finite logits or probabilities, or its generator")
                 continue
             try:
-                outputs.append(self._append_token(state, token))
+                out = self._score_only(state) if item.seq.params.max_tokens == 0 else self._append_token(state, token)
+                outputs.append(self._with_logprobs(out, state.seq, step.logprobs.get(item.seq.request_id)))
             except Exception as exc:
-                outputs += self._fail(item.seq, "turning its token into text failed", exc)
+                outputs += self._fail(item.seq, "turning its token into its output failed", exc)
         return outputs
+
+    def _score_only(self, state: RequestState) -> RequestOutput:
+        """End a `max_tokens: 0` request (prompt scoring) once its prompt is computed; its sampled token is dropped."""
+        self._finish(state.seq, FinishReason.LENGTH)
+        del self.requests[state.seq.request_id]
+        return self._output(state, "", [], FinishReason.LENGTH)
+
+    @staticmethod
+    def _with_logprobs(out: RequestOutput, seq: Sequence, sampled: TokenLogprob | None) -> RequestOutput:
+        if sampled is not None and out.token_ids:
+            out.logprobs = [sampled]
+        if seq.params.prompt_logprobs is not None and seq.num_output_tokens <= 1:  # the request's first output
+            out.prompt_logprobs = seq.prompt_logprobs
+        return out
 
     def _append_token(self, state: RequestState, token: int) -> RequestOutput:
         seq = state.seq
         seq.output_token_ids.append(token)
-        if token in self.eos_token_ids and not seq.params.ignore_eos:  # the sampler bans EOS before min_tokens
+        # The sampler bans EOS and stop token ids before min_tokens.
+        if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             text, _ = self._final_text(state)
             reason: FinishReason | None = FinishReason.STOP
         else:

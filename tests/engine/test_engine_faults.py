@@ -18,6 +18,7 @@ from tests.helpers import make_adapter_store, make_peft_adapter
 
 GREEDY = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.9, top_k=40, seed=11)
+WITH_LOGPROBS = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0, logprobs=2)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ NORMAL = [
     Job("a-greedy", [12, 13, 14], GREEDY, "a"),
     Job("b-seeded", [15, 16, 17, 18, 19], SEEDED, "b"),
     Job("a-seeded", [20, 21, 22, 23, 24, 25, 26, 27, 28], SEEDED, "a"),
+    Job("b-logprobs", [29, 28, 27], WITH_LOGPROBS, "b"),
 ]
 
 
@@ -81,8 +83,14 @@ def run(core: LLMEngine, jobs: list[Job], hook: Hook | None = None) -> dict[str,
     return outputs
 
 
-def summary(outputs: list) -> tuple[list[int], str, FinishReason | None]:
-    return [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs), outputs[-1].finish_reason
+def summary(outputs: list) -> tuple[list[int], str, FinishReason | None, list]:
+    logprobs = [lp.token_id for o in outputs for lp in o.logprobs or ()]
+    return (
+        [t for o in outputs for t in o.token_ids],
+        "".join(o.text for o in outputs),
+        outputs[-1].finish_reason,
+        logprobs,
+    )
 
 
 def assert_clean(core: LLMEngine) -> None:
@@ -148,6 +156,7 @@ FAULTS = {
     "detokenizer": (Job("bad", [30, 31, 32, 33], GREEDY, "a"), _on_step(2, _break_detokenizer)),
     "stop-matcher": (Job("bad", [30, 31], GREEDY, None), _on_step(4, _break_stops)),
     "nan-logits": (Job("bad", [30, 31, 32, 33, 34], SEEDED, "a"), _on_step(2, _nan_logits_for_bad)),
+    "nan-logits-with-logprobs": (Job("bad", [30, 31, 32], WITH_LOGPROBS, None), _on_step(1, _nan_logits_for_bad)),
     "overflowing-adapter": (Job("bad", [30, 31, 32, 33, 34, 35], GREEDY, "overflow"), None),
 }
 
