@@ -20,6 +20,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the request failed inside the engine
     scheduled_time: float | None = None  # time.monotonic() when the engine first scheduled the request
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,9 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() of its first step, for the queue-time metric
     lora_slot: int = -1  # device slot of the adapter while running; -1 = base model or not bound
+    block_hashes: list[bytes] = field(default_factory=list)  # content hashes of its full blocks (block_manager)
+    num_cached_blocks: int = 0  # leading blocks of block_table that the prefix cache can find
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
 
     @property
     def token_ids(self) -> list[int]:

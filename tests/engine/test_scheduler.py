@@ -35,9 +35,10 @@ def make_scheduler(
     max_loras: int = 4,
     watermark: float = 0.0,
     adapter_ready: Callable[[str], bool] | None = None,
+    prefix_caching: bool = False,  # off: these prompts all share a prefix (tests/engine/test_prefix_scheduling.py)
 ) -> Scheduler:
     config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, watermark)
-    manager = BlockManager(num_blocks, block_size)
+    manager = BlockManager(num_blocks, block_size, enable_caching=prefix_caching)
     if adapter_ready is None:
         return Scheduler(config, manager)
     return Scheduler(config, manager, adapter_ready)
