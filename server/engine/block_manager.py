@@ -103,7 +103,9 @@ class BlockManager:
             prefix.append(block)
         return prefix
 
-    def can_allocate(self, seq: Sequence, num_tokens: int, *, reserve: int = 0, prefix: list[int] | None = None) -> bool:
+    def can_allocate(
+        self, seq: Sequence, num_tokens: int, *, reserve: int = 0, prefix: list[int] | None = None
+    ) -> bool:
         """Whether `seq` can grow to hold `num_tokens` tokens and still leave `reserve` blocks free.
 
         `prefix` (from `cached_prefix`) starts an empty table: its blocks cost nothing but those now free.

@@ -136,7 +136,7 @@ def test_same_tokens_on_same_adapter_version_hit_every_full_block_but_the_last_t
     manager = BlockManager(16, 4)
     first = computed_seq(manager, "a", list(range(10)), "sql@1")
     assert manager.num_cached_blocks == 2  # the third block holds 2 tokens: never shared
-    longer = Sequence("b", list(range(10)) + [99, 98], SamplingParams(), "sql@1")
+    longer = Sequence("b", [*range(10), 99, 98], SamplingParams(), "sql@1")
     assert manager.cached_prefix(longer) == first.block_table[:2]
     whole = Sequence("c", list(range(8)), SamplingParams(), "sql@1")
     assert manager.cached_prefix(whole) == first.block_table[:1]  # its last token must be computed for logits
@@ -160,8 +160,8 @@ def test_base_model_blocks_are_not_an_adapters() -> None:
 
 def test_shared_blocks_are_freed_when_their_last_holder_frees_them() -> None:
     manager = BlockManager(8, 4)
-    first = computed_seq(manager, "a", list(range(8)) + [50])
-    second = computed_seq(manager, "b", list(range(8)) + [60])
+    first = computed_seq(manager, "a", [*range(8), 50])
+    second = computed_seq(manager, "b", [*range(8), 60])
     assert second.block_table[:2] == first.block_table[:2] and second.block_table[2] != first.block_table[2]
     assert manager.num_used_blocks == 4
     manager.free(first)
