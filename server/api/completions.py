@@ -43,7 +43,8 @@ async def create_completion(
         for index, result in sorted(results.items())
     ]
     completion_tokens = sum(result.num_output_tokens for result in results.values())
-    return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens))
+    cached_tokens = generation.cached_tokens({index: result.num_cached_tokens for index, result in results.items()})
+    return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens, cached_tokens))
 
 
 def _tokenize(engine: AsyncEngine, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -60,11 +61,16 @@ async def _chunks(
     generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool
 ) -> AsyncGenerator[CompletionResponse, None]:
     completion_tokens: dict[int, int] = {}
+    cached_tokens: dict[int, int] = {}
     async with aclosing(outputs):
         async for index, output in outputs:
             completion_tokens[index] = output.num_output_tokens
+            cached_tokens[index] = output.num_cached_tokens
             if output.text or output.finished:
                 choice = CompletionChoice(index=index, text=output.text, finish_reason=finish_reason_name(output))
                 yield _envelope(generation, [choice], None)
     if include_usage:
-        yield _envelope(generation, [], Usage.of(generation.num_prompt_tokens, sum(completion_tokens.values())))
+        usage = Usage.of(
+            generation.num_prompt_tokens, sum(completion_tokens.values()), generation.cached_tokens(cached_tokens)
+        )
+        yield _envelope(generation, [], usage)
