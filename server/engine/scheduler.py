@@ -247,7 +247,7 @@ class Scheduler:
 
         Only the tokens past the cached prefix count against the budget and need new blocks.
         """
-        prefix = self.block_manager.cached_prefix(seq)
+        prefix = self._reusable_prefix(seq)
         num_cached = len(prefix) * self.block_manager.block_size
         num_new = min(len(seq) - num_cached, budget)
         reserve = self._watermark_blocks if self.running else 0  # a lone sequence may use the whole cache
@@ -258,6 +258,13 @@ class Scheduler:
         if seq.num_cached_tokens is None:  # a preempted sequence finding its own blocks again is no prompt hit
             seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
         return num_new
+
+    def _reusable_prefix(self, seq: Sequence) -> list[int]:
+        """`seq`'s cached leading blocks, short of any position whose logits must still score a prompt token."""
+        prefix = self.block_manager.cached_prefix(seq)
+        if seq.params.prompt_logprobs is not None:  # position p scores prompt token p + 1
+            prefix = prefix[: len(seq.prompt_logprobs) // self.block_manager.block_size]
+        return prefix
 
     def _adapter_allows(self, seq: Sequence, adapters: set[str]) -> bool:
         """Whether `seq`'s adapter is loaded and fits under max_loras next to the running `adapters`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -63,6 +64,7 @@ class Driver:
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.logits: dict[str, list[torch.Tensor]] = defaultdict(list)  # one [vocab] row per sampled token
         self.cached: dict[str, int] = {}
+        self.prompt_logprobs: dict[str, list] = defaultdict(list)
         self.jobs: dict[str, tuple[str | None, list[int]]] = {}
         self._order: list[str] = []
         row_of, sample = self.core._sampling_row, self.core.runner.sampler.sample
@@ -80,9 +82,9 @@ class Driver:
         self.core._sampling_row = recording_row
         self.core.runner.sampler.sample = recording_sample
 
-    def add(self, request_id: str, adapter: str | None, prompt: list[int], n: int = N) -> None:
+    def add(self, request_id: str, adapter: str | None, prompt: list[int], n: int = N, **params) -> None:
         key = asyncio.run(self.engine.adapters.acquire(adapter)) if adapter else None
-        self.core.add_request(request_id, prompt, _params(n), key)
+        self.core.add_request(request_id, prompt, replace(_params(n), **params), key)
         self.jobs[request_id] = (adapter, prompt)
 
     def step(self, times: int = 1) -> None:
@@ -90,6 +92,7 @@ class Driver:
             for out in self.core.step():
                 self.tokens[out.request_id].extend(out.token_ids)
                 self.cached[out.request_id] = out.num_cached_tokens
+                self.prompt_logprobs[out.request_id] += out.prompt_logprobs or []
 
     def finish(self) -> None:
         while self.core.has_work:
@@ -211,3 +214,16 @@ def test_blocks_computed_merged_serve_unmerged_requests_and_back(engine_factory,
         want = _peft_rows(tiny_model_dir, store, adapter, prompt, tokens)
         torch.testing.assert_close(torch.stack(driver.logits[request_id]), want, atol=1e-4, rtol=1e-4)
     engine.adapters.release(key)
+
+
+def test_a_request_scoring_its_prompt_computes_the_positions_that_score_it(engine_factory, tiny_model_dir, store):
+    driver = Driver(engine_factory())
+    prompt = SHARED + _suffix(0)
+    driver.add("warm", "lora", prompt)
+    driver.finish()
+    driver.add("scored", "lora", prompt, prompt_logprobs=0)
+    driver.finish()
+    assert driver.cached["scored"] == 0
+    got = torch.tensor([lp.logprob for lp in driver.prompt_logprobs["scored"]])
+    want = torch.log_softmax(peft_logits(tiny_model_dir, store / "lora", prompt), -1)[:-1]
+    torch.testing.assert_close(got, want.gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1), atol=1e-4, rtol=0)

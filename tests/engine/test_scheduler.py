@@ -427,3 +427,14 @@ def test_abort_keeps_a_running_sequences_shared_blocks_held() -> None:
     run_to_completion(scheduler)
     manager = scheduler.block_manager
     assert manager.num_used_blocks == 0 and manager.num_cached_blocks == 4  # 17 tokens: 4 full blocks, equal in both
+
+
+def test_a_sequence_scoring_its_prompt_reuses_only_blocks_it_scored_already() -> None:
+    scheduler = make_scheduler(block_size=4, prefix_caching=True)
+    scheduler.add(make_seq("warm", 13, max_tokens=1))
+    run_to_completion(scheduler)
+    scored = make_seq("scored", 13)
+    scored.params = SamplingParams(max_tokens=4, prompt_logprobs=0)
+    scheduler.add(scored)
+    assert chunks(scheduler.schedule()) == [("scored", 13, True)]
+    assert scored.num_cached_tokens == 0
