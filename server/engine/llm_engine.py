@@ -92,8 +92,8 @@ class LLMEngine:
         for item in plan.scheduled:
             if item.seq.first_scheduled_time is None:
                 item.seq.first_scheduled_time = now
-            if item.seq.adapter is not None and item.seq.lora_slot < 0:
-                item.seq.lora_slot = self.adapters.bind_slot(item.seq.adapter)
+            if item.seq.adapter is not None and item.seq.adapter_slot is None:
+                item.seq.adapter_slot = self.adapters.bind_slot(item.seq.adapter)
         step = self.runner.execute(plan.scheduled, self._sampling_row, self.merger.merged)
         self.scheduler.advance(plan)
         return self._postprocess(step)
@@ -103,9 +103,9 @@ class LLMEngine:
         self._unbind(seq)
 
     def _unbind(self, seq: Sequence) -> None:
-        if seq.lora_slot >= 0:
+        if seq.adapter_slot is not None:
             self.adapters.unbind_slot(seq.adapter)
-            seq.lora_slot = -1
+            seq.adapter_slot = None
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         generator = self.requests[seq.request_id].generator

@@ -14,7 +14,7 @@ from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
-from server.model.lora import MERGED_SLOT, make_lora_batch
+from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
 
 
 @dataclass
@@ -51,14 +51,16 @@ class ModelRunner:
         model included) the merged adapter's correction.
         """
 
-        def slot_of(seq: Sequence) -> int:
-            return MERGED_SLOT if merged is not None and seq.adapter == merged else seq.lora_slot
+        def adapter_slot_of(seq: Sequence) -> int:
+            if merged is not None and seq.adapter == merged:
+                return MERGED_SLOT
+            return BASE_SLOT if seq.adapter_slot is None else seq.adapter_slot
 
-        items = sorted(scheduled, key=lambda item: slot_of(item.seq))
+        items = sorted(scheduled, key=lambda item: adapter_slot_of(item.seq))
         work = [(item.seq, item.num_new_tokens) for item in items]
-        slots = [slot_of(item.seq) for item in items]
-        with_adapters = any(slot >= 0 or (merged is not None and slot != MERGED_SLOT) for slot in slots)
-        batch = build_forward_batch(work, self.block_size, self.device, slots if with_adapters else None)
+        adapter_slots = [adapter_slot_of(item.seq) for item in items]
+        with_adapters = any(slot >= 0 or (merged is not None and slot != MERGED_SLOT) for slot in adapter_slots)
+        batch = build_forward_batch(work, self.block_size, self.device, adapter_slots if with_adapters else None)
         lora = make_lora_batch(batch.adapter_slots) if batch.adapter_slots is not None else None
         hidden = self.model(batch, self.kv_cache, lora)  # [T, hidden]
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [L, vocab]
