@@ -157,6 +157,7 @@ class AsyncEngine:
                 finished = out.finished
                 reason = out.finish_reason.value if finished and out.finish_reason else None
                 trace.on_output(len(out.token_ids), out.scheduled_time, reason)
+                trace.num_cached_tokens = out.num_cached_tokens
                 yield out
         finally:
             self._in_flight -= 1

@@ -246,4 +246,5 @@ class LLMEngine:
             finish_reason=reason,
             error=error,
             scheduled_time=seq.first_scheduled_time,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )

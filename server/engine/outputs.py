@@ -21,6 +21,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the request failed inside the engine
     scheduled_time: float | None = None  # time.monotonic() when the engine first scheduled the request
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asks for them
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., in the request's first output only
 
