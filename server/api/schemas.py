@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from server.api.structured_schemas import ResponseFormat, StructuredOutputs
+from server.api.tool_schemas import MAX_TOOLS, ChatTool, ToolChoice
 from server.engine.logprobs import MAX_TOP_LOGPROBS
 
 NOT_SUPPORTED = "not supported by this server"
@@ -188,8 +189,21 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_join_text_parts)]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Annotated[str | None, BeforeValidator(_join_text_parts)] = Field(
+        None, validate_default=True, description="null or left out only in an assistant message that calls tools"
+    )
+
+    # Tool calls and their results, passed to the chat template.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calling_tools(cls, value: str | None, info: ValidationInfo) -> str:
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError("must be a string; only an assistant message that calls tools may leave it out")
+        return value or ""
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -197,9 +211,7 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
-    tool_choice: Any = None
     function_call: Any = None
 
     # Log-probabilities.
@@ -216,19 +228,24 @@ class ChatCompletionRequest(GenerationRequest):
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _reject_chat_when_set(cls, value: object) -> object:
+    def _reject_functions(cls, value: object) -> object:
         if value:
-            raise ValueError(NOT_SUPPORTED)
+            raise ValueError(f"{NOT_SUPPORTED}; send tools")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _reject_tool_choice(cls, value: object) -> object:
+    def _reject_function_call(cls, value: object) -> object:
         if value not in (None, "none"):
-            raise ValueError(NOT_SUPPORTED)
+            raise ValueError(f"{NOT_SUPPORTED}; send tool_choice")
         return value
+
+    # Tools (server.api.tools).
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description='false: "required" makes exactly one call')
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
