@@ -20,7 +20,7 @@ from server.api.responses import (
     ChatDelta,
     Usage,
 )
-from server.api.sampling import plan_jobs
+from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
 
@@ -32,8 +32,9 @@ async def create_chat_completion(
     engine: AsyncEngine, body: ChatCompletionRequest, request: Request
 ) -> ChatCompletionResponse | EventStreamResponse:
     """Generate the reply, as one `chat.completion` or as a stream of `chat.completion.chunk` events."""
+    check_fits(1, body.n or 1, request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
-    messages = [message.model_dump() for message in body.messages]
+    messages = [message.model_dump(include={"role", "content"}) for message in body.messages]  # name is ignored
     prompt = await run_in_threadpool(engine.encode_chat, messages)
     generation = Generation(
         engine=engine,

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from server import errors
 from server.adapters.records import MAX_CONFIG_BYTES
 from server.adapters.registry import AdapterRegistry
 from server.api.admin_schemas import (
@@ -24,13 +25,17 @@ from server.api.admin_schemas import (
 )
 from server.api.auth import require_admin
 from server.api.deps import EngineDep
+from server.api.openapi import ENGINE_ERRORS, JSON_BODY_ERRORS, error_responses
+from server.api.routing import BoundedRoute
 from server.settings import Settings
 from server.threads import single_threaded
 
 UPLOAD_PATH = "/admin/adapters"
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the small fields
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], route_class=BoundedRoute)
+# Every admin route checks the token first and needs the engine's registry.
+ADMIN_ERRORS = (errors.AuthenticationError, errors.PermissionDeniedError, *ENGINE_ERRORS)
 
 
 def upload_limit(settings: Settings) -> int:
@@ -45,7 +50,15 @@ def get_registry(engine: EngineDep) -> AdapterRegistry:
 RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
 
 
-@router.post("/adapters", status_code=201, response_model=AdapterObject, openapi_extra=UPLOAD_OPENAPI)
+@router.post(
+    "/adapters",
+    status_code=201,
+    response_model=AdapterObject,
+    openapi_extra=UPLOAD_OPENAPI,
+    responses=error_responses(
+        *ADMIN_ERRORS, *JSON_BODY_ERRORS, errors.ConflictError, errors.UnsupportedMediaError, errors.ValidationError
+    ),
+)
 async def upload_adapter(request: Request, registry: RegistryDep) -> AdapterObject:
     settings: Settings = request.app.state.settings
     form = await request.form(max_files=2, max_fields=8)
@@ -60,22 +73,25 @@ async def upload_adapter(request: Request, registry: RegistryDep) -> AdapterObje
     return AdapterObject.from_view(view)
 
 
-@router.get("/adapters")
+@router.get("/adapters", responses=error_responses(*ADMIN_ERRORS))
 def list_adapters(registry: RegistryDep) -> AdapterList:
     return AdapterList(data=[AdapterObject.from_view(view) for view in registry.views()])
 
 
-@router.get("/adapters/{name}")
+@router.get("/adapters/{name}", responses=error_responses(*ADMIN_ERRORS, errors.NotFoundError))
 def get_adapter(name: str, registry: RegistryDep) -> AdapterObject:
     return AdapterObject.from_view(registry.view(name))
 
 
-@router.patch("/adapters/{name}")
+@router.patch(
+    "/adapters/{name}",
+    responses=error_responses(*ADMIN_ERRORS, *JSON_BODY_ERRORS, errors.NotFoundError, errors.ConflictError),
+)
 def update_adapter(name: str, body: AdapterPatch, registry: RegistryDep) -> AdapterObject:
     return AdapterObject.from_view(registry.update(name, body.mode, body.pinned))
 
 
-@router.delete("/adapters/{name}")
+@router.delete("/adapters/{name}", responses=error_responses(*ADMIN_ERRORS, errors.NotFoundError))
 def delete_adapter(name: str, registry: RegistryDep) -> AdapterDeleted:
     registry.remove(name)
     return AdapterDeleted(name=name)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
+
+from server.api.limits import LIMIT_KEY, Bounded, bound, flag
 
 NOT_SUPPORTED = "not supported by this server"
-MAX_STOP_STRINGS = 16
 MAX_N = 128
+MAX_INT32 = 2**31 - 1  # token counts and top_k: far beyond any context, still a machine integer
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what a generator takes
+
+# Strict JSON types (no "yes" for true, no "3" for 3), no NaN or infinity, and every field declared: a field the
+# server does not know is refused with a 400 naming it rather than silently ignored.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _as_stop_list(value: object) -> object:
@@ -16,7 +24,7 @@ def _as_stop_list(value: object) -> object:
 
 
 def _is_token_ids(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def _is_prompt_batch(value: object) -> bool:
@@ -34,9 +42,19 @@ def _as_prompt_list(value: object) -> list[str] | list[list[int]]:
     elif _is_prompt_batch(value):
         prompts = value
     else:
-        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+        raise PydanticCustomError(
+            "prompt_type", "must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        )
     if any(len(p) == 0 for p in prompts):
         raise ValueError("must not be empty")
+    if any(not 0 <= t <= MAX_INT32 for p in prompts if isinstance(p, list) for t in p):
+        raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
+    longest = max(len(p) for p in prompts if isinstance(p, str)) if isinstance(prompts[0], str) else 0
+    if longest > bound("max_text_chars"):
+        raise ValueError(
+            f"a prompt of {longest} characters is over the limit of {bound('max_text_chars')} "
+            f"(the server's {flag('max_text_chars')})"
+        )
     return prompts
 
 
@@ -44,37 +62,54 @@ def _join_text_parts(value: object) -> object:
     """Chat content may be a list of `{"type": "text", "text": ...}` parts; join them like vLLM does."""
     if not isinstance(value, list):
         return value
-    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-        raise ValueError("content parts must be objects with type 'text' and a 'text' string")
+    if not all(isinstance(p, dict) and p.keys() == {"type", "text"} and p["type"] == "text" for p in value):
+        raise ValueError("content parts must be objects with only type 'text' and a 'text' string")
+    if not all(isinstance(p["text"], str) for p in value):
+        raise PydanticCustomError("string_type", "the 'text' of a content part must be a string")
     return "\n".join(p["text"] for p in value)
 
 
 StopList = Annotated[
-    list[Annotated[str, Field(min_length=1)]], BeforeValidator(_as_stop_list), Field(max_length=MAX_STOP_STRINGS)
+    list[Annotated[str, Field(min_length=1), Bounded("max_stop_chars")]],
+    BeforeValidator(_as_stop_list),
+    Bounded("max_stop_strings"),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
+                    LIMIT_KEY: "max_stop_strings",
+                },
+            ]
+        }
+    ),
 ]
 
 
 class StreamOptions(BaseModel):
     """OpenAI `stream_options`."""
 
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class GenerationRequest(BaseModel):
-    """Fields shared by completions and chat completions; unknown fields are ignored, as OpenAI clients send extras."""
+    """Fields shared by completions and chat completions; a field not declared here is refused (400)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     default_max_tokens: ClassVar[int | None] = None  # None: the rest of the context
 
     model: str
     n: int | None = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="below 1e-5: greedy, as 0")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0 disables top-k")
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="-1 or 0 disables top-k")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="sample i of n uses seed + i")
     stop: StopList | None = None
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -82,6 +117,7 @@ class GenerationRequest(BaseModel):
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
+    user: str | None = Field(None, description="accepted and ignored")
 
     @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
@@ -105,12 +141,29 @@ class GenerationRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": MAX_INT32}}
+_TEXT = {"type": "string", "minLength": 1, LIMIT_KEY: "max_text_chars"}
+PROMPT_SCHEMA = {  # the four OpenAI forms, which the validator normalises to a list of prompts
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "minItems": 1, "items": _TEXT, LIMIT_KEY: "max_prompts"},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS, LIMIT_KEY: "max_prompts"},
+    ]
+}
+
+
 class CompletionRequest(GenerationRequest):
     """Body of `POST /v1/completions`."""
 
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for legacy completions
 
-    prompt: Annotated[list[str] | list[list[int]], BeforeValidator(_as_prompt_list)]
+    prompt: Annotated[
+        list[str] | list[list[int]],
+        BeforeValidator(_as_prompt_list),
+        Bounded("max_prompts"),
+        WithJsonSchema(PROMPT_SCHEMA),
+    ]
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -138,19 +191,36 @@ class CompletionRequest(GenerationRequest):
         return value
 
 
-class ChatMessage(BaseModel):
-    """One message of a chat; `name` and other extras are ignored."""
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "additionalProperties": False,
+}
+CONTENT_SCHEMA = {  # a string, or text parts joined with newlines
+    "anyOf": [{"type": "string", LIMIT_KEY: "max_text_chars"}, {"type": "array", "items": _TEXT_PART}]
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatMessage(BaseModel):
+    """One message of a chat; `name` is accepted and ignored, other fields are refused."""
+
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_join_text_parts)]
+    content: Annotated[
+        str,
+        BeforeValidator(_join_text_parts),
+        Bounded("max_text_chars"),
+        WithJsonSchema(CONTENT_SCHEMA),
+    ]
+    name: str | None = Field(None, description="accepted and ignored")
 
 
 class ChatCompletionRequest(GenerationRequest):
     """Body of `POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1), Bounded("max_messages")]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = None
