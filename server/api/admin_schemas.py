@@ -43,6 +43,7 @@ UPLOAD_OPENAPI: dict[str, Any] = {  # FastAPI cannot describe a form the route p
                 "schema": {
                     "type": "object",
                     "required": ["name", "config", "weights"],
+                    "additionalProperties": False,
                     "properties": {
                         "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$"},
                         "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 from server import errors
@@ -138,7 +139,20 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
         not_found = errors.NotFoundError(f"no route for {request.method} {request.url.path}")
         return _counted(request.app, error_response(not_found))
     body = error_body(errors.InvalidRequestError(str(exc.detail)))
-    return _counted(request.app, JSONResponse(body, status_code=exc.status_code, headers=exc.headers))
+    headers = exc.headers
+    allowed = _documented_methods(request) if exc.status_code == 405 else []
+    if allowed:  # Starlette names only the methods of the first route of the path, not of all of them
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+    return _counted(request.app, JSONResponse(body, status_code=exc.status_code, headers=headers))
+
+
+def _documented_methods(request: Request) -> list[str]:
+    """Every method /openapi.json lists for the request's path."""
+    methods: set[str] = set()
+    for path, operations in request.app.openapi()["paths"].items():
+        if compile_path(path)[0].match(request.scope["path"]):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 async def _client_disconnect(request: Request, exc: ClientDisconnect) -> Response:

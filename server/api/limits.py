@@ -21,8 +21,11 @@ from pydantic_core import PydanticCustomError, core_schema
 from server.settings import Settings
 
 LIMIT_KEY = "x-loraplex-limit"  # placeholder in the generated schema, replaced by the setting's value
+# Exact integer bounds: FastAPI's OpenAPI models store `maximum` as a float, which rounds 2**63 - 1 up to 2**63.
+EXACT_KEY = "x-loraplex-exact"
 _KEYWORDS = {"string": "maxLength", "array": "maxItems", "object": "maxProperties", "integer": "maximum"}
 _UNITS = {str: "characters", list: "items", dict: "keys"}
+_INTEGER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 _active: ContextVar[Settings | None] = ContextVar("loraplex_active_settings", default=None)
 
@@ -79,8 +82,13 @@ class Bounded:
         return value
 
 
+def exact(**bounds: int) -> dict[str, Any]:
+    """`json_schema_extra` for integer bounds that must reach /openapi.json exactly, e.g. `exact(maximum=2**63 - 1)`."""
+    return {EXACT_KEY: bounds}
+
+
 def publish_limits(document: Any, settings: Settings) -> None:
-    """Replace every limit placeholder in an OpenAPI document (in place) by the JSON-schema bound it stands for."""
+    """Replace every placeholder in an OpenAPI document (in place) by the JSON-schema bound it stands for."""
     stack = [document]
     while stack:
         node = stack.pop()
@@ -88,6 +96,9 @@ def publish_limits(document: Any, settings: Settings) -> None:
             setting = node.pop(LIMIT_KEY, None)
             if setting is not None:
                 node[_KEYWORDS[node["type"]]] = getattr(settings, setting)
+            node.update(node.pop(EXACT_KEY, {}))
+            if node.get("type") == "integer":  # 128.0 -> 128
+                node.update({key: int(node[key]) for key in _INTEGER_BOUNDS if isinstance(node.get(key), float)})
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)

@@ -52,13 +52,30 @@ def _headers(status: int) -> dict[str, Any]:
     return {"headers": _HEADERS[status]} if status in _HEADERS else {}
 
 
+def _drop_fastapi_validation_errors(document: dict[str, Any]) -> None:
+    """Remove the 422 FastAPI declares for routes with parameters: its shape is not ours (see server.api.errors).
+
+    A route that can answer 422 declares it with `error_responses`; the others (string path parameters only)
+    cannot fail FastAPI's validation.
+    """
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            declared = operation["responses"].get("422", {})
+            if "HTTPValidationError" in str(declared):
+                del operation["responses"]["422"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        document.get("components", {}).get("schemas", {}).pop(name, None)
+
+
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     """Serve an OpenAPI document whose bounds are this app's settings (see `server.api.limits`)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            publish_limits(generate(), settings)
+            document = generate()
+            publish_limits(document, settings)
+            _drop_fastapi_validation_errors(document)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from server.api.fields import INT64_MAX
 from server.api.generation import Job
-from server.api.schemas import INT64_MAX, GenerationRequest
+from server.api.schemas import GenerationRequest
 from server.engine.sequence import SamplingParams
 from server.errors import InvalidRequestError
 from server.settings import Settings

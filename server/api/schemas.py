@@ -7,12 +7,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
+from server.api.fields import MAX_INT32, Count, MinTokens, Seed, TokenCount, TopK, tolerated
 from server.api.limits import LIMIT_KEY, Bounded, bound, flag
 
 NOT_SUPPORTED = "not supported by this server"
-MAX_N = 128
-MAX_INT32 = 2**31 - 1  # token counts and top_k: far beyond any context, still a machine integer
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what a generator takes
 
 # Strict JSON types (no "yes" for true, no "3" for 3), no NaN or infinity, and every field declared: a field the
 # server does not know is refused with a 400 naming it rather than silently ignored.
@@ -23,8 +21,13 @@ def _as_stop_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
+def _is_token_id(value: object) -> bool:
+    # JSON Schema's integers include 3.0; they are taken as 3
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+
+
 def _is_token_ids(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return isinstance(value, list) and all(map(_is_token_id, value))
 
 
 def _is_prompt_batch(value: object) -> bool:
@@ -49,6 +52,8 @@ def _as_prompt_list(value: object) -> list[str] | list[list[int]]:
         raise ValueError("must not be empty")
     if any(not 0 <= t <= MAX_INT32 for p in prompts if isinstance(p, list) for t in p):
         raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
+    if isinstance(prompts[0], list):
+        prompts = [[int(t) for t in p] for p in prompts]
     longest = max(len(p) for p in prompts if isinstance(p, str)) if isinstance(prompts[0], str) else 0
     if longest > bound("max_text_chars"):
         raise ValueError(
@@ -88,6 +93,14 @@ StopList = Annotated[
 ]
 
 
+EMPTY_OR_NULL = {"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}], "description": "not supported"}
+EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
+TEXT_FORMAT = {
+    "anyOf": [{"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}, {"type": "null"}],
+    "description": "only the plain-text format is supported",
+}
+
+
 class StreamOptions(BaseModel):
     """OpenAI `stream_options`."""
 
@@ -102,21 +115,21 @@ class GenerationRequest(BaseModel):
     default_max_tokens: ClassVar[int | None] = None  # None: the rest of the context
 
     model: str
-    n: int | None = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    n: Count | None = 1
+    max_tokens: TokenCount | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="below 1e-5: greedy, as 0")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="-1 or 0 disables top-k")
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="sample i of n uses seed + i")
+    top_k: TopK | None = Field(None, description="-1 or 0 disables top-k")
+    seed: Seed | None = Field(None, description="sample i of n uses seed + i")
     stop: StopList | None = None
-    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
+    presence_penalty: Annotated[float | None, tolerated(0, None)] = 0.0
+    frequency_penalty: Annotated[float | None, tolerated(0, None)] = 0.0
+    logit_bias: Annotated[dict[str, float] | None, tolerated(schema=EMPTY_OR_NULL)] = None
+    response_format: Annotated[dict[str, Any] | None, tolerated(schema=TEXT_FORMAT)] = None
     user: str | None = Field(None, description="accepted and ignored")
 
     @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
@@ -164,10 +177,12 @@ class CompletionRequest(GenerationRequest):
         Bounded("max_prompts"),
         WithJsonSchema(PROMPT_SCHEMA),
     ]
-    echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: Annotated[bool | None, tolerated(False, None)] = False
+    logprobs: Annotated[int | None, tolerated(None)] = None
+    best_of: Annotated[
+        int | None, tolerated(schema={"anyOf": [{"type": "integer", "maximum": 1}, {"type": "null"}]})
+    ] = None
+    suffix: Annotated[str | None, tolerated("", None)] = None
 
     @field_validator("echo", "suffix")
     @classmethod
@@ -194,7 +209,7 @@ class CompletionRequest(GenerationRequest):
 _TEXT_PART = {
     "type": "object",
     "required": ["type", "text"],
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "properties": {"type": {"const": "text"}, "text": {"type": "string", LIMIT_KEY: "max_text_chars"}},
     "additionalProperties": False,
 }
 CONTENT_SCHEMA = {  # a string, or text parts joined with newlines
@@ -221,13 +236,13 @@ class ChatCompletionRequest(GenerationRequest):
     """Body of `POST /v1/chat/completions`."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1), Bounded("max_messages")]
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    tool_choice: Any = None
-    function_call: Any = None
+    max_completion_tokens: TokenCount | None = None
+    logprobs: Annotated[bool | None, tolerated(False, None)] = False
+    top_logprobs: Annotated[int | None, tolerated(0, None)] = None
+    tools: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
+    functions: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
+    tool_choice: Annotated[Any, tolerated("none", None)] = None
+    function_call: Annotated[Any, tolerated("none", None)] = None
 
     @field_validator("logprobs", "top_logprobs", "tools", "functions")
     @classmethod

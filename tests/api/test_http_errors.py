@@ -74,7 +74,8 @@ async def test_bad_completion_fields(client: httpx.AsyncClient, fields: dict, pa
         ({"ignore_eos": "sometimes"}, "ignore_eos"),
         ({"max_tokens": "5"}, "max_tokens"),
         ({"temperature": "0.5"}, "temperature"),
-        ({"n": 2.0}, "n"),
+        ({"n": "2"}, "n"),
+        ({"seed": True}, "seed"),
         ({"stop": 3}, "stop"),
         ({"model": None}, "model"),
         ({"prompt": ["a", [1]]}, "prompt"),
@@ -356,3 +357,19 @@ async def test_every_loraplex_error_maps_to_its_status(
     assert response.status_code == status_of(type(error))
     assert response.json() == error_body(error)
     assert "retry-after" not in response.headers
+
+
+async def test_integral_numbers_are_integers_as_in_json_schema(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    body = {"model": "base-model", "prompt": [104.0, 105], "n": 2.0, "max_tokens": 3.0, "seed": 7.0}
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [(s.prompt_token_ids, s.params.seed, s.params.max_tokens) for s in engine.submitted] == [
+        ([104, 105], 7, 3),
+        ([104, 105], 8, 3),
+    ]
+
+
+async def test_405_allows_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    response = await client.put("/admin/adapters/x")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET, PATCH"
