@@ -56,6 +56,7 @@ class Settings(BaseSettings):
         256 * 1024, gt=0, description="Longest prompt string or chat message content, in characters"
     )
     max_prompts: int = Field(64, gt=0, description="Most prompts in one completions request")
+    max_n: int = Field(128, gt=0, le=1024, description="Most choices (n) per prompt")
     max_messages: int = Field(512, gt=0, description="Most messages in one chat completions request")
     max_stop_strings: int = Field(16, gt=0, description="Most stop strings in one request")
     max_stop_chars: int = Field(256, gt=0, description="Longest stop string, in characters")

@@ -41,7 +41,8 @@ def tolerated(*values: Any, schema: dict[str, Any] | None = None) -> WithJsonSch
     return WithJsonSchema(schema or {"enum": list(values), "description": "not supported: only these values"})
 
 
-Count = json_int(1, 128)
+MAX_N = 1024  # the ceiling of --max-n
+Count = json_int(1, MAX_N)
 TokenCount = json_int(1, MAX_INT32)
 MinTokens = json_int(0, MAX_INT32)
 TopK = json_int(-1, MAX_INT32)

@@ -93,10 +93,10 @@ def publish_limits(document: Any, settings: Settings) -> None:
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            setting = node.pop(LIMIT_KEY, None)
-            if setting is not None:
-                node[_KEYWORDS[node["type"]]] = getattr(settings, setting)
             node.update(node.pop(EXACT_KEY, {}))
+            setting = node.pop(LIMIT_KEY, None)
+            if setting is not None:  # a setting tightens the static bound (settings.py keeps it within)
+                node[_KEYWORDS[node["type"]]] = getattr(settings, setting)
             if node.get("type") == "integer":  # 128.0 -> 128
                 node.update({key: int(node[key]) for key in _INTEGER_BOUNDS if isinstance(node.get(key), float)})
             stack.extend(node.values())

@@ -115,7 +115,7 @@ class GenerationRequest(BaseModel):
     default_max_tokens: ClassVar[int | None] = None  # None: the rest of the context
 
     model: str
-    n: Count | None = 1
+    n: Annotated[Count, Bounded("max_n")] | None = 1
     max_tokens: TokenCount | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="below 1e-5: greedy, as 0")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
