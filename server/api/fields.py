@@ -46,5 +46,6 @@ Count = json_int(1, MAX_N)
 TokenCount = json_int(1, MAX_INT32)
 MinTokens = json_int(0, MAX_INT32)
 TopK = json_int(-1, MAX_INT32)
-Seed = json_int(INT64_MIN, INT64_MAX)
+Int64 = json_int(INT64_MIN, INT64_MAX)
+Seed = Int64
 TokenId = json_int(0, MAX_INT32)

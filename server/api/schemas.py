@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.api.fields import MAX_INT32, Count, MinTokens, Seed, TokenCount, TopK, tolerated
+from server.api.fields import MAX_INT32, Count, Int64, MinTokens, Seed, TokenCount, TopK, tolerated
 from server.api.limits import LIMIT_KEY, Bounded, bound, flag
 
 NOT_SUPPORTED = "not supported by this server"
@@ -178,9 +178,9 @@ class CompletionRequest(GenerationRequest):
         WithJsonSchema(PROMPT_SCHEMA),
     ]
     echo: Annotated[bool | None, tolerated(False, None)] = False
-    logprobs: Annotated[int | None, tolerated(None)] = None
+    logprobs: Annotated[Int64 | None, tolerated(None)] = None
     best_of: Annotated[
-        int | None, tolerated(schema={"anyOf": [{"type": "integer", "maximum": 1}, {"type": "null"}]})
+        Int64 | None, tolerated(schema={"anyOf": [{"type": "integer", "maximum": 1}, {"type": "null"}]})
     ] = None
     suffix: Annotated[str | None, tolerated("", None)] = None
 
@@ -238,7 +238,7 @@ class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1), Bounded("max_messages")]
     max_completion_tokens: TokenCount | None = None
     logprobs: Annotated[bool | None, tolerated(False, None)] = False
-    top_logprobs: Annotated[int | None, tolerated(0, None)] = None
+    top_logprobs: Annotated[Int64 | None, tolerated(0, None)] = None
     tools: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
     functions: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
     tool_choice: Annotated[Any, tolerated("none", None)] = None
