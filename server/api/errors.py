@@ -99,8 +99,10 @@ def validation_error(exc: RequestValidationError) -> errors.InvalidRequestError:
     message = str(first["msg"]).removeprefix("Value error, ")
     if param is None and isinstance(first.get("input"), bytes):
         return errors.InvalidRequestError("request body must be JSON, sent with Content-Type: application/json")
-    if param is None:
+    if param is None and _is_type_error(first["type"]):
         return errors.WrongTypeError(f"request body must be a JSON object: {message}")
+    if param is None:
+        return errors.InvalidRequestError(f"request body: {message}")
     if first["type"] == "extra_forbidden":
         return errors.InvalidRequestError(f"{param}: unknown field, not implemented by this server", param=param)
     error = errors.WrongTypeError if _is_type_error(first["type"]) else errors.InvalidRequestError

@@ -12,6 +12,7 @@ from pydantic import BeforeValidator, Field, Strict, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from server.api.limits import exact
+from server.engine.logprobs import MAX_TOP_LOGPROBS
 
 MAX_INT32 = 2**31 - 1  # token counts and top_k: far beyond any context, still a machine integer
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what a generator takes
@@ -44,8 +45,9 @@ def tolerated(*values: Any, schema: dict[str, Any] | None = None) -> WithJsonSch
 MAX_N = 1024  # the ceiling of --max-n
 Count = json_int(1, MAX_N)
 TokenCount = json_int(1, MAX_INT32)
+TokenCountOrZero = json_int(0, MAX_INT32)
+TopLogprobs = json_int(0, MAX_TOP_LOGPROBS)
 MinTokens = json_int(0, MAX_INT32)
 TopK = json_int(-1, MAX_INT32)
-Int64 = json_int(INT64_MIN, INT64_MAX)
-Seed = Int64
+Seed = json_int(INT64_MIN, INT64_MAX)
 TokenId = json_int(0, MAX_INT32)
