@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     )
     max_adapter_bytes: int = Field(256 * 2**20, gt=0, description="Largest adapter weights file an upload may send")
     seed: int = Field(0, description="Seed for requests that give none")
+    health_stall_s: float = Field(
+        60.0, gt=0, description="Seconds the engine may have work without finishing a step before /health answers 503"
+    )
+    health_max_step_failures: int = Field(
+        3, gt=0, description="Engine steps failing in a row before /health answers 503"
+    )
     metrics_max_adapters: int = Field(
         100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"
     )

@@ -6,6 +6,7 @@ from server.api.fields import INT64_MAX
 from server.api.generation import Job
 from server.api.schemas import GenerationRequest
 from server.engine.sequence import SamplingParams
+from server.engine.structured import GrammarSpec
 from server.errors import InvalidRequestError
 from server.settings import Settings
 
@@ -13,7 +14,9 @@ from server.settings import Settings
 GREEDY_BELOW = 1e-5
 
 
-def plan_jobs(body: GenerationRequest, prompts: list[list[int]], max_model_len: int) -> list[Job]:
+def plan_jobs(
+    body: GenerationRequest, prompts: list[list[int]], max_model_len: int, structured: GrammarSpec | None = None
+) -> list[Job]:
     """Job `p * n + i` is sample `i` of prompt `p` (n: samples per prompt); with a seed, sample `i` uses `seed + i`."""
     n = body.samples_per_prompt()
     if body.seed is not None and body.seed + n - 1 > INT64_MAX:
@@ -22,13 +25,15 @@ def plan_jobs(body: GenerationRequest, prompts: list[list[int]], max_model_len: 
             param="seed",
         )
     return [
-        Job(index=p * n + i, prompt_token_ids=prompt, params=sampling_params(body, len(prompt), max_model_len, i))
+        Job(p * n + i, prompt, sampling_params(body, len(prompt), max_model_len, i, structured))
         for p, prompt in enumerate(prompts)
         for i in range(n)
     ]
 
 
-def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, sample: int) -> SamplingParams:
+def sampling_params(
+    body: GenerationRequest, prompt_len: int, max_model_len: int, sample: int, structured: GrammarSpec | None = None
+) -> SamplingParams:
     """The engine's parameters for one sample; max_tokens defaults to what is left of the context."""
     max_tokens = body.requested_max_tokens()
     if max_tokens is None:
@@ -57,6 +62,7 @@ def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int
         logit_bias=body.token_biases(),
         min_p=body.min_p or 0.0,
         stop_token_ids=tuple(body.stop_token_ids or ()),
+        structured=structured,
     )
 
 

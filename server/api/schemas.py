@@ -20,6 +20,7 @@ from server.api.fields import (
     tolerated,
 )
 from server.api.limits import LIMIT_KEY, Bounded, bound, flag
+from server.api.structured_schemas import ResponseFormat, StructuredOutputs
 
 NOT_SUPPORTED = "not supported by this server"
 MAX_LOGIT_BIAS = 1024
@@ -106,20 +107,6 @@ StopList = Annotated[
 ]
 
 
-EMPTY_OR_NULL = {"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}], "description": "not supported"}
-EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
-TEXT_FORMAT = {
-    "anyOf": [{"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}, {"type": "null"}],
-    "description": "only the plain-text format is supported",
-}
-
-
-TEXT_FORMAT = {
-    "anyOf": [{"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}, {"type": "null"}],
-    "description": "only the plain-text format is supported",
-}
-
-
 EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
 
 
@@ -148,8 +135,11 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    response_format: Annotated[dict[str, Any] | None, tolerated(schema=TEXT_FORMAT)] = None
     user: str | None = Field(None, description="accepted and ignored")
+
+    # Structured outputs (server.engine.structured).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     # Sampling controls (server.engine.penalties).
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -175,13 +165,6 @@ class GenerationRequest(BaseModel):
     def samples_per_prompt(self) -> int:
         """How many sequences to generate per prompt (best_of may ask for more than the n returned)."""
         return self.n or 1
-
-    @field_validator("response_format")
-    @classmethod
-    def _reject_structured_output(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(NOT_SUPPORTED)
-        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -195,7 +195,6 @@ async def test_context_overflow_names_both_numbers(client: httpx.AsyncClient) ->
     "fields",
     [
         {"suffix": "end"},
-        {"response_format": {"type": "json_object"}},
     ],
 )
 async def test_unsupported_completion_fields(client: httpx.AsyncClient, fields: dict) -> None:
