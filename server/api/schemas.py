@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from server.api.fields import (
-    MAX_INT32,
     Count,
     MinTokens,
     Seed,
@@ -19,7 +17,8 @@ from server.api.fields import (
     TopLogprobs,
     tolerated,
 )
-from server.api.limits import LIMIT_KEY, Bounded, bound, flag
+from server.api.limits import Bounded
+from server.api.prompts import ChatContent, PromptList, StopList
 from server.api.structured_schemas import ResponseFormat, StructuredOutputs
 
 NOT_SUPPORTED = "not supported by this server"
@@ -29,82 +28,6 @@ MAX_STOP_TOKEN_IDS = 64
 # Strict JSON types (no "yes" for true, no "3" for 3), no NaN or infinity, and every field declared: a field the
 # server does not know is refused with a 400 naming it rather than silently ignored.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-def _as_stop_list(value: object) -> object:
-    return [value] if isinstance(value, str) else value
-
-
-def _is_token_id(value: object) -> bool:
-    # JSON Schema's integers include 3.0; they are taken as 3
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-
-
-def _is_token_ids(value: object) -> bool:
-    return isinstance(value, list) and all(map(_is_token_id, value))
-
-
-def _is_prompt_batch(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and (all(isinstance(p, str) for p in value) or all(map(_is_token_ids, value)))
-    )
-
-
-def _as_prompt_list(value: object) -> list[str] | list[list[int]]:
-    """Normalise the four OpenAI prompt forms to a list of prompts, one per choice index."""
-    if isinstance(value, str) or _is_token_ids(value):
-        prompts: list = [value]
-    elif _is_prompt_batch(value):
-        prompts = value
-    else:
-        raise PydanticCustomError(
-            "prompt_type", "must be a string, a list of strings, a list of token ids or a list of token-id lists"
-        )
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("must not be empty")
-    if any(not 0 <= t <= MAX_INT32 for p in prompts if isinstance(p, list) for t in p):
-        raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
-    if isinstance(prompts[0], list):
-        prompts = [[int(t) for t in p] for p in prompts]
-    longest = max(len(p) for p in prompts if isinstance(p, str)) if isinstance(prompts[0], str) else 0
-    if longest > bound("max_text_chars"):
-        raise ValueError(
-            f"a prompt of {longest} characters is over the limit of {bound('max_text_chars')} "
-            f"(the server's {flag('max_text_chars')})"
-        )
-    return prompts
-
-
-def _join_text_parts(value: object) -> object:
-    """Chat content may be a list of `{"type": "text", "text": ...}` parts; join them like vLLM does."""
-    if not isinstance(value, list):
-        return value
-    if not all(isinstance(p, dict) and p.keys() == {"type", "text"} and p["type"] == "text" for p in value):
-        raise ValueError("content parts must be objects with only type 'text' and a 'text' string")
-    if not all(isinstance(p["text"], str) for p in value):
-        raise PydanticCustomError("string_type", "the 'text' of a content part must be a string")
-    return "\n".join(p["text"] for p in value)
-
-
-StopList = Annotated[
-    list[Annotated[str, Field(min_length=1), Bounded("max_stop_chars")]],
-    BeforeValidator(_as_stop_list),
-    Bounded("max_stop_strings"),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
-                {
-                    "type": "array",
-                    "items": {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
-                    LIMIT_KEY: "max_stop_strings",
-                },
-            ]
-        }
-    ),
-]
 
 
 EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
@@ -186,29 +109,12 @@ class GenerationRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": MAX_INT32}}
-_TEXT = {"type": "string", "minLength": 1, LIMIT_KEY: "max_text_chars"}
-PROMPT_SCHEMA = {  # the four OpenAI forms, which the validator normalises to a list of prompts
-    "anyOf": [
-        _TEXT,
-        {"type": "array", "minItems": 1, "items": _TEXT, LIMIT_KEY: "max_prompts"},
-        _TOKEN_IDS,
-        {"type": "array", "minItems": 1, "items": _TOKEN_IDS, LIMIT_KEY: "max_prompts"},
-    ]
-}
-
-
 class CompletionRequest(GenerationRequest):
     """Body of `POST /v1/completions`."""
 
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for legacy completions
 
-    prompt: Annotated[
-        list[str] | list[list[int]],
-        BeforeValidator(_as_prompt_list),
-        Bounded("max_prompts"),
-        WithJsonSchema(PROMPT_SCHEMA),
-    ]
+    prompt: PromptList
     suffix: Annotated[str | None, tolerated("", None)] = None
 
     @field_validator("suffix")
@@ -255,29 +161,13 @@ class CompletionRequest(GenerationRequest):
         return self.best_of or self.n or 1
 
 
-_TEXT_PART = {
-    "type": "object",
-    "required": ["type", "text"],
-    "properties": {"type": {"const": "text"}, "text": {"type": "string", LIMIT_KEY: "max_text_chars"}},
-    "additionalProperties": False,
-}
-CONTENT_SCHEMA = {  # a string, or text parts joined with newlines
-    "anyOf": [{"type": "string", LIMIT_KEY: "max_text_chars"}, {"type": "array", "items": _TEXT_PART}]
-}
-
-
 class ChatMessage(BaseModel):
     """One message of a chat; `name` is accepted and ignored, other fields are refused."""
 
     model_config = REQUEST_CONFIG
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[
-        str,
-        BeforeValidator(_join_text_parts),
-        Bounded("max_text_chars"),
-        WithJsonSchema(CONTENT_SCHEMA),
-    ]
+    content: ChatContent
     name: str | None = Field(None, description="accepted and ignored")
 
 
