@@ -67,7 +67,9 @@ class GenerationRequest(BaseModel):
     # Sampling controls (server.engine.penalties).
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM semantics; 1 = off")
+    repetition_penalty: float | None = Field(  # dividing a logit by less than 0.01 can overflow to infinity
+        None, ge=0.01, le=10.0, description="vLLM semantics; 1 = off"
+    )
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit"
     )

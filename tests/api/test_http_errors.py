@@ -65,6 +65,7 @@ def assert_error(response: httpx.Response, status: int, error_type: str, param: 
         ({"stop": ["x" * 257]}, "stop[0]"),
         ({"max_tokens": 100, "prompt": "a" * 100}, "max_tokens"),
         ({"seed": 2**63}, "seed"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"seed": 2**63 - 1, "n": 2}, "seed"),
         ({"top_k": 2**31}, "top_k"),
