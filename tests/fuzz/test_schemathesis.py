@@ -45,7 +45,8 @@ def test_schemathesis_finds_no_failure(fuzzed_server: str, tmp_path: Path) -> No
         str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(CONFIG), "run",
         f"{fuzzed_server}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {TOKEN}",
         "--include-path-regex", "^/(v1/|admin/|tokenize|detokenize)", "--max-examples", str(EXAMPLES_PER_OPERATION),
-        "--workers", "1", "--seed", "20261125", "--request-timeout", "60", "--generation-database", "none", "--no-color",
+        "--workers", "1", "--seed", "20261125", "--request-timeout", "60", "--generation-database", "none",
+        "--no-color",
     ]  # fmt: skip
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-20_000:] + run.stderr[-5_000:]
