@@ -61,9 +61,10 @@ def flags(store) -> tuple[str, ...]:
 def server(model_dir, flags) -> Iterator[dict]:
     """The first server process; the SIGKILL test kills it, so it is shared in file order."""
     proc, url = start_server(model_dir, *flags)
-    yield {"proc": proc, "url": url}
-    proc.kill()
-    proc.wait(timeout=30)
+    live = {"proc": proc, "url": url}
+    yield live
+    live["proc"].kill()  # the restarted process, when the SIGKILL test ran
+    live["proc"].wait(timeout=30)
 
 
 def greedy_text(url: str, model: str) -> str:
