@@ -90,6 +90,15 @@ class AdapterRegistry(AdapterCache):
             self.store.purge(hidden)
         log.info("removed adapter %s", name)
 
+    def refresh(self, name: str) -> None:
+        """Serve `name` as the store holds it now, as a new version: another process sharing the store changed it,
+        or this one unloads it. Requests running keep the version they hold; the old one is freed when they end.
+        """
+        with self._admin, self._lock:
+            self._drop(name)
+            if self.store.exists(name):
+                self._register(name)
+
     def view(self, name: str) -> AdapterView:
         """The record (read from disk the first time), settings and live state of `name`."""
         with self._lock:

@@ -1,0 +1,71 @@
+"""One local Ray cluster (2 CPUs, loopback, no dashboard) and one deployed application for every Ray test."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from server.cluster.launch import build_application  # noqa: E402
+from server.settings import ClusterSettings, Settings  # noqa: E402
+from tests.helpers import make_adapter_store, make_tiny_checkpoint  # noqa: E402
+from tests.test_server_e2e import _free_port  # noqa: E402
+
+APP = "loraplex-test"
+TOKEN = "test-admin-token"
+ADAPTERS = {"qv": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "dora": {"r": 4, "lora_alpha": 8, "target_modules": ["o_proj", "down_proj"], "use_dora": True},
+            "sticky": {"r": 2, "lora_alpha": 4, "target_modules": ["k_proj"]}}  # fmt: skip
+
+
+@dataclass
+class Deployed:
+    """The application under test: its URL, the settings every replica runs with, and the files behind them."""
+
+    url: str
+    settings: Settings
+    model_dir: Path
+    sources: Path  # a copy of the initial adapters, to upload from
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory) -> Iterator[Deployed]:
+    model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ray"), max_position_embeddings=4096)
+    store = make_adapter_store(model_dir, tmp_path_factory.mktemp("store"), ADAPTERS)
+    sources = make_adapter_store(model_dir, tmp_path_factory.mktemp("sources"), ADAPTERS)
+    settings = Settings(
+        model=model_dir, adapters_store=store, served_model_name="tiny", kv_cache_bytes=2**24, max_loras=4,
+        admin_token=TOKEN, host="127.0.0.1", port=_free_port(),
+    )  # fmt: skip
+    os.environ.pop("RAY_ADDRESS", None)  # a cluster of its own, never one the environment points at
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        cluster = ClusterSettings(replicas=2, num_cpus_per_replica=1, app_name=APP)
+        serve.run(build_application(settings, cluster), name=APP, route_prefix="/")
+        url = f"http://{settings.host}:{settings.port}"
+        wait_healthy(url)
+        yield Deployed(url, settings, model_dir, sources)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_healthy(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the Ray Serve application did not become healthy")
