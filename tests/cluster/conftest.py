@@ -36,7 +36,7 @@ class Deployed:
     sources: Path  # a copy of the initial adapters, to upload from
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # one cluster for every Ray test: starting one takes ~30 s on 2 cores
 def deployed(tmp_path_factory) -> Iterator[Deployed]:
     model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ray"), max_position_embeddings=4096)
     store = make_adapter_store(model_dir, tmp_path_factory.mktemp("store"), ADAPTERS)

@@ -39,7 +39,8 @@ def reference(deployed: Deployed) -> dict[tuple[str, int], str]:
     proc, url = start_server(settings.model, "--adapters-store", str(settings.adapters_store), "--served-model-name",
                              "tiny", "--kv-cache-bytes", str(settings.kv_cache_bytes))  # fmt: skip
     try:
-        return {(m, i): completion(url, m, p).json()["choices"][0]["text"] for m in MODELS for i, p in enumerate(PROMPTS)}
+        cases = [(model, index) for model in MODELS for index in range(len(PROMPTS))]
+        return {(m, i): completion(url, m, PROMPTS[i]).json()["choices"][0]["text"] for m, i in cases}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -119,3 +120,23 @@ def test_admin_changes_reach_every_replica_before_the_call_returns(deployed, ref
     assert deleted.status_code == 200
     assert {status for _, status, _ in every_replica(completion_request("fresh", PROMPTS[1]))} == {404}
     assert completion(deployed.url, "fresh", PROMPTS[1]).status_code == 404
+
+
+def test_a_client_that_disconnects_frees_its_request_on_the_replica(deployed):
+    def totals() -> tuple[float, float, float]:
+        text = httpx.get(f"{deployed.url}/metrics", timeout=30).text
+        cancelled = sum(_samples(text, "loraplex_requests_total", finish_reason="cancelled").values())
+        running = sum(_samples(text, "loraplex_num_requests_running").values())
+        return cancelled, running, sum(_samples(text, "loraplex_kv_cache_usage_ratio").values())
+
+    cancelled_before = totals()[0]
+    body = {"model": "qv", "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{deployed.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        events = [next(lines) for _ in range(4)]  # the stream is under way (SSE lines: event, blank, event, ...)
+        assert events[0].startswith("data: ")
+    deadline = time.monotonic() + 30
+    while totals() != (cancelled_before + 1, 0, 0):
+        assert time.monotonic() < deadline, f"the request was not cancelled on its replica: {totals()}"
+        time.sleep(0.5)
