@@ -48,10 +48,10 @@ def deploy(settings: Settings, cluster: ClusterSettings) -> None:
 
 def run_cluster(settings: Settings, cluster: ClusterSettings) -> None:
     """Deploy, serve until SIGINT or SIGTERM, then delete the application and leave Ray."""
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     deploy(settings, cluster)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own SIGTERM handler would skip the cleanup
+        signal.signal(signum, lambda *_: stop.set())
     try:
         stop.wait()
     finally:
