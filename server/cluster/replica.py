@@ -72,8 +72,8 @@ class EngineReplica:
     async def handle(self, request: ProxiedRequest) -> AsyncIterator[ResponseHead | bytes]:
         """Serve one forwarded request: the response head (naming this replica), then its body chunks."""
         adapter = serve.get_multiplexed_model_id()
-        if adapter:
-            with contextlib.suppress(NotFoundError):  # the app answers the request with its own 404
+        if adapter and self.engine.adapters.exists(adapter):  # for an unknown one the app answers 404
+            with contextlib.suppress(NotFoundError):  # deleted meanwhile: the app answers 404 too
                 await self.load_adapter(adapter)
         async for part in run_request(self.app, request):
             if isinstance(part, ResponseHead):
@@ -98,10 +98,18 @@ class EngineReplica:
     def name(self) -> str:
         return self.replica_id
 
-    def refresh_adapter(self, name: str, origin: str) -> None:
-        """Serve `name` as the shared store now holds it; the replica `origin` made the change and has it already."""
-        if origin != self.replica_id:
-            self.engine.adapters.refresh(name)
+    async def refresh_adapter(self, name: str, origin: str) -> None:
+        """Serve `name` as the shared store now holds it; the replica `origin` made the change and has it already.
+
+        A pinned adapter is loaded at once, as the replica that pinned it did.
+        """
+        if origin == self.replica_id:
+            return
+        registry = self.engine.adapters
+        registry.refresh(name)
+        with contextlib.suppress(NotFoundError):  # removed
+            if registry.view(name).meta.pinned:
+                registry.release(await registry.acquire(name))
 
     def metrics(self) -> bytes:
         """This replica's metrics, every sample labelled with the replica."""

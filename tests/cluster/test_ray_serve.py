@@ -116,6 +116,12 @@ def test_admin_changes_reach_every_replica_before_the_call_returns(deployed, ref
     assert _upload(deployed, "fresh", "qv", replace=False).status_code == 201
     assert completion(deployed.url, "fresh", PROMPTS[1]).json()["choices"][0]["text"] == reference[("qv", 1)]
     assert {status for _, status, _ in every_replica(completion_request("fresh", PROMPTS[1]))} == {200}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    patched = httpx.patch(f"{deployed.url}/admin/adapters/qv", json={"mode": "merged", "pinned": True}, headers=auth)
+    assert patched.status_code == 200
+    view = ProxiedRequest("GET", "/admin/adapters/qv", headers=[(b"authorization", f"Bearer {TOKEN}".encode())])
+    views = [json.loads(body) for _, _, body in every_replica(view)]
+    assert [(v["mode"], v["pinned"], v["tier"] != "disk") for v in views] == [("merged", True, True)] * 2
     deleted = httpx.delete(f"{deployed.url}/admin/adapters/fresh", headers={"Authorization": f"Bearer {TOKEN}"})
     assert deleted.status_code == 200
     assert {status for _, status, _ in every_replica(completion_request("fresh", PROMPTS[1]))} == {404}
