@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -69,3 +70,14 @@ def wait_healthy(url: str, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError("the Ray Serve application did not become healthy")
+
+
+def samples(text: str, name: str, **labels: str) -> dict[str, float]:
+    """Per replica, the sum of the samples of `name` whose labels include `labels`."""
+    per_replica: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                replica = sample.labels["replica"]
+                per_replica[replica] = per_replica.get(replica, 0) + sample.value
+    return per_replica

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server.cluster.messages import REPLICA_HEADER, ProxiedRequest
-from tests.cluster.conftest import APP, TOKEN, Deployed
+from tests.cluster.conftest import APP, TOKEN, Deployed, samples
 from tests.test_server_e2e import start_server
 
 pytestmark = pytest.mark.slow
@@ -80,20 +80,7 @@ def test_requests_for_an_adapter_stay_on_the_replica_that_holds_it(deployed):
     assert len(set(replicas)) == 1
     (holder,) = set(replicas)
     metrics = httpx.get(f"{deployed.url}/metrics", timeout=30).text
-    assert _samples(metrics, "loraplex_requests_total", adapter="sticky") == {holder: 7}
-
-
-def _samples(text: str, name: str, **labels: str) -> dict[str, float]:
-    """Per replica, the sum of the samples of `name` whose labels include `labels`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    per_replica: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                replica = sample.labels["replica"]
-                per_replica[replica] = per_replica.get(replica, 0) + sample.value
-    return per_replica
+    assert samples(metrics, "loraplex_requests_total", adapter="sticky") == {holder: 7}
 
 
 def _upload(deployed: Deployed, name: str, source: str, replace: bool) -> httpx.Response:
@@ -131,9 +118,9 @@ def test_admin_changes_reach_every_replica_before_the_call_returns(deployed, ref
 def test_a_client_that_disconnects_frees_its_request_on_the_replica(deployed):
     def totals() -> tuple[float, float, float]:
         text = httpx.get(f"{deployed.url}/metrics", timeout=30).text
-        cancelled = sum(_samples(text, "loraplex_requests_total", finish_reason="cancelled").values())
-        running = sum(_samples(text, "loraplex_num_requests_running").values())
-        return cancelled, running, sum(_samples(text, "loraplex_kv_cache_usage_ratio").values())
+        cancelled = sum(samples(text, "loraplex_requests_total", finish_reason="cancelled").values())
+        running = sum(samples(text, "loraplex_num_requests_running").values())
+        return cancelled, running, sum(samples(text, "loraplex_kv_cache_usage_ratio").values())
 
     cancelled_before = totals()[0]
     body = {"model": "qv", "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "ignore_eos": True,

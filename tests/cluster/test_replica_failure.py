@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.cluster.conftest import APP
+from tests.cluster.conftest import APP, samples
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +56,19 @@ def test_a_replica_killed_under_load_loses_no_request(deployed):
     cases = [(model, stream) for model in ("tiny", "qv", "dora") for stream in (False, True)] * 3
     with ThreadPoolExecutor(len(cases)) as pool:
         futures = [pool.submit(request, deployed.url, model, stream) for model, stream in cases]
-        time.sleep(1.0)
+        victim_id = sorted(before)[0]
+        deadline = time.monotonic() + 30
+        while not samples(httpx.get(f"{deployed.url}/metrics").text, "loraplex_num_requests_running").get(victim_id):
+            assert time.monotonic() < deadline, "no request ever ran on the replica to kill"
+            time.sleep(0.1)
         (victim,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                     if f"#{ENGINE}#" in a["name"] and a["name"].endswith(sorted(before)[0])]  # fmt: skip
+                     if f"#{ENGINE}#" in a["name"] and a["name"].endswith(victim_id)]  # fmt: skip
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         results = [future.result(timeout=180) for future in futures]
     outcomes = [outcome(status, text, stream) for (status, text), (_, stream) in zip(results, cases, strict=True)]
     assert "full" in outcomes
     deadline = time.monotonic() + 120
-    while len(names := replica_names()) < 2 or sorted(before)[0] in names:
+    while len(names := replica_names()) < 2 or victim_id in names:
         assert time.monotonic() < deadline, f"the killed replica was not replaced: {names}"
         time.sleep(1)
     status, text = request(deployed.url, "qv", stream=False)
