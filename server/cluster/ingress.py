@@ -128,8 +128,6 @@ class Ingress:
 
     async def _adapter_of(self, request: ProxiedRequest) -> str | None:
         """The adapter a generation request names, or None (base model, or a body the replica will reject)."""
-        if request.method != "POST" or request.path not in GENERATION_PATHS:
-            return None
         try:
             model = json.loads(request.body).get("model")
         except (ValueError, AttributeError):
