@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     )
     max_loras: int = Field(32, gt=0, description="Adapters resident on the device at once")
     max_cpu_loras: int = Field(64, gt=0, description="Adapters cached in host memory (at least --max-loras)")
+    max_cpu_lora_bytes: int = Field(
+        4 * 2**30, gt=0, description="Bytes of adapter weights cached in host memory beyond those in use"
+    )
     max_lora_rank: int = Field(64, gt=0, description="Largest adapter rank accepted")
     merged: list[str] = Field(
         default_factory=list,
@@ -55,6 +58,9 @@ class Settings(BaseSettings):
         None, description="Bearer token of the /admin API; the admin API is off without one (prefer the env var)"
     )
     max_adapter_bytes: int = Field(256 * 2**20, gt=0, description="Largest adapter weights file an upload may send")
+    max_concurrent_uploads: int = Field(
+        2, gt=0, description="Adapter uploads checked at once; further ones get 429 with Retry-After"
+    )
     seed: int = Field(0, description="Seed for requests that give none")
     metrics_max_adapters: int = Field(
         100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"

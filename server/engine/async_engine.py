@@ -10,21 +10,25 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
-from server.adapters.versions import adapter_name
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import Mode
+from server.adapters.versions import AdapterView, adapter_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
-from server.threads import use_engine_threads
+from server.threads import single_threaded, use_engine_threads
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+Build = Callable[[], tuple[LLMEngine, AdapterRegistry, str]]  # the engine core, its adapters, the base model's name
 
 
 @dataclass
@@ -57,8 +61,8 @@ class _Call:
 class AsyncEngine:
     """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
 
-    def __init__(self, build: Callable[[], tuple[LLMEngine, str]], settings: Settings, metrics: Metrics) -> None:
-        """Start the engine thread, which builds the core and its served model name with `build`; wait for it.
+    def __init__(self, build: Build, settings: Settings, metrics: Metrics) -> None:
+        """Start the engine thread, which builds the core, adapter registry and served model name; wait for it.
 
         The engine thread is the only one that computes with every core (`server.threads`), so the model is
         loaded there too. Whatever `build` raises is raised here.
@@ -74,8 +78,7 @@ class AsyncEngine:
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
-        started.result()  # the engine thread has set self.core and self.served_model_name
-        self.adapters = self.core.adapters
+        started.result()  # the engine thread has set self.core, self.adapters and self.served_model_name
         self.tokenizer = self.core.tokenizer
         metrics.set_base_model(self.served_model_name)
         self.max_model_len = self.core.max_model_len
@@ -96,6 +99,34 @@ class AsyncEngine:
         if self.adapters.exists(model):
             return model
         raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
+
+    # --- adapter administration: what the /admin routes do, through the registry ------------------------------
+    def upload_slot(self) -> AbstractContextManager[None]:
+        """Admit one adapter upload; QueueFullError (429) while `max_concurrent_uploads` are being checked."""
+        return self.adapters.upload_slot()
+
+    async def add_adapter(
+        self, name: str, config: BinaryIO, weights: BinaryIO, *, replace: bool, mode: Mode | None, pinned: bool | None
+    ) -> AdapterView:
+        """Check an uploaded adapter and serve it as `name`; the checks run in a worker thread on one core."""
+        add = self.adapters.add
+        return await asyncio.to_thread(single_threaded, add, name, config, weights, replace=replace, mode=mode,
+                                       pinned=pinned)  # fmt: skip
+
+    def adapter_views(self) -> list[AdapterView]:
+        """Every adapter of the store with its record, settings and live state."""
+        return self.adapters.views()
+
+    def adapter_view(self, name: str) -> AdapterView:
+        return self.adapters.view(name)
+
+    def update_adapter(self, name: str, mode: Mode | None, pinned: bool | None) -> AdapterView:
+        """Change an adapter's merge mode or pin (None keeps it)."""
+        return self.adapters.update(name, mode, pinned)
+
+    def remove_adapter(self, name: str) -> None:
+        """Take an adapter out of the store; its running requests finish."""
+        self.adapters.remove(name)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
@@ -178,10 +209,10 @@ class AsyncEngine:
         self._inbox.put(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
-    def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[None]) -> None:
+    def _run(self, build: Build, started: Future[None]) -> None:
         use_engine_threads()
         try:
-            self.core, self.served_model_name = build()
+            self.core, self.adapters, self.served_model_name = build()
         except BaseException as exc:
             started.set_exception(exc)
             return

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.registry import AdapterRegistry
+from server.adapters.cache import AdapterSlots
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.engine.merge_controller import MergeController
 from server.engine.outputs import RequestOutput
@@ -39,7 +39,7 @@ class LLMEngine:
         scheduler: Scheduler,
         tokenizer,
         server_seed: int,
-        adapters: AdapterRegistry,
+        adapters: AdapterSlots,
         merger: MergeController,
     ) -> None:
         self.runner = runner

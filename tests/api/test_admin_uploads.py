@@ -15,7 +15,7 @@ from admin_helpers import AUTH, admin_settings, files_of, running_app, store_ent
 from admin_helpers import upload as upload_to
 from safetensors.torch import load, save
 
-from server.adapters.records import MAX_CONFIG_BYTES
+from server.adapters.config import MAX_CONFIG_BYTES
 from tests.adapters.test_store import BAD_NAMES
 from tests.helpers import make_peft_adapter
 
