@@ -105,9 +105,9 @@ class RefLRU(Generic[K, V]):
         entry = self._entries.get(key)
         return entry is not None and entry.refs == 0 and key not in self._pinned
 
-    def oldest_idle(self, keep: Callable[[K], bool] = lambda _: False) -> K | None:
-        """The least recently used idle key that `keep` does not claim."""
-        return next((key for key in self._entries if self.is_idle(key) and not keep(key)), None)
+    def oldest_idle(self) -> K | None:
+        """The least recently used idle key."""
+        return next((key for key in self._entries if self.is_idle(key)), None)
 
     def over_budget(self) -> bool:
         return len(self._entries) > self.max_entries or (self.max_bytes is not None and self.num_bytes > self.max_bytes)

@@ -127,6 +127,24 @@ async def test_the_host_cache_evicts_least_recently_used(tiny_model_dir, store):
         engine.shutdown()
 
 
+async def test_the_host_cache_is_bounded_in_bytes(engine, tiny_model_dir, store):
+    key = await engine.adapters.acquire("a")
+    size = engine.adapters.cache.host_weights(key).num_bytes  # every source adapter has the same shapes
+    engine.adapters.release(key)
+    bounded = start(tiny_model_dir, store, max_loras=1, max_cpu_loras=8, max_cpu_lora_bytes=size * 3 // 2)
+    try:
+        registry = bounded.adapters
+        keys = []
+        for name in ["a", "b", "c"]:
+            keys.append(await registry.acquire(name))
+        assert all(registry.cache.host_weights(k) is not None for k in keys)  # held ones stay, whatever the budget
+        for k in keys:
+            registry.release(k)
+        assert [registry.cache.host_weights(k) is not None for k in keys] == [False, False, True]
+    finally:
+        bounded.shutdown()
+
+
 async def test_folders_added_or_removed_by_hand_are_noticed(engine, store, sources):
     shutil.copytree(sources["a"], store / "late")
     assert engine.resolve_adapter("late") == "late"
