@@ -202,7 +202,7 @@ class AdapterRegistry:
             hidden = self.store.detach(name)
             with self._lock:
                 self._drop(name)
-            self.store.purge(hidden)
+        self.store.purge(hidden)  # a hidden folder of its own: no other change waits for its deletion
         log.info("removed adapter %s", name)
 
     # --- internals ----------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class AdapterRegistry:
                     if prior is not None:
                         prior.replacing = None
                 swapped.set_result(None)  # requests whose load failed mid-swap retry now
-            self.store.purge(aside)
+        self.store.purge(aside)  # a hidden folder of its own: no other change waits for its deletion
         log.info("added adapter %s as %s (sha256 %s)", name, key, staged.record.sha256)
 
     def _current(self, name: str) -> AdapterState:

@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import torch
 
-from server.adapters.config import MAX_CONFIG_BYTES, check_config_sizes, module_name
+from server.adapters.config import MAX_CONFIG_BYTES, MAX_TEXT_CHARS, check_config_sizes, module_name
 from server.adapters.patterns import check_config_patterns
 from server.adapters.records import AdapterRecord, make_record, read_raw_config, read_safetensors_header
 from server.adapters.store import CONFIG_FILE, AdapterStore
@@ -37,6 +37,9 @@ def check_adapter(path: Path, info: ModelInfo, max_lora_rank: int) -> tuple[Adap
     raw = read_raw_config(path)
     file = path / WEIGHTS_FILE
     header = read_safetensors_header(file) if file.is_file() else {}  # without it, validate names what is wrong
+    long_name = next((name for name in header if len(name) > MAX_TEXT_CHARS), None)
+    if long_name is not None:  # errors name tensors: keep what they echo short
+        raise AdapterError(f"{WEIGHTS_FILE} names a tensor with over {MAX_TEXT_CHARS} characters", param=WEIGHTS_FILE)
     check_config_sizes(raw)
     check_config_patterns(raw, info.num_layers)
     weights = validate_adapter_dir(path, info, max_lora_rank)

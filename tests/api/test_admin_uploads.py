@@ -122,6 +122,7 @@ BAD_UPLOADS = {
     "long-list": (config_changed(target_modules=["q_proj"] * 2000), 422, "more than 1024"),
     "long-name": (config_changed(exclude_modules=["x" * 600]), 422, "longer than"),
     "scale-overflow": (config_changed(lora_alpha=3e38), 422, "not finite"),
+    "long-tensor-name": (tensors_changed(lambda t: t.update({"x" * 600: torch.zeros(1)})), 422, "over 512 characters"),
     **{f"config-{case}": (config_with(field), 422, reason) for case, (field, reason) in HOSTILE_JSON.items()},
     **{f"header-{case}": (header_with(field), 422, reason) for case, (field, reason) in HOSTILE_JSON.items()},
 }  # fmt: skip
