@@ -176,6 +176,9 @@ class Metrics:
             f"{p}adapter_cache_events", "Adapter cache hits, misses, loads, evictions.", ["event", "tier"], registry=r
         )
         self.resident = Gauge(f"{p}adapters_resident", "Adapters resident in each tier.", ["tier"], registry=r)
+        self.host_bytes = Gauge(
+            f"{p}adapter_host_bytes", "Bytes of adapter weights in host memory (see --max-cpu-lora-bytes).", registry=r
+        )
         self.merged = Gauge(
             f"{p}merged_adapter", "1 for the adapter merged into the base weights (the base model if none).",
             ["adapter"], registry=r,
@@ -254,6 +257,9 @@ class Metrics:
 
     def set_adapters_resident(self, tier: CacheTier, count: int) -> None:
         self.resident.labels(tier).set(count)
+
+    def set_adapter_host_bytes(self, num_bytes: int) -> None:
+        self.host_bytes.set(num_bytes)
 
     def record_adapter_load(self, seconds: float) -> None:
         """Record the time to read, validate and prepare one adapter in host memory."""

@@ -208,4 +208,5 @@ class AdapterCache:
     def _set_resident(self) -> None:
         if self.metrics is not None:
             self.metrics.set_adapters_resident("host", len(self._host))
+            self.metrics.set_adapter_host_bytes(self._host.num_bytes)
             self.metrics.set_adapters_resident("device", len(self._slots.resident()))
