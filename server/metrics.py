@@ -92,6 +92,7 @@ class RequestTrace:
     ended: float | None = None  # None until the engine finishes it: a request left early is "cancelled"
     inter_token_latencies: list[float] = field(default_factory=list)
     num_generation_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the engine admitted it
     finish_reason: str = "cancelled"
 
     def on_output(self, num_new_tokens: int, scheduled: float | None, finish_reason: str | None) -> None:
@@ -151,6 +152,13 @@ class Metrics:
             f"{p}requests", "Requests ended, by finish reason.", ["adapter", "finish_reason"], registry=r
         )
         self.errors = Counter(f"{p}request_errors", "HTTP error responses, by status.", ["status"], registry=r)
+        # vLLM's names; both count tokens, so hits / queries is the share of prompt tokens not recomputed.
+        self.prefix_queries = Counter(
+            f"{p}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["adapter"], registry=r
+        )
+        self.prefix_hits = Counter(
+            f"{p}prefix_cache_hits", "Prompt tokens found in the prefix cache.", ["adapter"], registry=r
+        )
 
     def _define_engine_collectors(self, p: str) -> None:
         r = self.registry
@@ -213,8 +221,10 @@ class Metrics:
         self.requests.labels(label, trace.finish_reason).inc()
         self.prompt_tokens.labels(label).inc(trace.num_prompt_tokens)
         self.generation_tokens.labels(label).inc(trace.num_generation_tokens)
-        if trace.scheduled is not None:
+        if trace.scheduled is not None:  # admitted, so its prompt was looked up in the prefix cache
             self.queue_time.labels(label).observe(max(0.0, trace.scheduled - trace.submitted))
+            self.prefix_queries.labels(label).inc(trace.num_prompt_tokens)
+            self.prefix_hits.labels(label).inc(trace.num_cached_tokens)
         if trace.first_token is not None:
             self.ttft.labels(label).observe(trace.first_token - trace.submitted)
         itl = self.itl.labels(label)

@@ -36,7 +36,7 @@ class AdapterSlots(Protocol):
     """What the engine needs of the adapters: admission, and a device slot per running sequence."""
 
     def fits(self, key: str, in_use: Set[str]) -> bool: ...
-    def bind_slot(self, key: str) -> int: ...
+    def bind_slot(self, key: str) -> int | None: ...
     def unbind_slot(self, key: str) -> None: ...
 
 
@@ -94,16 +94,16 @@ class AdapterCache:
         with self._lock:
             return self._slots.fits(key, in_use)
 
-    def bind_slot(self, key: str) -> int:
+    def bind_slot(self, key: str) -> int | None:
         """Device slot of `key` for a sequence about to run, copying the adapter in if it is not resident.
 
-        -1 when no request holds `key` any more (the host entry of a held key is never evicted): the sequence's
+        None when no request holds `key` any more (the host entry of a held key is never evicted): the sequence's
         request was cancelled and the engine drops it at its next step.
         """
         with self._lock:
             weights = self._host.get(key)
             if weights is None:
-                return -1
+                return None
             binding = self._slots.bind(key)
         if binding.evicted is not None:
             self._record("eviction", "device")

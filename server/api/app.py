@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import server
-from server.api import routes_admin, routes_health, routes_metrics, routes_openai
+from server.api import routes_admin, routes_health, routes_metrics, routes_openai, routes_tokenize
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.deps import EngineFactory, EngineState
 from server.api.errors import install_error_handlers
@@ -41,6 +41,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
     install_error_handlers(app)
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_tokenize.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_admin.router)
     return app

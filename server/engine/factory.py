@@ -59,7 +59,7 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
     adapters = AdapterRegistry(store, loaded.model, info, AdapterLimits.from_settings(settings), metrics)
     scheduler = Scheduler(
         SchedulerConfig.from_settings(settings, max_model_len),
-        BlockManager(num_blocks, settings.block_size),
+        BlockManager(num_blocks, settings.block_size, enable_caching=settings.enable_prefix_caching),
         adapter_fits=adapters.cache.fits,
     )
     policy = MergePolicy(MergePolicyConfig.from_settings(settings), start_modes(settings, adapters.mode))
