@@ -169,6 +169,13 @@ class Metrics:
         self.step_tokens = _histogram(
             f"{p}engine_step_batch_tokens", "Tokens (prefill + decode) computed in one step.", r, STEP_TOKEN_BUCKETS
         )
+        self.step_failures = Counter(f"{p}engine_step_failures", "Engine steps that failed as a whole.", registry=r)
+        self.request_failures = Counter(
+            f"{p}engine_request_failures", "Requests that failed inside the engine, each alone.", registry=r
+        )
+        self.slot_users = Gauge(
+            f"{p}adapter_slot_users", "Running sequences holding an adapter device slot.", registry=r
+        )
         # vLLM's gauge, read by the Kubernetes Gateway API Inference Extension to route by resident adapters.
         self.lora_info = Gauge(
             f"{p}lora_requests_info",
@@ -239,6 +246,17 @@ class Metrics:
         """Record one engine step that computed `batch_tokens` tokens."""
         self.step_seconds.observe(seconds)
         self.step_tokens.observe(batch_tokens)
+
+    def record_step_failure(self) -> None:
+        self.step_failures.inc()
+
+    def record_request_failures(self, count: int) -> None:
+        """Count `count` requests that ended with an error inside the engine (0 is allowed and records nothing)."""
+        if count:
+            self.request_failures.inc(count)
+
+    def set_adapter_slot_users(self, count: int) -> None:
+        self.slot_users.set(count)
 
     def record_scheduler_state(
         self,

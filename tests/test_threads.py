@@ -11,7 +11,7 @@ import torch
 from server.adapters import registry
 from server.adapters.validation import load_from_store
 from server.engine.factory import build_engine
-from server.errors import InvalidRequestError
+from server.errors import ConfigurationError
 from server.settings import Settings
 from server.threads import engine_threads, single_threaded
 from tests.helpers import make_peft_adapter
@@ -68,5 +68,5 @@ def test_calls_on_the_engine_thread_return_results_and_raise_errors(engine):
 
 def test_a_build_that_fails_on_the_engine_thread_raises_in_the_caller(tiny_model_dir):
     settings = Settings(model=tiny_model_dir, kv_cache_bytes=2**16, block_size=4, max_model_len=4096)
-    with pytest.raises(InvalidRequestError, match="--kv-cache-bytes"):
+    with pytest.raises(ConfigurationError, match="--kv-cache-bytes"):
         build_engine(settings)

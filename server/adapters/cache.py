@@ -169,6 +169,11 @@ class AdapterCache:
             keys = [k for k in self._requests if adapter_name(k) == name]
             return tier, sum(self._slots.users(k) for k in keys), sum(self._requests[k] for k in keys)
 
+    def slot_users(self) -> int:
+        """Running sequences holding a device slot, over all keys (0 when the engine is idle)."""
+        with self._lock:
+            return sum(self._slots.users(key) for key in self._slots.resident())
+
     def resident(self) -> list[str]:
         """Keys in device slots, least recently used first."""
         with self._lock:

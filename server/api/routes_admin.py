@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from server import errors
 from server.adapters.config import MAX_CONFIG_BYTES
 from server.api.admin_schemas import (
     UPLOAD_OPENAPI,
@@ -21,12 +22,16 @@ from server.api.admin_schemas import (
 )
 from server.api.auth import require_admin
 from server.api.deps import EngineDep
+from server.api.openapi import ENGINE_ERRORS, JSON_BODY_ERRORS, error_responses
+from server.api.routing import BoundedRoute
 from server.settings import Settings
 
 UPLOAD_PATH = "/admin/adapters"
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the small fields
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], route_class=BoundedRoute)
+# Every admin route checks the token first and needs the engine's registry.
+ADMIN_ERRORS = (errors.AuthenticationError, errors.PermissionDeniedError, *ENGINE_ERRORS)
 
 
 def upload_limit(settings: Settings) -> int:
@@ -34,7 +39,20 @@ def upload_limit(settings: Settings) -> int:
     return settings.max_adapter_bytes + MAX_CONFIG_BYTES + FORM_OVERHEAD_BYTES
 
 
-@router.post("/adapters", status_code=201, response_model=AdapterObject, openapi_extra=UPLOAD_OPENAPI)
+@router.post(
+    "/adapters",
+    status_code=201,
+    response_model=AdapterObject,
+    openapi_extra=UPLOAD_OPENAPI,
+    responses=error_responses(
+        *ADMIN_ERRORS,
+        *JSON_BODY_ERRORS,
+        errors.ConflictError,
+        errors.UnsupportedMediaError,
+        errors.ValidationError,
+        errors.QueueFullError,
+    ),
+)
 async def upload_adapter(request: Request, engine: EngineDep) -> AdapterObject:
     with engine.upload_slot():  # before the body is read: a busy server does not spool what it will refuse
         form = await request.form(max_files=2, max_fields=8)
@@ -49,22 +67,25 @@ async def upload_adapter(request: Request, engine: EngineDep) -> AdapterObject:
     return AdapterObject.from_view(view)
 
 
-@router.get("/adapters")
+@router.get("/adapters", responses=error_responses(*ADMIN_ERRORS))
 def list_adapters(engine: EngineDep) -> AdapterList:
     return AdapterList(data=[AdapterObject.from_view(view) for view in engine.adapter_views()])
 
 
-@router.get("/adapters/{name}")
+@router.get("/adapters/{name}", responses=error_responses(*ADMIN_ERRORS, errors.NotFoundError))
 def get_adapter(name: str, engine: EngineDep) -> AdapterObject:
     return AdapterObject.from_view(engine.adapter_view(name))
 
 
-@router.patch("/adapters/{name}")
+@router.patch(
+    "/adapters/{name}",
+    responses=error_responses(*ADMIN_ERRORS, *JSON_BODY_ERRORS, errors.NotFoundError, errors.ConflictError),
+)
 def update_adapter(name: str, body: AdapterPatch, engine: EngineDep) -> AdapterObject:
     return AdapterObject.from_view(engine.update_adapter(name, body.mode, body.pinned))
 
 
-@router.delete("/adapters/{name}")
+@router.delete("/adapters/{name}", responses=error_responses(*ADMIN_ERRORS, errors.NotFoundError))
 def delete_adapter(name: str, engine: EngineDep) -> AdapterDeleted:
     engine.remove_adapter(name)
     return AdapterDeleted(name=name)

@@ -16,7 +16,7 @@ from server.engine.merge_controller import MergeController
 from server.engine.merge_policy import MergePolicy, MergePolicyConfig, start_modes
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.errors import InvalidRequestError
+from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from server.model.kv_cache import KVCache
@@ -44,7 +44,7 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
     max_model_len = min(settings.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
     if capacity < max_model_len:
         if settings.max_model_len is not None:
-            raise InvalidRequestError(
+            raise ConfigurationError(
                 f"--kv-cache-bytes {settings.kv_cache_bytes} holds {capacity} tokens, fewer than --max-model-len "
                 f"{max_model_len}; raise the cache budget or lower the length",
                 param="kv_cache_bytes",

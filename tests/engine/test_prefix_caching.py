@@ -73,11 +73,11 @@ class Driver:
             self._order.append(seq.request_id)
             return row_of(seq)
 
-        def recording_sample(logits, rows):
+        def recording_sample(logits, rows, masks=None):
             for request_id, row in zip(self._order, logits, strict=True):
                 self.logits[request_id].append(row.clone())
             self._order.clear()
-            return sample(logits, rows)
+            return sample(logits, rows, masks)
 
         self.core._sampling_row = recording_row
         self.core.runner.sampler.sample = recording_sample
