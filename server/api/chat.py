@@ -11,6 +11,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from server.api.generation import Generation, Indexed, collect, finish_reason_name, start
+from server.api.logprobs import Decode, chat_logprobs
 from server.api.responses import (
     AssistantMessage,
     ChatChoice,
@@ -20,9 +21,10 @@ from server.api.responses import (
     ChatDelta,
     Usage,
 )
-from server.api.sampling import plan_jobs
+from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
+from server.api.structured import compiled_grammar
 
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
@@ -32,32 +34,41 @@ async def create_chat_completion(
     engine: AsyncEngine, body: ChatCompletionRequest, request: Request
 ) -> ChatCompletionResponse | EventStreamResponse:
     """Generate the reply, as one `chat.completion` or as a stream of `chat.completion.chunk` events."""
+    check_fits(1, body.samples_per_prompt(), request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
-    messages = [message.model_dump() for message in body.messages]
+    structured = await compiled_grammar(engine, body)
+    messages = [message.model_dump(include={"role", "content"}) for message in body.messages]  # name is ignored
     prompt = await run_in_threadpool(engine.encode_chat, messages)
     generation = Generation(
         engine=engine,
         adapter=adapter,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         model=body.model,
-        jobs=plan_jobs(body, [prompt], engine.max_model_len),
+        jobs=plan_jobs(body, [prompt], engine.max_model_len, structured),
         num_prompt_tokens=len(prompt),
     )
+    decode = engine.decode_tokens if body.logprobs else None
     if body.stream:
         outputs = await start(request, generation)
-        return EventStreamResponse(_chunks(generation, outputs, body.include_usage))
+        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode))
     results = await collect(request, generation)
     choices = [
-        ChatChoice(index=index, message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content=result.text),
+            logprobs=chat_logprobs(result.logprobs, decode) if decode else None,
+            finish_reason=result.finish_reason,
+        )
         for index, result in sorted(results.items())
     ]
     completion_tokens = sum(result.num_output_tokens for result in results.values())
+    cached_tokens = generation.cached_tokens({index: result.num_cached_tokens for index, result in results.items()})
     return ChatCompletionResponse(
         id=generation.request_id,
         created=generation.created,
         model=generation.model,
         choices=choices,
-        usage=Usage.of(generation.num_prompt_tokens, completion_tokens),
+        usage=Usage.of(generation.num_prompt_tokens, completion_tokens, cached_tokens),
     )
 
 
@@ -68,18 +79,26 @@ def _chunk(generation: Generation, choices: list[ChatChunkChoice], usage: Usage 
 
 
 async def _chunks(
-    generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool
+    generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool, decode: Decode | None
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
     # As OpenAI does: each choice opens with the role and empty content, then content deltas, then the finish reason.
     completion_tokens: dict[int, int] = {}
+    cached_tokens: dict[int, int] = {}
     async with aclosing(outputs):
         for index in generation.indices:
             yield _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
         async for index, output in outputs:
             completion_tokens[index] = output.num_output_tokens
-            if output.text or output.finished:
+            cached_tokens[index] = output.num_cached_tokens
+            if output.text or output.finished or (decode and output.token_ids):
                 delta = ChatDelta(content=output.text or None)
-                choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason_name(output))
-                yield _chunk(generation, [choice])
+                logprobs = chat_logprobs(output.logprobs or [], decode) if decode else None
+                reason = finish_reason_name(output)
+                yield _chunk(
+                    generation, [ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)]
+                )
     if include_usage:
-        yield _chunk(generation, [], Usage.of(generation.num_prompt_tokens, sum(completion_tokens.values())))
+        usage = Usage.of(
+            generation.num_prompt_tokens, sum(completion_tokens.values()), generation.cached_tokens(cached_tokens)
+        )
+        yield _chunk(generation, [], usage)

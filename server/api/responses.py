@@ -6,7 +6,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from server.api.logprobs import ChatLogprobs, CompletionLogprobs
+
 FinishReasonName = Literal["stop", "length"] | None
+
+
+class PromptTokensDetails(BaseModel):
+    """What the prompt tokens cost: `cached_tokens` of them came from the prefix cache (OpenAI's field)."""
+
+    cached_tokens: int = 0
 
 
 class Usage(BaseModel):
@@ -15,13 +23,15 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
 
@@ -30,7 +40,7 @@ class CompletionChoice(BaseModel):
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReasonName = None
 
 
@@ -57,7 +67,7 @@ class ChatChoice(BaseModel):
 
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReasonName = None
 
 
@@ -88,7 +98,7 @@ class ChatChunkChoice(BaseModel):
 
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReasonName = None
 
 
@@ -126,3 +136,18 @@ class Health(BaseModel):
     """Body of a healthy `GET /health`."""
 
     status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, in OpenAI's error fields."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error answer: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorDetail

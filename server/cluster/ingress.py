@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.responses import StreamingResponse
 
-from server.api.errors import error_response
+from server.api.errors import error_body, error_response
 from server.api.routes_admin import upload_limit
 from server.cluster.messages import REPLICA_HEADER, ProxiedRequest, ResponseHead
 from server.cluster.metrics_merge import merge_expositions
@@ -70,7 +70,7 @@ async def _rest(head: ResponseHead, first: bytes, parts: DeploymentResponseGener
         log.warning("replica lost mid-response: %s", exc)
         if (head.header("content-type") or "").startswith("text/event-stream"):
             error = ServiceUnavailableError("the engine replica serving this request stopped; retry the request")
-            yield f"data: {json.dumps(error.to_dict())}\n\ndata: [DONE]\n\n".encode()
+            yield f"data: {json.dumps(error_body(error))}\n\ndata: [DONE]\n\n".encode()
     finally:
         if not finished:
             parts.cancel()  # the client went away: the replica aborts the request and frees its KV blocks

@@ -20,7 +20,12 @@ async def test_response_shape(client: httpx.AsyncClient) -> None:
     assert isinstance(body["created"], int)
     assert body["model"] == "base-model"
     assert body["choices"] == [{"index": 0, "text": "hel", "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_stop_finish_reason_when_the_model_ends(client: httpx.AsyncClient) -> None:
@@ -66,6 +71,7 @@ async def test_prompt_forms(client: httpx.AsyncClient, prompt: object, texts: li
         "prompt_tokens": prompt_tokens,
         "completion_tokens": prompt_tokens,
         "total_tokens": 2 * prompt_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
@@ -108,9 +114,10 @@ async def test_null_sampling_fields_take_defaults(client: httpx.AsyncClient, eng
     assert (params.temperature, params.top_p, params.top_k, params.stop) == (1.0, 1.0, 0, ())
 
 
-async def test_unknown_fields_are_ignored(client: httpx.AsyncClient) -> None:
-    response = await complete(client, prompt="abc", user="someone", some_vendor_field={"x": 1})
-    assert response.status_code == 200
+async def test_unknown_fields_are_refused_and_user_is_ignored(client: httpx.AsyncClient) -> None:
+    assert (await complete(client, prompt="abc", user="someone")).status_code == 200
+    response = await complete(client, prompt="abc", some_vendor_field={"x": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "some_vendor_field"
 
 
 async def test_neutral_values_of_unsupported_fields_pass(client: httpx.AsyncClient) -> None:
