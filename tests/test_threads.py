@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from server.adapters import loader
+from server.adapters import registry
 from server.adapters.validation import load_from_store
 from server.engine.factory import build_engine
 from server.errors import ConfigurationError
@@ -37,7 +37,7 @@ def test_adapter_loads_run_on_one_thread(tiny_model_dir, tmp_path, monkeypatch):
         seen.append(torch.get_num_threads())
         return load_from_store(*args, **kwargs)
 
-    monkeypatch.setattr(loader, "load_from_store", spy)
+    monkeypatch.setattr(registry, "load_from_store", spy)
     engine = build_engine(Settings(model=tiny_model_dir, adapters_store=tmp_path, kv_cache_bytes=2**20, block_size=4))
     try:
         engine.adapters.release(asyncio.run(engine.adapters.acquire("a")))
