@@ -21,7 +21,7 @@ from server.api.responses import (
     ChatDelta,
     Usage,
 )
-from server.api.sampling import plan_jobs
+from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.api.structured import compiled_grammar
@@ -38,9 +38,12 @@ async def create_chat_completion(
     engine: AsyncEngine, body: ChatCompletionRequest, request: Request
 ) -> ChatCompletionResponse | EventStreamResponse:
     """Generate the reply, as one `chat.completion` or as a stream of `chat.completion.chunk` events."""
+    check_fits(1, body.samples_per_prompt(), request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
     structured = await compiled_grammar(engine, body)
-    messages = [message.model_dump(exclude_none=True) for message in body.messages]
+    # `name` is ignored; tool calls and tool results go to the template as they are.
+    fields = {"role", "content", "tool_calls", "tool_call_id"}
+    messages = [message.model_dump(include=fields, exclude_none=True) for message in body.messages]
     prompt = await run_in_threadpool(engine.encode_chat, messages)
     generation = Generation(
         engine=engine,

@@ -4,86 +4,62 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from server.api.fields import (
+    Count,
+    MinTokens,
+    Seed,
+    TokenCount,
+    TokenCountOrZero,
+    TokenId,
+    TopK,
+    TopLogprobs,
+    tolerated,
+)
+from server.api.limits import Bounded
+from server.api.prompts import ChatContent, PromptList, StopList
 from server.api.structured_schemas import ResponseFormat, StructuredOutputs
 from server.api.tool_schemas import MAX_TOOLS, ChatTool, ToolChoice
-from server.engine.logprobs import MAX_TOP_LOGPROBS
 
 NOT_SUPPORTED = "not supported by this server"
-MAX_STOP_STRINGS = 16
-MAX_N = 128
 MAX_LOGIT_BIAS = 1024
 MAX_STOP_TOKEN_IDS = 64
 
-
-def _as_stop_list(value: object) -> object:
-    return [value] if isinstance(value, str) else value
-
-
-def _is_token_ids(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+# Strict JSON types (no "yes" for true, no "3" for 3), no NaN or infinity, and every field declared: a field the
+# server does not know is refused with a 400 naming it rather than silently ignored.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def _is_prompt_batch(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and (all(isinstance(p, str) for p in value) or all(map(_is_token_ids, value)))
-    )
-
-
-def _as_prompt_list(value: object) -> list[str] | list[list[int]]:
-    """Normalise the four OpenAI prompt forms to a list of prompts, one per choice index."""
-    if isinstance(value, str) or _is_token_ids(value):
-        prompts: list = [value]
-    elif _is_prompt_batch(value):
-        prompts = value
-    else:
-        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("must not be empty")
-    return prompts
-
-
-def _join_text_parts(value: object) -> object:
-    """Chat content may be a list of `{"type": "text", "text": ...}` parts; join them like vLLM does."""
-    if not isinstance(value, list):
-        return value
-    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-        raise ValueError("content parts must be objects with type 'text' and a 'text' string")
-    return "\n".join(p["text"] for p in value)
-
-
-StopList = Annotated[
-    list[Annotated[str, Field(min_length=1)]], BeforeValidator(_as_stop_list), Field(max_length=MAX_STOP_STRINGS)
-]
+EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
 
 
 class StreamOptions(BaseModel):
     """OpenAI `stream_options`."""
 
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class GenerationRequest(BaseModel):
-    """Fields shared by completions and chat completions; unknown fields are ignored, as OpenAI clients send extras."""
+    """Fields shared by completions and chat completions; a field not declared here is refused (400)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     default_max_tokens: ClassVar[int | None] = None  # None: the rest of the context
 
     model: str
-    n: int | None = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    n: Annotated[Count, Bounded("max_n")] | None = 1
+    max_tokens: TokenCount | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="below 1e-5: greedy, as 0")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0 disables top-k")
-    seed: int | None = None
+    top_k: TopK | None = Field(None, description="-1 or 0 disables top-k")
+    seed: Seed | None = Field(None, description="sample i of n uses seed + i")
     stop: StopList | None = None
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
 
     # Structured outputs (server.engine.structured).
     response_format: ResponseFormat | None = None
@@ -92,12 +68,14 @@ class GenerationRequest(BaseModel):
     # Sampling controls (server.engine.penalties).
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM semantics; 1 = off")
+    repetition_penalty: float | None = Field(  # dividing a logit by less than 0.01 can overflow to infinity
+        None, ge=0.01, le=10.0, description="vLLM semantics; 1 = off"
+    )
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit"
     )
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
 
     @field_validator("logit_bias")
     @classmethod
@@ -139,8 +117,8 @@ class CompletionRequest(GenerationRequest):
 
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for legacy completions
 
-    prompt: Annotated[list[str] | list[list[int]], BeforeValidator(_as_prompt_list)]
-    suffix: str | None = None
+    prompt: PromptList
+    suffix: Annotated[str | None, tolerated("", None)] = None
 
     @field_validator("suffix")
     @classmethod
@@ -150,9 +128,9 @@ class CompletionRequest(GenerationRequest):
         return value
 
     # Log-probabilities and prompt scoring.
-    max_tokens: int | None = Field(None, ge=0, description="0 scores the prompt without generating (needs echo)")
+    max_tokens: TokenCountOrZero | None = Field(None, description="0 scores the prompt without generating (needs echo)")
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: TopLogprobs | None = None
 
     def allows_zero_max_tokens(self) -> bool:
         return bool(self.echo)
@@ -164,7 +142,9 @@ class CompletionRequest(GenerationRequest):
         return self.logprobs if self.echo else None
 
     # Sampling controls: best_of.
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate this many, return the n most likely")
+    best_of: Annotated[Count, Bounded("max_n")] | None = Field(
+        None, description="generate this many, return the n most likely"
+    )
 
     @field_validator("best_of")
     @classmethod
@@ -185,14 +165,15 @@ class CompletionRequest(GenerationRequest):
 
 
 class ChatMessage(BaseModel):
-    """One message of a chat; `name` and other extras are ignored."""
+    """One message of a chat; `name` is accepted and ignored, other fields are refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: Annotated[str | None, BeforeValidator(_join_text_parts)] = Field(
+    content: ChatContent | None = Field(
         None, validate_default=True, description="null or left out only in an assistant message that calls tools"
     )
+    name: str | None = Field(None, description="accepted and ignored")
 
     # Tool calls and their results, passed to the chat template.
     tool_calls: list[dict[str, Any]] | None = None
@@ -209,14 +190,14 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationRequest):
     """Body of `POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    functions: list[Any] | None = None
-    function_call: Any = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1), Bounded("max_messages")]
+    max_completion_tokens: TokenCount | None = None
+    functions: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
+    function_call: Annotated[Any, tolerated("none", None)] = None
 
     # Log-probabilities.
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
 
     @field_validator("top_logprobs")
     @classmethod

@@ -12,7 +12,7 @@ MAX_CHOICES = 1024
 class JsonSchemaFormat(BaseModel):
     """`response_format.json_schema`: a named JSON schema the reply must validate against."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
@@ -23,7 +23,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI `response_format`: free text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -32,7 +32,7 @@ class ResponseFormat(BaseModel):
 class StructuredOutputs(BaseModel):
     """vLLM `structured_outputs`: exactly one constraint. Unknown keys are refused rather than ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema (object or string)")
     json_object: bool | None = None

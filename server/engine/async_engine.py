@@ -10,58 +10,35 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from contextlib import AbstractContextManager
+from typing import BinaryIO, TypeVar
 
-from server.adapters.versions import adapter_name
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import Mode
+from server.adapters.versions import AdapterView, adapter_name
 from server.engine.health import EngineHealth, HealthLimits
+from server.engine.inbox import Abort, Call, Submit, hand_over
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput, engine_error
 from server.engine.penalties import validate_token_ids
-from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.sequence import SamplingParams
 from server.engine.structured import GrammarSpec
 from server.errors import InvalidRequestError, LoraplexError, NotFoundError, QueueFullError, ServiceUnavailableError
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
-from server.threads import use_engine_threads
+from server.threads import single_threaded, use_engine_threads
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-
-@dataclass
-class _Submit:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    adapter: str | None  # adapter key (name@version), see server.adapters.versions
-    loop: asyncio.AbstractEventLoop  # the caller's loop; outputs are handed over on it
-    put: Callable[[RequestOutput], None]
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    future: Future
-
-    def run(self, core: LLMEngine) -> None:
-        try:
-            self.future.set_result(self.fn(core))
-        except Exception as exc:
-            self.future.set_exception(exc)
+Build = Callable[[], tuple[LLMEngine, AdapterRegistry, str]]  # the engine core, its adapters, the base model's name
 
 
 class AsyncEngine:
     """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
 
-    def __init__(self, build: Callable[[], tuple[LLMEngine, str]], settings: Settings, metrics: Metrics) -> None:
-        """Start the engine thread, which builds the core and its served model name with `build`; wait for it.
+    def __init__(self, build: Build, settings: Settings, metrics: Metrics) -> None:
+        """Start the engine thread, which builds the core, adapter registry and served model name; wait for it.
 
         The engine thread is the only one that computes with every core (`server.threads`), so the model is
         loaded there too. Whatever `build` raises is raised here.
@@ -70,8 +47,8 @@ class AsyncEngine:
         self.max_queue = settings.max_queue
         self.max_num_seqs = settings.max_num_seqs
         self.created = int(time.time())
-        self._inbox: queue.SimpleQueue[_Submit | _Abort | _Call | None] = queue.SimpleQueue()
-        self._subscribers: dict[str, _Submit] = {}
+        self._inbox: queue.SimpleQueue[Submit | Abort | Call | None] = queue.SimpleQueue()
+        self._subscribers: dict[str, Submit] = {}
         self._in_flight = 0  # submitted and not yet finished; changed on the event loop only
         self._stopped = threading.Event()
         self.health = EngineHealth(HealthLimits.from_settings(settings))
@@ -80,8 +57,7 @@ class AsyncEngine:
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
-        started.result()  # the engine thread has set self.core and self.served_model_name
-        self.adapters = self.core.adapters
+        started.result()  # the engine thread has set self.core, self.adapters and self.served_model_name
         self.tokenizer = self.core.tokenizer
         metrics.set_base_model(self.served_model_name)
         self.max_model_len = self.core.max_model_len
@@ -106,6 +82,34 @@ class AsyncEngine:
         if self.adapters.exists(model):
             return model
         raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
+
+    # --- adapter administration: what the /admin routes do, through the registry ------------------------------
+    def upload_slot(self) -> AbstractContextManager[None]:
+        """Admit one adapter upload; QueueFullError (429) while `max_concurrent_uploads` are being checked."""
+        return self.adapters.upload_slot()
+
+    async def add_adapter(
+        self, name: str, config: BinaryIO, weights: BinaryIO, *, replace: bool, mode: Mode | None, pinned: bool | None
+    ) -> AdapterView:
+        """Check an uploaded adapter and serve it as `name`; the checks run in a worker thread on one core."""
+        add = self.adapters.add
+        return await asyncio.to_thread(single_threaded, add, name, config, weights, replace=replace, mode=mode,
+                                       pinned=pinned)  # fmt: skip
+
+    def adapter_views(self) -> list[AdapterView]:
+        """Every adapter of the store with its record, settings and live state."""
+        return self.adapters.views()
+
+    def adapter_view(self, name: str) -> AdapterView:
+        return self.adapters.view(name)
+
+    def update_adapter(self, name: str, mode: Mode | None, pinned: bool | None) -> AdapterView:
+        """Change an adapter's merge mode or pin (None keeps it)."""
+        return self.adapters.update(name, mode, pinned)
+
+    def remove_adapter(self, name: str) -> None:
+        """Take an adapter out of the store; its running requests finish."""
+        self.adapters.remove(name)
 
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
@@ -159,7 +163,7 @@ class AsyncEngine:
         try:
             if adapter is not None:
                 key = await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
-            self._post(_Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
+            self._post(Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
             submitted = True
             while not finished:
                 out = await outputs.get()
@@ -171,7 +175,7 @@ class AsyncEngine:
         finally:
             self._in_flight -= 1
             if not finished:
-                self._inbox.put(_Abort(request_id))
+                self._inbox.put(Abort(request_id))
             if key is not None:
                 self.adapters.release(key)
             if submitted:
@@ -207,20 +211,20 @@ class AsyncEngine:
         The way to touch the model from outside, e.g. for a tool or a benchmark that times work where it runs.
         """
         future: Future[_T] = Future()
-        self._post(_Call(fn, future))
+        self._post(Call(fn, future))
         return await asyncio.wrap_future(future)
 
-    def _post(self, command: _Submit | _Call) -> None:
+    def _post(self, command: Submit | Call) -> None:
         """Hand work to the engine thread, or refuse it once the thread has stopped (it would never be answered)."""
         with self._inbox_lock:
             if self.health.stopped is not None:
                 raise ServiceUnavailableError(self.health.stopped)
             self._inbox.put(command)
 
-    def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[None]) -> None:
+    def _run(self, build: Build, started: Future[None]) -> None:
         use_engine_threads()
         try:
-            self.core, self.served_model_name = build()
+            self.core, self.adapters, self.served_model_name = build()
         except BaseException as exc:
             started.set_exception(exc)
             return
@@ -240,12 +244,12 @@ class AsyncEngine:
             self.health.stop(reason)
         while not self._inbox.empty():  # nothing enters it any more
             command = self._inbox.get()
-            if isinstance(command, _Call):
+            if isinstance(command, Call):
                 command.future.set_exception(ServiceUnavailableError(reason))
-            elif isinstance(command, _Submit):
+            elif isinstance(command, Submit):
                 self._subscribers[command.request_id] = command
         for sub in self._subscribers.values():
-            _hand_over(sub.loop, [(sub.put, _error_output(sub, f"request {sub.request_id} ended: {reason}"))])
+            hand_over(sub.loop, [(sub.put, sub.error(f"request {sub.request_id} ended: {reason}"))])
         self._subscribers.clear()
 
     def _loop(self) -> None:
@@ -275,11 +279,11 @@ class AsyncEngine:
             block = False
             if command is None:
                 return False
-            if isinstance(command, _Abort):
+            if isinstance(command, Abort):
                 self.core.abort(command.request_id)
                 self._subscribers.pop(command.request_id, None)
                 continue
-            if isinstance(command, _Call):
+            if isinstance(command, Call):
                 command.run(self.core)
                 continue
             try:
@@ -288,7 +292,7 @@ class AsyncEngine:
                 log.exception("request %s failed: it could not be added", command.request_id)
                 self.metrics.record_request_failures(1)
                 message = exc.message if isinstance(exc, LoraplexError) else engine_error(command.request_id)
-                _hand_over(command.loop, [(command.put, _error_output(command, message))])
+                hand_over(command.loop, [(command.put, command.error(message))])
                 continue
             self._subscribers[command.request_id] = command
 
@@ -316,7 +320,7 @@ class AsyncEngine:
             if sub is not None:
                 batches.setdefault(sub.loop, []).append((sub.put, out))
         for loop, items in batches.items():
-            _hand_over(loop, items)
+            hand_over(loop, items)
 
     def _record_state(self) -> None:
         scheduler = self.core.scheduler
@@ -327,23 +331,4 @@ class AsyncEngine:
             {adapter_name(key) for key in scheduler.running_adapters},  # names, not versions, in labels
             {adapter_name(key) for key in scheduler.waiting_adapters},
         )
-        slots = self.adapters.slots
-        self.metrics.set_adapter_slot_users(sum(slots.users(key) for key in slots.resident()))
-
-
-def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]):
-    try:
-        loop.call_soon_threadsafe(_put_all, items)
-    except RuntimeError:  # the caller's loop has closed: nobody is left to read these outputs
-        return
-
-
-def _put_all(items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:
-    for put, out in items:
-        put(out)
-
-
-def _error_output(command: _Submit, message: str) -> RequestOutput:
-    return RequestOutput(
-        command.request_id, "", [], len(command.prompt_token_ids), 0, True, FinishReason.ERROR, message
-    )
+        self.metrics.set_adapter_slot_users(self.adapters.cache.slot_users())

@@ -54,7 +54,7 @@ async def test_text_format_asks_for_nothing(client: httpx.AsyncClient, engine: F
         ({"structured_outputs": {"grammar": "root ::= nothing"}}, "structured_outputs.grammar", "nothing"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {}}, "structured_outputs", "exactly one"),
-        ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern", "Extra"),
+        ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern", "unknown field"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "at least 1"),
         ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format",
          "only one of"),

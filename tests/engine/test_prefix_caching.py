@@ -143,8 +143,7 @@ def test_replaced_adapter_never_gets_the_old_versions_blocks(engine_factory, tin
     driver.add("old", "lora", prompt)
     driver.finish()
     with open(new / "adapter_config.json", "rb") as config, open(new / "adapter_model.safetensors", "rb") as weights:
-        driver.engine.adapters.add("lora", config, weights, replace=True, mode=None, pinned=None,
-                                   max_adapter_bytes=2**30)  # fmt: skip
+        driver.engine.adapters.add("lora", config, weights, replace=True, mode=None, pinned=None)
     driver.add("new", "lora", prompt)
     driver.finish()
     driver.add("new-again", "lora", prompt)
