@@ -147,7 +147,11 @@ def test_named_and_required_tool_calls(client, stream) -> None:
         if stream:
             chunks = [c for c in reply if c.choices]
             finish = chunks[-1].choices[0].finish_reason
-            calls = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+            calls = [call for c in chunks for call in c.choices[0].delta.tool_calls or [] if call.id]
+            for c in chunks:  # a call's first delta names it, later ones carry its arguments
+                for delta in c.choices[0].delta.tool_calls or []:
+                    if not delta.id:
+                        calls[delta.index].function.arguments += delta.function.arguments
         else:
             finish, calls = reply.choices[0].finish_reason, reply.choices[0].message.tool_calls or []
             assert reply.choices[0].message.content is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from functools import partial
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -25,8 +26,14 @@ from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.api.structured import compiled_grammar
-from server.api.tool_schemas import ToolCallDelta
-from server.api.tools import forces_tool_call, tool_calls
+from server.api.tool_parser import ToolCallStream, call_deltas, parse_tool_calls
+from server.api.tools import (
+    forces_tool_call,
+    parses_tool_calls,
+    refuse_auto_without_template,
+    template_tools,
+    tool_calls,
+)
 from server.engine.outputs import RequestOutput
 from server.engine.sequence import FinishReason
 
@@ -44,7 +51,7 @@ async def create_chat_completion(
     # `name` is ignored; tool calls and tool results go to the template as they are.
     fields = {"role", "content", "tool_calls", "tool_call_id"}
     messages = [message.model_dump(include=fields, exclude_none=True) for message in body.messages]
-    prompt = await run_in_threadpool(engine.encode_chat, messages)
+    prompt = await _prompt(engine, body, messages)
     generation = Generation(
         engine=engine,
         adapter=adapter,
@@ -55,19 +62,18 @@ async def create_chat_completion(
     )
     decode = engine.decode_tokens if body.logprobs else None
     calls = body if forces_tool_call(body) else None
+    parsed = parses_tool_calls(body)
     if body.stream:
         outputs = await start(request, generation)
-        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode, calls))
+        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode, calls, parsed))
     results = await collect(request, generation)
-    choices = [
-        ChatChoice(
-            index=index,
-            message=_message(result.text, result.finish_reason, calls),
-            logprobs=chat_logprobs(result.logprobs, decode) if decode else None,
-            finish_reason="tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason,
-        )
-        for index, result in sorted(results.items())
-    ]
+    choices = []
+    for index, result in sorted(results.items()):
+        message = _parsed_message(result.text) if parsed else _message(result.text, result.finish_reason, calls)
+        called = bool(message.tool_calls) and (parsed or result.finish_reason == "stop")
+        logprobs = chat_logprobs(result.logprobs, decode) if decode else None
+        reason = "tool_calls" if called else result.finish_reason
+        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=reason))
     completion_tokens = sum(result.num_output_tokens for result in results.values())
     cached_tokens = generation.cached_tokens({index: result.num_cached_tokens for index, result in results.items()})
     return ChatCompletionResponse(
@@ -77,6 +83,21 @@ async def create_chat_completion(
         choices=choices,
         usage=Usage.of(generation.num_prompt_tokens, completion_tokens, cached_tokens),
     )
+
+
+async def _prompt(engine: AsyncEngine, body: ChatCompletionRequest, messages: list[dict]) -> list[int]:
+    """The rendered conversation with its tools; "auto" is refused where the template does not render them."""
+    tools = template_tools(body)
+    prompt = await run_in_threadpool(partial(engine.encode_chat, messages, tools=tools))
+    if parses_tool_calls(body) and prompt == await run_in_threadpool(engine.encode_chat, messages):
+        raise refuse_auto_without_template()
+    return prompt
+
+
+def _parsed_message(text: str) -> AssistantMessage:
+    """A free answer with its `<tool_call>` blocks read out as calls; the text left is the content."""
+    content, calls = parse_tool_calls(text)
+    return AssistantMessage(content=content, tool_calls=calls or None)
 
 
 def _message(text: str, finish_reason: str | None, calls: ChatCompletionRequest | None) -> AssistantMessage:
@@ -93,7 +114,7 @@ def _held_tool_call(
     if last.finish_reason is not FinishReason.STOP:
         choice = ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish_reason_name(last))
         return _chunk(generation, [choice])
-    deltas = [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(tool_calls(body, text))]
+    deltas = [delta for i, call in enumerate(tool_calls(body, text)) for delta in call_deltas(i, call)]
     choice = ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas), finish_reason="tool_calls")
     return _chunk(generation, [choice])
 
@@ -110,11 +131,13 @@ async def _chunks(
     include_usage: bool,
     decode: Decode | None,
     calls: ChatCompletionRequest | None,
+    parsed: bool,
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
     # As OpenAI does: each choice opens with the role and empty content, then content deltas, then the finish reason.
     completion_tokens: dict[int, int] = {}
     cached_tokens: dict[int, int] = {}
     held: dict[int, str] = {}  # a forced tool call's text, sent as whole calls once complete
+    parsers: dict[int, ToolCallStream] | None = {} if parsed else None  # "auto": calls read out as they close
     async with aclosing(outputs):
         for index in generation.indices:
             yield _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
@@ -126,10 +149,14 @@ async def _chunks(
                 if output.finished:
                     yield _held_tool_call(generation, index, output, held[index], calls)
                 continue
-            if output.text or output.finished or (decode and output.token_ids):
-                delta = ChatDelta(content=output.text or None)
+            text, deltas, reason = output.text, None, finish_reason_name(output)
+            if parsers is not None:
+                parser = parsers.setdefault(index, ToolCallStream())
+                text, deltas = parser.feed(output.text, output.finished)
+                reason = "tool_calls" if output.finished and parser.calls else reason
+            if text or deltas or output.finished or (decode and output.token_ids):
+                delta = ChatDelta(content=text or None, tool_calls=deltas or None)
                 logprobs = chat_logprobs(output.logprobs or [], decode) if decode else None
-                reason = finish_reason_name(output)
                 yield _chunk(
                     generation, [ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)]
                 )

@@ -62,11 +62,26 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ToolCallDelta(ToolCall):
-    """A tool call in a stream chunk; here each call is sent whole, in one delta."""
+class FunctionCallDelta(BaseModel):
+    """A streamed call's function: its name in the call's first delta, then fragments of its arguments."""
 
-    index: int
+    name: str | None = None
+    arguments: str
 
     @model_serializer(mode="wrap")
-    def _ordered(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {"index": self.index, **{k: v for k, v in handler(self).items() if k != "index"}}
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A tool call in a stream chunk: the first delta of a call carries its id, type and name, later ones only
+    argument fragments; the client joins the fragments of one `index`."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}

@@ -2,9 +2,10 @@
 JSON arguments, which come back as `tool_calls` with `finish_reason: "tool_calls"`.
 
 "required" generates a JSON array of `{"name", "arguments"}` objects, each function's arguments under its own
-schema; a named function generates its arguments object alone. "none" answers in text (the tools are still passed
-to the chat template). "auto" needs a chat template that renders tools and a parser for the model's own call
-format, which this server does not have: it is refused with a 400, as vLLM does without a tool-call parser.
+schema; a named function generates its arguments object alone. "none" answers in text. "auto" (the default with
+tools) lets the model answer freely and reads Hermes-style `<tool_call>` blocks out of its answer
+(`server.api.tool_parser`); it needs a chat template that renders the tools. In every mode the tools go to the
+chat template.
 """
 
 from __future__ import annotations
@@ -37,8 +38,23 @@ def tool_schema(body: GenerationRequest) -> dict[str, Any] | None:
                  for name, function in functions.items()]  # fmt: skip
         most = {"maxItems": 1} if body.parallel_tool_calls is False else {}
         return {"type": "array", "minItems": 1, **most, "items": {"anyOf": calls}}
-    raise InvalidRequestError('tool_choice "auto" (the default with tools) needs a tool-call parser this server does '
-                              'not have; send "required", a named function or "none"', param="tool_choice")  # fmt: skip
+    return None
+
+
+def parses_tool_calls(body: GenerationRequest) -> bool:
+    """Whether the answer is free and its calls are parsed out of it: tool_choice "auto", the default with tools."""
+    return isinstance(body, ChatCompletionRequest) and bool(body.tools) and body.tool_choice in (None, "auto")
+
+
+def template_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools in OpenAI's shape, as chat templates take them; None without tools."""
+    return [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+
+
+def refuse_auto_without_template() -> InvalidRequestError:
+    return InvalidRequestError('tool_choice "auto" (the default with tools) needs a chat template that renders the '
+                               "tools, and this model's template ignores them; send tool_choice \"required\", a "
+                               'named function or "none"', param="tool_choice")  # fmt: skip
 
 
 def forces_tool_call(body: GenerationRequest) -> bool:

@@ -130,12 +130,17 @@ class AsyncEngine:
         return self.tokenizer.batch_decode([[token] for token in token_ids])
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        """The conversation rendered by the chat template (which already holds the special tokens), tokenized."""
+        """The conversation (and the tools it may call) rendered by the chat template, which already holds the
+        special tokens, tokenized."""
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except Exception as exc:  # jinja templates raise arbitrary errors on bad conversations
             msg = f"the messages do not fit the model's chat template: {exc}"

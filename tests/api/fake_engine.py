@@ -79,7 +79,11 @@ class FakeEngine:
         return [chr(token) for token in token_ids]
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        tools: list[dict] | None = None,  # its template ignores tools, as many do
     ) -> list[int]:
         if messages[-1]["role"] == "assistant":
             raise InvalidRequestError("the last message must not be the assistant's", param="messages")

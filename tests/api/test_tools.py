@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from server.api.schemas import ChatCompletionRequest
-from server.api.tools import tool_calls, tool_schema
+from server.api.tools import parses_tool_calls, tool_calls, tool_schema
 from server.errors import InvalidRequestError
 
 A = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
@@ -41,12 +41,14 @@ def test_a_named_function_generates_its_arguments() -> None:
     assert (call.function.name, call.function.arguments) == ("a", '{"x": 5}')
 
 
-def test_none_is_free_text_and_auto_or_unknown_names_are_refused() -> None:
-    assert tool_schema(request(tool_choice="none")) is None
-    for choice in (None, "auto", {"type": "function", "function": {"name": "c"}}):
-        with pytest.raises(InvalidRequestError) as error:
-            tool_schema(request(tool_choice=choice))
-        assert error.value.param == "tool_choice"
+def test_none_and_auto_are_free_text_and_unknown_names_are_refused() -> None:
+    for choice in ("none", "auto", None):
+        assert tool_schema(request(tool_choice=choice)) is None
+    assert [parses_tool_calls(request(tool_choice=c)) for c in ("none", "auto", None, "required")] == [
+        False, True, True, False]  # fmt: skip
+    with pytest.raises(InvalidRequestError) as error:
+        tool_schema(request(tool_choice={"type": "function", "function": {"name": "c"}}))
+    assert error.value.param == "tool_choice"
 
 
 @pytest.mark.parametrize("fields", [{"response_format": {"type": "json_object"}}, {"min_tokens": 1}])
