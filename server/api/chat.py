@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.generation import Generation, Indexed, collect, finish_reason_name, start
+from server.api.generation import Generation, Indexed, collect, finish_reason_name, most_likely, start
 from server.api.logprobs import Decode, chat_logprobs
 from server.api.responses import (
     AssistantMessage,
@@ -68,7 +68,7 @@ async def create_chat_completion(
         return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode, calls, parsed))
     results = await collect(request, generation)
     choices = []
-    for index, result in sorted(results.items()):
+    for index, result in sorted(most_likely(results, body.samples_per_prompt(), body.n or 1).items()):
         message = _parsed_message(result.text) if parsed else _message(result.text, result.finish_reason, calls)
         called = bool(message.tool_calls) and (parsed or result.finish_reason == "stop")
         logprobs = chat_logprobs(result.logprobs, decode) if decode else None

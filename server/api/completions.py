@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.generation import ChoiceResult, Generation, Indexed, collect, finish_reason_name, start
+from server.api.generation import ChoiceResult, Generation, Indexed, collect, finish_reason_name, most_likely, start
 from server.api.logprobs import completion_logprobs
 from server.api.responses import CompletionChoice, CompletionResponse, Usage
 from server.api.sampling import check_fits, plan_jobs
@@ -47,25 +47,13 @@ async def create_completion(
     results = await collect(request, generation)
     completion_tokens = sum(result.num_output_tokens for result in results.values())  # best_of: every sample
     cached_tokens = generation.cached_tokens({index: result.num_cached_tokens for index, result in results.items()})
-    best = _most_likely(results, body.samples_per_prompt(), body.n or 1)
+    best = most_likely(results, body.samples_per_prompt(), body.n or 1)
     choices = [shaper.choice(index, result) for index, result in sorted(best.items())]
     return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens, cached_tokens))
 
 
 def _tokenize(engine: AsyncEngine, prompts: list[str] | list[list[int]]) -> list[list[int]]:
     return [engine.encode_prompt(prompt) if isinstance(prompt, str) else prompt for prompt in prompts]
-
-
-def _most_likely(results: dict[int, ChoiceResult], samples: int, n: int) -> dict[int, ChoiceResult]:
-    """best_of: each prompt's n samples with the highest total log-probability, most likely first, as `p * n + j`."""
-    if samples == n:
-        return results
-    best = {}
-    for prompt in range(len(results) // samples):
-        group = [results[prompt * samples + i] for i in range(samples)]
-        group.sort(key=lambda result: sum(score.logprob for score in result.logprobs), reverse=True)
-        best.update({prompt * n + j: result for j, result in enumerate(group[:n])})
-    return best
 
 
 class _Shaper:

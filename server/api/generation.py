@@ -209,3 +209,15 @@ async def _pump(index: int, stream: EngineStream, queue: asyncio.Queue) -> None:
     except Exception as exc:
         queue.put_nowait((index, exc))
     queue.put_nowait((index, None))
+
+
+def most_likely(results: dict[int, ChoiceResult], samples: int, n: int) -> dict[int, ChoiceResult]:
+    """best_of: each prompt's n samples with the highest total log-probability, most likely first, as `p * n + j`."""
+    if samples == n:
+        return results
+    best = {}
+    for prompt in range(len(results) // samples):
+        group = [results[prompt * samples + i] for i in range(samples)]
+        group.sort(key=lambda result: sum(score.logprob for score in result.logprobs), reverse=True)
+        best.update({prompt * n + j: result for j, result in enumerate(group[:n])})
+    return best

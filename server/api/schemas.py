@@ -88,9 +88,28 @@ class GenerationRequest(BaseModel):
     def token_biases(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items())
 
+    # Sampling controls: best_of.
+    best_of: Annotated[Count, Bounded("max_n")] | None = Field(
+        None, description="generate this many, return the n most likely"
+    )
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_at_least_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n") or 1
+        if value is None or value == n:
+            return value
+        if value < n:
+            raise ValueError(f"must be at least n ({n})")
+        if info.data.get("stream"):
+            raise ValueError("cannot be over n when streaming")
+        if info.data.get("temperature") == 0.0:
+            raise ValueError("must equal n with greedy sampling (temperature 0), whose samples are all the same")
+        return value
+
     def samples_per_prompt(self) -> int:
         """How many sequences to generate per prompt (best_of may ask for more than the n returned)."""
-        return self.n or 1
+        return self.best_of or self.n or 1
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -140,28 +159,6 @@ class CompletionRequest(GenerationRequest):
 
     def wanted_prompt_logprobs(self) -> int | None:
         return self.logprobs if self.echo else None
-
-    # Sampling controls: best_of.
-    best_of: Annotated[Count, Bounded("max_n")] | None = Field(
-        None, description="generate this many, return the n most likely"
-    )
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_at_least_n(cls, value: int | None, info: ValidationInfo) -> int | None:
-        n = info.data.get("n") or 1
-        if value is None or value == n:
-            return value
-        if value < n:
-            raise ValueError(f"must be at least n ({n})")
-        if info.data.get("stream"):
-            raise ValueError("cannot be over n when streaming")
-        if info.data.get("temperature") == 0.0:
-            raise ValueError("must equal n with greedy sampling (temperature 0), whose samples are all the same")
-        return value
-
-    def samples_per_prompt(self) -> int:
-        return self.best_of or self.n or 1
 
 
 class ChatMessage(BaseModel):

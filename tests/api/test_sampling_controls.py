@@ -67,3 +67,15 @@ async def test_best_of_ranks_without_reporting_logprobs(oai: openai.AsyncOpenAI,
     completion = await oai.completions.create(model="base-model", prompt="ab", max_tokens=2, best_of=2)
     assert len(completion.choices) == 1 and completion.choices[0].logprobs is None
     assert [s.params.logprobs for s in engine.submitted] == [0, 0]
+
+
+async def test_chat_best_of_returns_the_most_likely_samples(oai: openai.AsyncOpenAI, engine: FakeEngine) -> None:
+    # As above: sample 2 (seed 3) scores -0.25 per token, sample 0 (seed 1) -0.5, sample 1 (seed 2) -0.75.
+    reply = await oai.chat.completions.create(
+        model="poet", messages=[{"role": "user", "content": "ab"}], max_tokens=2, n=2, seed=1, logprobs=True,
+        extra_body={"best_of": 3},
+    )  # fmt: skip
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [[t.logprob for t in c.logprobs.content] for c in reply.choices if c.logprobs] == [[-0.25] * 2, [-0.5] * 2]
+    assert reply.usage is not None and reply.usage.completion_tokens == 6  # every sample is counted
+    assert [s.params.seed for s in engine.submitted] == [1, 2, 3]
