@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="Waiting requests allowed before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weight dtype (auto: float32 on CPU, bfloat16 on CUDA)"
+        "auto",
+        description="Serving dtype of weights, adapters and KV cache (auto: bfloat16 on CUDA and on CPUs with "
+        "avx512_bf16 or AMX, float32 elsewhere; float32 is the exact mode)",
     )
     max_loras: int = Field(32, gt=0, description="Adapters resident on the device at once")
     max_cpu_loras: int = Field(64, gt=0, description="Adapters cached in host memory (at least --max-loras)")
