@@ -46,11 +46,21 @@ from load_tests.runner import run
 from load_tests.workload import PlannedRequest
 from server.model.default_model import default_model_dir
 
-PEERS = Path(os.environ.get("VLLM_PEER_SCRIPTS", Path(__file__).resolve().parents[2] / "shared/peers/vllm-cpu"))
 VLLM_DIR = Path(os.environ.get("VLLM_PEER_DIR", "/tmp/loraplex-peers/vllm-cpu"))
 KV_BYTES = 2**30  # serve.sh gives vLLM VLLM_CPU_KVCACHE_SPACE=1 (GiB)
 ADMIN_TOKEN = "bench-vs-vllm"
 ADAPTERS, RANK = 32, 8
+
+
+def peer_scripts() -> Path:
+    """`setup.sh`/`serve.sh` of vLLM CPU: $VLLM_PEER_SCRIPTS, else `shared/peers/vllm-cpu` beside the checkout or
+    beside any folder above it (a worktree lies one level deeper than the main checkout)."""
+    if "VLLM_PEER_SCRIPTS" in os.environ:
+        return Path(os.environ["VLLM_PEER_SCRIPTS"])
+    for folder in Path(__file__).resolve().parents[1:]:
+        if (folder / "shared/peers/vllm-cpu/serve.sh").is_file():
+            return folder / "shared/peers/vllm-cpu"
+    raise FileNotFoundError("vLLM CPU's serve.sh not found beside the checkout; set VLLM_PEER_SCRIPTS")
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ def start(server: Server, model_dir: Path, store: Path, port: int, log: Path) ->
     if server.kind == "vllm":
         env = {**os.environ, "BIND": "0-1", "MAX_LORA_RANK": str(RANK), "DTYPE": server.dtype}
         subprocess.run(
-            [PEERS / "serve.sh", model_dir, store, str(port)], env=env, check=True, stdout=subprocess.DEVNULL
+            [peer_scripts() / "serve.sh", model_dir, store, str(port)], env=env, check=True, stdout=subprocess.DEVNULL
         )
         return psutil.Process(int((VLLM_DIR / "serve.pid").read_text()))
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapters-store", str(store),
@@ -204,7 +214,7 @@ def measure(server: Server, model_dir: Path, store: Path, adapters: list[str], a
         time.sleep(2)  # let start-up allocations settle before reading memory
         result = {"start_s": started_s, **tree_memory(proc)}
         if server.kind == "loraplex":
-            result["dtype"] = next((line.split("serving dtype ")[1].strip() for line in log.read_text().splitlines()
+            result["dtype"] = next((line.split("serving dtype ")[1].split()[0] for line in log.read_text().splitlines()
                                     if "serving dtype " in line), server.dtype)  # fmt: skip
         result |= asyncio.run(workloads(server, url, model_dir.name, adapters, args))
     finally:
