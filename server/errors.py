@@ -75,8 +75,8 @@ class ValidationError(LoraplexError):
     error_type = "invalid_request_error"
 
 
-class QueueFullError(LoraplexError):
-    """Too many waiting requests; retry later (429)."""
+class RateLimitError(LoraplexError):
+    """Too many requests now; retry after `retry_after_s` seconds (429)."""
 
     status_code = 429
     error_type = "rate_limit_error"
@@ -86,6 +86,14 @@ class QueueFullError(LoraplexError):
         self.retry_after_s = retry_after_s
 
 
+class QueueFullError(RateLimitError):
+    """Too many waiting requests; retry later (429)."""
+
+
+class QuotaExceededError(RateLimitError):
+    """A tenant is over one of its limits (requests or tokens per minute, concurrent requests) (429)."""
+
+
 class ServiceUnavailableError(LoraplexError):
     """The engine is not ready or has stopped (503)."""
 
@@ -93,5 +101,18 @@ class ServiceUnavailableError(LoraplexError):
     error_type = "service_unavailable_error"
 
 
+class KeyFileError(ValidationError):
+    """The API keys file cannot be read or does not describe valid tenants (422 when a reload finds it)."""
+
+
 class AdapterError(ValidationError):
     """An adapter's config or tensors cannot be served on this base model (422)."""
+
+
+def model_not_found(model: str) -> NotFoundError:
+    """The one answer for a model that is not served, or not served to this client: nothing tells the two apart."""
+    return NotFoundError(
+        f"the model {model!r} does not exist; GET /v1/models lists what is served",
+        param="model",
+        code="model_not_found",
+    )

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     metrics_max_adapters: int = Field(
         100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="TOML or JSON file of tenants and their hashed API keys; with it, /v1 needs a tenant's key "
+        "(re-read on SIGHUP and by POST /admin/keys/reload)",
+    )
+    metrics_max_tenants: int = Field(
+        100, gt=0, description="Distinct tenant names in metric labels; further tenants are reported as 'other'"
+    )
 
     @model_validator(mode="after")
     def _merge_shares_ordered(self) -> Settings:

@@ -24,6 +24,7 @@ from server.api.admin_schemas import (
 )
 from server.api.auth import require_admin
 from server.api.deps import EngineDep
+from server.api.tenancy import KeysReloaded, reload_keys
 from server.settings import Settings
 from server.threads import single_threaded
 
@@ -79,3 +80,9 @@ def update_adapter(name: str, body: AdapterPatch, registry: RegistryDep) -> Adap
 def delete_adapter(name: str, registry: RegistryDep) -> AdapterDeleted:
     registry.remove(name)
     return AdapterDeleted(name=name)
+
+
+@router.post("/keys/reload")
+def reload_api_keys(request: Request) -> KeysReloaded:
+    """Re-read the API keys file; running requests carry on, an invalid file keeps the old keys (422 says why)."""
+    return reload_keys(request)

@@ -6,41 +6,41 @@ from fastapi import APIRouter, Request
 
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
-from server.api.deps import EngineDep
 from server.api.responses import ChatCompletionResponse, CompletionResponse, ModelList, ModelObject
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.streaming import EventStreamResponse
+from server.api.tenancy import AdmittedEngineDep, ScopedEngineDep
 from server.engine.outputs import ModelCard
-from server.errors import NotFoundError
+from server.errors import model_not_found
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.post("/completions", response_model=CompletionResponse)
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep
+    body: CompletionRequest, request: Request, engine: AdmittedEngineDep
 ) -> CompletionResponse | EventStreamResponse:
     return await create_completion(engine, body, request)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep
+    body: ChatCompletionRequest, request: Request, engine: AdmittedEngineDep
 ) -> ChatCompletionResponse | EventStreamResponse:
     return await create_chat_completion(engine, body, request)
 
 
 @router.get("/models")
-def list_models(engine: EngineDep) -> ModelList:
+def list_models(engine: ScopedEngineDep) -> ModelList:
     return ModelList(data=[_model_object(card) for card in engine.list_models()])
 
 
 @router.get("/models/{model}")
-def retrieve_model(model: str, engine: EngineDep) -> ModelObject:
+def retrieve_model(model: str, engine: ScopedEngineDep) -> ModelObject:
     for card in engine.list_models():
         if card.name == model:
             return _model_object(card)
-    raise NotFoundError(f"model '{model}' does not exist", param="model", code="model_not_found")
+    raise model_not_found(model)
 
 
 def _model_object(card: ModelCard) -> ModelObject:

@@ -17,7 +17,7 @@ from server.adapters.versions import adapter_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
-from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
+from server.errors import InvalidRequestError, QueueFullError, ServiceUnavailableError, model_not_found
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
 from server.threads import use_engine_threads
@@ -95,7 +95,7 @@ class AsyncEngine:
             return None
         if self.adapters.exists(model):
             return model
-        raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
+        raise model_not_found(model)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)

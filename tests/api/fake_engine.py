@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
-from server.errors import InvalidRequestError, NotFoundError, QueueFullError
+from server.errors import InvalidRequestError, QueueFullError, model_not_found
 
 
 @dataclass
@@ -54,7 +54,7 @@ class FakeEngine:
             return None
         if model in self.adapters:
             return model
-        raise NotFoundError(f"model '{model}' does not exist", param="model", code="model_not_found")
+        raise model_not_found(model)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return [ord(c) for c in prompt]
