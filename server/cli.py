@@ -15,8 +15,13 @@ from pydantic.fields import FieldInfo
 
 from server.adapters.cli import add_adapters_parser
 from server.settings import Settings
+from server.tenants.cli import add_keys_parser
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Shorter spellings of some flags, besides the one named after the field.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"api_keys_file": ("--api-keys",)}
 
 
 def flag_name(field: str) -> str:
@@ -31,8 +36,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; only flags given on the command line reach Settings, which reads the rest."""
     for name, field in Settings.model_fields.items():
         parser.add_argument(
-            flag_name(name), dest=name, default=argparse.SUPPRESS, help=_help(name, field), **_kind(field)
-        )
+            flag_name(name), *FLAG_ALIASES.get(name, ()), dest=name, default=argparse.SUPPRESS,
+            help=_help(name, field), **_kind(field),
+        )  # fmt: skip
 
 
 def _help(name: str, field: FieldInfo) -> str:
@@ -99,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare_parser.set_defaults(run=lambda args: prepare_model())
     add_adapters_parser(commands)
+    add_keys_parser(commands)
     return parser
 
 

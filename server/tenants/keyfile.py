@@ -104,6 +104,11 @@ def read_key_file(path: Path) -> KeyFile:
         raw = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise KeyFileError(f"API keys file {path}: not valid {suffix[1:].upper()}: {exc}") from exc
+    return validate_key_file(raw, path)
+
+
+def validate_key_file(raw: object, path: Path) -> KeyFile:
+    """Check parsed content; KeyFileError naming the file, the first offending field and what is wrong."""
     try:
         return KeyFile.model_validate(raw)
     except PydanticValidationError as exc:
