@@ -33,10 +33,17 @@ class TenantEngine:
         return [card for card in self._engine.list_models() if self._visible(card.name)]
 
     def resolve_adapter(self, model: str) -> str | None:
-        """As the engine's, but a model outside the scope gets the very error of a model that does not exist."""
+        """As the engine's, but a model outside the scope gets the very error of a model that does not exist.
+
+        The adapter the engine resolves is checked too, so an engine (or a case-insensitive file system) that maps
+        an in-scope spelling onto another tenant's adapter cannot widen the scope.
+        """
         if not self._visible(model):
             raise model_not_found(model)
-        return self._engine.resolve_adapter(model)
+        adapter = self._engine.resolve_adapter(model)
+        if adapter is not None and not self._scope.allows_adapter(adapter):
+            raise model_not_found(model)
+        return adapter
 
     async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
         """The engine's stream (same arguments), counting each output's new tokens as it passes."""
