@@ -109,6 +109,8 @@ def read_key_file(path: Path) -> KeyFile:
 
 def validate_key_file(raw: object, path: Path) -> KeyFile:
     """Check parsed content; KeyFileError naming the file, the first offending field and what is wrong."""
+    if not isinstance(raw, dict):
+        raise KeyFileError(f"API keys file {path}: the top level must be an object holding a 'tenants' list")
     try:
         return KeyFile.model_validate(raw)
     except PydanticValidationError as exc:

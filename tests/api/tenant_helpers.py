@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 from api_helpers import wait_until_healthy
+from fake_engine import FakeEngine
 from fastapi import FastAPI
 
 from server.settings import Settings
@@ -74,3 +76,40 @@ async def running_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         await wait_until_healthy(client)
         yield client
+
+
+class GatedEngine(FakeEngine):
+    """Holds every request before its first token while the gate is closed; `held` counts those waiting."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = 0
+
+    async def generate(self, *args, **kwargs):
+        self.held += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.held -= 1
+        async for output in super().generate(*args, **kwargs):
+            yield output
+
+
+async def burst(client: httpx.AsyncClient, key: str, count: int, model: str = "acme-sql") -> list[httpx.Response]:
+    body = completion(model, "abc", max_tokens=2)
+    return list(await asyncio.gather(*(client.post("/v1/completions", json=body, headers=bearer(key))
+                                       for _ in range(count))))  # fmt: skip
+
+
+def statuses(responses: list[httpx.Response]) -> list[int]:
+    return sorted(response.status_code for response in responses)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise TimeoutError("condition never held")

@@ -11,28 +11,22 @@ import httpx
 import pytest
 from fake_engine import FakeEngine
 from fastapi import FastAPI
-from tenant_helpers import ADAPTERS, Clock, bearer, chat, completion, running_client, tenant_settings, write_keys
+from tenant_helpers import (
+    ADAPTERS,
+    Clock,
+    GatedEngine,
+    bearer,
+    burst,
+    chat,
+    completion,
+    running_client,
+    statuses,
+    tenant_settings,
+    wait_for,
+    write_keys,
+)
 
 from server.api import create_app
-
-
-class GatedEngine(FakeEngine):
-    """Holds every request before its first token while the gate is closed; `held` counts those waiting."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.held = 0
-
-    async def generate(self, *args, **kwargs):
-        self.held += 1
-        try:
-            await self.gate.wait()
-        finally:
-            self.held -= 1
-        async for output in super().generate(*args, **kwargs):
-            yield output
 
 
 @pytest.fixture
@@ -56,16 +50,6 @@ async def rpm(tmp_path, engine, clock) -> AsyncIterator[tuple[dict[str, str], ht
     keys, app = limited_client(tmp_path, engine, clock, requests_per_minute=5)
     async with running_client(app) as client:
         yield keys, client
-
-
-async def burst(client: httpx.AsyncClient, key: str, count: int, model: str = "acme-sql") -> list[httpx.Response]:
-    body = completion(model, "abc", max_tokens=2)
-    return list(await asyncio.gather(*(client.post("/v1/completions", json=body, headers=bearer(key))
-                                       for _ in range(count))))  # fmt: skip
-
-
-def statuses(responses: list[httpx.Response]) -> list[int]:
-    return sorted(response.status_code for response in responses)
 
 
 async def test_requests_per_minute_admit_exactly_the_limit(rpm, engine, clock) -> None:
@@ -117,14 +101,6 @@ async def test_generated_tokens_per_minute(tmp_path, engine, clock) -> None:
     assert 'loraplex_tenant_generation_tokens_total{tenant="acme"} 24.0' in metrics
     assert 'loraplex_tenant_requests_total{tenant="acme"} 3.0' in metrics
     assert 'loraplex_tenant_refusals_total{status="429",tenant="acme"} 1.0' in metrics
-
-
-async def wait_for(predicate, timeout_s: float = 5.0) -> None:
-    for _ in range(int(timeout_s / 0.005)):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise TimeoutError("condition never held")
 
 
 async def test_concurrent_requests(tmp_path, engine: GatedEngine, clock) -> None:

@@ -7,9 +7,20 @@ import json
 from pathlib import Path
 
 import pytest
-from tenant_helpers import ADAPTERS, ADMIN_TOKEN, SCOPES, Clock, bearer, running_client, tenant_settings
+from tenant_helpers import (
+    ADAPTERS,
+    ADMIN_TOKEN,
+    SCOPES,
+    Clock,
+    GatedEngine,
+    bearer,
+    burst,
+    running_client,
+    statuses,
+    tenant_settings,
+    wait_for,
+)
 from tenant_helpers import write_keys as write_tenants
-from test_tenant_limits import GatedEngine, burst, statuses, wait_for
 
 from server.api import create_app
 from server.tenants.keys import hash_key
