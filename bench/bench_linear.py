@@ -40,7 +40,7 @@ def merged_rows(loaded: LoadedModel, cache: KVCache) -> None:
     get_peft_model(hf, config, adapter_name="x").save_pretrained(root, selected_adapters=["x"])
     attach_lora_slots(loaded.model, max_loras=1)
     updates = validate_adapter_dir(root / "x", ModelInfo.from_model(loaded.model), max_lora_rank=16).updates
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     merger.merge(updates)
     while merger.needs_packing:
         merger.pack_next()
@@ -53,7 +53,7 @@ def merged_rows(loaded: LoadedModel, cache: KVCache) -> None:
         for _ in range(10):
             for case in times:
                 for layer, copy in packed.items():
-                    layer.merged_packed = copy if case == "packed" else None
+                    layer.serve_merged(layer.merged, copy if case == "packed" else None)
                 times[case].append(step_ms(loaded, batch, cache))
         ratio = paired_ratio(times["packed"], times["plain"])
         plain, pack = (statistics.median(times[case]) for case in times)

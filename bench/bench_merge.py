@@ -39,8 +39,8 @@ from server.engine.sequence import SamplingParams
 from server.model.default_model import default_model_dir
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
-from server.model.lora import make_lora_batch
 from server.model.merge import WeightMerger
+from server.model.routing import make_lora_batch
 from server.settings import Settings
 from server.threads import pin_single_thread, use_engine_threads
 
@@ -226,7 +226,7 @@ def decode_step_rows(base_dir: Path, adapter: Path, rounds: int = 40) -> Rows:
     attach_lora_slots(loaded.model, max_loras=1)
     updates = validate_adapter_dir(adapter, ModelInfo.from_model(loaded.model), max_lora_rank=64).updates
     load_adapter_slot(loaded.model, 0, updates)
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     cache = KVCache(loaded.spec, num_blocks=4, block_size=16, dtype=torch.float32, device="cpu")
     plain, with_x = decode_batch(1), decode_batch(1, [0])
     lora = make_lora_batch(with_x.adapter_slots)

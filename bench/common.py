@@ -15,7 +15,7 @@ from server.engine.sequence import SamplingParams, Sequence
 from server.model.batch import ForwardBatch
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
-from server.model.lora import LoraBatch
+from server.model.routing import LoraBatch
 
 
 @dataclass(frozen=True)

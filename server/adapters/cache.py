@@ -126,16 +126,16 @@ class AdapterCache:
         """Whether a sequence of `key` can run next to the adapters `in_use` (the scheduler's admission check)."""
         return self.slots.fits(key, in_use)
 
-    def bind_slot(self, key: str) -> int:
+    def bind_slot(self, key: str) -> int | None:
         """Device slot of `key` for a sequence about to run, copying the adapter in if it is not resident.
 
-        -1 when no request holds `key` any more (the host entry of a held key is never evicted): the sequence's
+        None when no request holds `key` any more (the host entry of a held key is never evicted): the sequence's
         request was cancelled and the engine drops it at its next step.
         """
         with self._lock:
             weights = self._host.weights(key) if key in self._host else None
         if weights is None:
-            return -1
+            return None
         binding = self.slots.bind(key)
         if binding.evicted is not None:
             self._record("eviction", "device")

@@ -1,49 +1,26 @@
 """Device slots across a whole model: give every adapter-aware layer its slot storage, put an adapter in a slot.
 
 The registry calls these with the updates `server.adapters.weights.validate_adapter_dir` produced; a slot then serves
-every token whose `LoraBatch` slot index names it.
+every token whose `LoraBatch` slot index names it. Layers are found through the model's one `ProjectionMap`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
-from torch import nn
-
-from server.model.linear import TargetLinear
-from server.model.lora import LoraSlots, LoraWeights
+from server.model.llama import LlamaModel
+from server.model.lora_weights import LoraWeights
 
 
-def attach_lora_slots(model: nn.Module, max_loras: int) -> None:
-    """Give every `TargetLinear` of `model` empty slot storage for `max_loras` adapters."""
-    for module in model.modules():
-        if isinstance(module, TargetLinear):
-            module.lora = LoraSlots(module, max_loras)
+def attach_lora_slots(model: LlamaModel, max_loras: int) -> None:
+    """Give every adapter-aware layer of `model` empty slot storage for `max_loras` adapters."""
+    model.enable_adapters(max_loras)
 
 
-def lora_targets(model: nn.Module) -> dict[tuple[int, str], TargetLinear]:
-    """Every adapter-targetable projection, keyed (layer index, HF projection name), e.g. (3, "k_proj") -> qkv_proj."""
-    targets = {}
-    for name, module in model.named_modules():
-        if isinstance(module, TargetLinear):
-            match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-            if match is None:
-                raise ValueError(f"cannot tell the layer index of {name!r}")
-            targets.update({(int(match.group(1)), proj): module for proj in module.slices})
-    return targets
-
-
-def load_adapter_slot(model: nn.Module, slot: int, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
+def load_adapter_slot(model: LlamaModel, slot: int, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
     """Put one adapter into `slot` of every layer: (layer, projection) -> update; untargeted projections are cleared."""
-    targets = lora_targets(model)
-    unknown = set(weights) - set(targets)
-    if unknown:
-        raise ValueError(f"the model has no projections {sorted(unknown)}")
-    per_linear: dict[TargetLinear, dict[str, LoraWeights]] = {linear: {} for linear in targets.values()}
-    for (layer, proj), linear in targets.items():
-        if (layer, proj) in weights:
-            per_linear[linear][proj] = weights[(layer, proj)]
+    projections = model.projections
+    per_linear = {linear: {} for linear in projections.linears} | projections.group(weights)
     for linear, pieces in per_linear.items():  # check everything first, so a bad update leaves the slot as it was
         if linear.lora is None:
             raise ValueError("call attach_lora_slots before loading adapters")
@@ -52,6 +29,6 @@ def load_adapter_slot(model: nn.Module, slot: int, weights: Mapping[tuple[int, s
         linear.lora.load_slot(slot, pieces)
 
 
-def clear_adapter_slot(model: nn.Module, slot: int) -> None:
+def clear_adapter_slot(model: LlamaModel, slot: int) -> None:
     """Remove whatever adapter `slot` holds from every layer."""
     load_adapter_slot(model, slot, {})

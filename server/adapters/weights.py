@@ -1,8 +1,8 @@
 """Check a PEFT adapter folder against the base model and turn it into serving-ready updates.
 
 Only `adapter_model.safetensors` is read (never a pickle). Each targeted projection becomes a `LoraWeights`: A as
-saved, B with the scale folded in, and for DoRA the constant factor `g = m / ‖W + s·B·A‖_row` computed once here,
-exactly as PEFT's `DoraLinearLayer.get_weight_norm` does (L2 norm over the input dimension, no epsilon).
+saved, B with the scale folded in, and for DoRA the constant factor `g = m / ‖W + s·B·A‖_row` computed once here
+(`LoraWeights.with_dora`, exactly as PEFT's `DoraLinearLayer.get_weight_norm`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
 from server.adapters.config import AdapterConfig, TargetSpec, module_name, read_adapter_config
-from server.adapters.slots import lora_targets
 from server.errors import AdapterError
-from server.model.lora import LoraWeights
+from server.model.llama import LlamaModel
+from server.model.lora_weights import LoraWeights
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -40,17 +39,12 @@ class ModelInfo:
     base_weight: Callable[[int, str], torch.Tensor]  # (layer, projection) -> frozen W [out, in], for DoRA
 
     @classmethod
-    def from_model(cls, model: nn.Module, device: torch.device | str = "cpu") -> ModelInfo:
-        """Describe a model whose projections are `TargetLinear`s; updates are placed on `device`."""
-        targets = lora_targets(model)
-        shapes, views = {}, {}
-        for (layer, proj), linear in targets.items():
-            start, end = linear.slices[proj]
-            shapes[proj] = (linear.in_features, end - start)
-            views[(layer, proj)] = linear.weight[start:end]
-        dtype = next(iter(targets.values())).weight.dtype
-        num_layers = 1 + max(layer for layer, _ in targets)
-        return cls(num_layers, MappingProxyType(shapes), dtype, torch.device(device), lambda i, p: views[(i, p)])
+    def from_model(cls, model: LlamaModel, device: torch.device | str = "cpu") -> ModelInfo:
+        """Describe a model through its projection map; updates are placed on `device`."""
+        projections = model.projections
+        dtype = projections.linears[0].weight.dtype
+        shapes = MappingProxyType(projections.shapes())
+        return cls(projections.num_layers, shapes, dtype, torch.device(device), projections.base_weight)
 
 
 @dataclass(frozen=True)
@@ -173,16 +167,11 @@ def _update(
 ) -> LoraWeights:
     """A, s·B and the DoRA factor of one projection, computed in float32 and stored in the model's dtype."""
     a_name, b_name, m_name = _tensor_names(*key)
-    a = tensors[a_name].float()  # [r, in]
-    b = tensors[b_name].float() * spec.scale  # [out, r]
-    g = None
+    update = LoraWeights(a=tensors[a_name].float(), b=tensors[b_name].float() * spec.scale)  # [r, in], [out, r]
     if dora:
-        weight = info.base_weight(*key).float()  # [out, in]
-        direction = weight + b.to(weight.device) @ a.to(weight.device)
-        g = tensors[m_name].float().to(weight.device) / torch.linalg.norm(direction, dim=1)  # [out]
-        if not torch.isfinite(g).all():
+        update = update.with_dora(info.base_weight(*key), tensors[m_name])
+        if not torch.isfinite(update.g).all():
             raise AdapterError(
                 f"tensor {m_name} gives a non-finite DoRA scale (a row of W + s·B·A has zero norm)", param=m_name
             )
-    opts = {"dtype": info.dtype, "device": info.device}
-    return LoraWeights(a=a.to(**opts), b=b.to(**opts), g=None if g is None else g.to(**opts))
+    return update.to(dtype=info.dtype, device=info.device)

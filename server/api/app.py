@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import server
-from server.api import routes_admin, routes_health, routes_metrics, routes_openai, tenancy
+from server.api import routes_admin, routes_health, routes_metrics, routes_openai, routes_tokenize, tenancy
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.deps import EngineFactory, EngineState
 from server.api.errors import install_error_handlers
@@ -50,6 +50,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory, *, clock: Cloc
     install_error_handlers(app)
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router, dependencies=tenancy.guard(tenants))
+    app.include_router(routes_tokenize.router, dependencies=tenancy.guard(tenants))
     app.include_router(routes_metrics.router)
     app.include_router(routes_admin.router)
     return app

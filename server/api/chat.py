@@ -11,6 +11,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from server.api.generation import Generation, Indexed, collect, finish_reason_name, start
+from server.api.logprobs import Decode, chat_logprobs
 from server.api.responses import (
     AssistantMessage,
     ChatChoice,
@@ -43,12 +44,18 @@ async def create_chat_completion(
         jobs=plan_jobs(body, [prompt], engine.max_model_len),
         num_prompt_tokens=len(prompt),
     )
+    decode = engine.decode_tokens if body.logprobs else None
     if body.stream:
         outputs = await start(request, generation)
-        return EventStreamResponse(_chunks(generation, outputs, body.include_usage))
+        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode))
     results = await collect(request, generation)
     choices = [
-        ChatChoice(index=index, message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content=result.text),
+            logprobs=chat_logprobs(result.logprobs, decode) if decode else None,
+            finish_reason=result.finish_reason,
+        )
         for index, result in sorted(results.items())
     ]
     completion_tokens = sum(result.num_output_tokens for result in results.values())
@@ -68,7 +75,7 @@ def _chunk(generation: Generation, choices: list[ChatChunkChoice], usage: Usage 
 
 
 async def _chunks(
-    generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool
+    generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool, decode: Decode | None
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
     # As OpenAI does: each choice opens with the role and empty content, then content deltas, then the finish reason.
     completion_tokens: dict[int, int] = {}
@@ -77,9 +84,12 @@ async def _chunks(
             yield _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
         async for index, output in outputs:
             completion_tokens[index] = output.num_output_tokens
-            if output.text or output.finished:
+            if output.text or output.finished or (decode and output.token_ids):
                 delta = ChatDelta(content=output.text or None)
-                choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason_name(output))
-                yield _chunk(generation, [choice])
+                logprobs = chat_logprobs(output.logprobs or [], decode) if decode else None
+                reason = finish_reason_name(output)
+                yield _chunk(
+                    generation, [ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)]
+                )
     if include_usage:
         yield _chunk(generation, [], Usage.of(generation.num_prompt_tokens, sum(completion_tokens.values())))

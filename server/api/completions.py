@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.generation import Generation, Indexed, collect, finish_reason_name, start
+from server.api.generation import ChoiceResult, Generation, Indexed, collect, finish_reason_name, start
+from server.api.logprobs import completion_logprobs
 from server.api.responses import CompletionChoice, CompletionResponse, Usage
 from server.api.sampling import plan_jobs
 from server.api.schemas import CompletionRequest
 from server.api.streaming import EventStreamResponse
+from server.engine.logprobs import TokenLogprob
+from server.engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
@@ -34,20 +37,79 @@ async def create_completion(
         jobs=plan_jobs(body, prompts, engine.max_model_len),
         num_prompt_tokens=sum(map(len, prompts)),
     )
+    shaper = _Shaper(engine, body, prompts)
     if body.stream:
         outputs = await start(request, generation)
-        return EventStreamResponse(_chunks(generation, outputs, body.include_usage))
+        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, shaper))
     results = await collect(request, generation)
-    choices = [
-        CompletionChoice(index=index, text=result.text, finish_reason=result.finish_reason)
-        for index, result in sorted(results.items())
-    ]
-    completion_tokens = sum(result.num_output_tokens for result in results.values())
+    completion_tokens = sum(result.num_output_tokens for result in results.values())  # best_of: every sample
+    best = _most_likely(results, body.samples_per_prompt(), body.n or 1)
+    choices = [shaper.choice(index, result) for index, result in sorted(best.items())]
     return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens))
 
 
 def _tokenize(engine: AsyncEngine, prompts: list[str] | list[list[int]]) -> list[list[int]]:
     return [engine.encode_prompt(prompt) if isinstance(prompt, str) else prompt for prompt in prompts]
+
+
+def _most_likely(results: dict[int, ChoiceResult], samples: int, n: int) -> dict[int, ChoiceResult]:
+    """best_of: each prompt's n samples with the highest total log-probability, most likely first, as `p * n + j`."""
+    if samples == n:
+        return results
+    best = {}
+    for prompt in range(len(results) // samples):
+        group = [results[prompt * samples + i] for i in range(samples)]
+        group.sort(key=lambda result: sum(score.logprob for score in result.logprobs), reverse=True)
+        best.update({prompt * n + j: result for j, result in enumerate(group[:n])})
+    return best
+
+
+class _Shaper:
+    """Builds each choice from its outputs: the echoed prompt first when asked, log-probabilities when asked."""
+
+    def __init__(self, engine: AsyncEngine, body: CompletionRequest, prompts: list[list[int]]) -> None:
+        self.decode = engine.decode_tokens
+        self.n = body.n or 1
+        self.echo = bool(body.echo)
+        self.want_logprobs = body.logprobs is not None
+        self.prompts = prompts
+        self.texts = [p if isinstance(p, str) else engine.decode(p) for p in body.prompt] if self.echo else []
+        self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token, while streaming
+
+    def choice(self, index: int, result: ChoiceResult) -> CompletionChoice:
+        """A whole choice of a non-streaming response."""
+        piece = self._piece(index, result.text, result.token_ids, result.logprobs, result.prompt_logprobs, first=True)
+        return piece.model_copy(update={"finish_reason": result.finish_reason})
+
+    def increment(self, index: int, output: RequestOutput) -> CompletionChoice | None:
+        """A stream chunk's choice, or None when the output brings nothing to send."""
+        first = index not in self.offsets
+        if not (output.text or output.finished or (first and self.echo) or (self.want_logprobs and output.token_ids)):
+            return None
+        piece = self._piece(index, output.text, output.token_ids, output.logprobs, output.prompt_logprobs, first)
+        return piece.model_copy(update={"finish_reason": finish_reason_name(output)})
+
+    def _piece(
+        self,
+        index: int,
+        text: str,
+        token_ids: list[int],
+        scored: list[TokenLogprob] | None,
+        prompt_scored: list[TokenLogprob] | None,
+        first: bool,
+    ) -> CompletionChoice:
+        ids, scores = list(token_ids), list(scored or [])
+        if first and self.echo:
+            prompt = index // self.n
+            text = self.texts[prompt] + text
+            ids, scores = self.prompts[prompt] + ids, [None, *(prompt_scored or []), *scores]
+        logprobs = None
+        if self.want_logprobs:
+            logprobs = completion_logprobs(ids, scores, self.decode, self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + sum(map(len, logprobs.tokens))
+        else:
+            self.offsets.setdefault(index, 0)
+        return CompletionChoice(index=index, text=text, logprobs=logprobs)
 
 
 def _envelope(generation: Generation, choices: list[CompletionChoice], usage: Usage | None) -> CompletionResponse:
@@ -57,14 +119,14 @@ def _envelope(generation: Generation, choices: list[CompletionChoice], usage: Us
 
 
 async def _chunks(
-    generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool
+    generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool, shaper: _Shaper
 ) -> AsyncGenerator[CompletionResponse, None]:
     completion_tokens: dict[int, int] = {}
     async with aclosing(outputs):
         async for index, output in outputs:
             completion_tokens[index] = output.num_output_tokens
-            if output.text or output.finished:
-                choice = CompletionChoice(index=index, text=output.text, finish_reason=finish_reason_name(output))
+            choice = shaper.increment(index, output)
+            if choice is not None:
                 yield _envelope(generation, [choice], None)
     if include_usage:
         yield _envelope(generation, [], Usage.of(generation.num_prompt_tokens, sum(completion_tokens.values())))

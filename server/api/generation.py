@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import LoraplexError, ServiceUnavailableError
@@ -68,6 +69,9 @@ class ChoiceResult:
     text: str = ""
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., when asked for
 
 
 def _checked(output: RequestOutput) -> RequestOutput:
@@ -123,6 +127,9 @@ async def _collect(outputs: AsyncGenerator[Indexed, None]) -> dict[int, ChoiceRe
             result = results.setdefault(index, ChoiceResult())
             result.text += output.text
             result.num_output_tokens = output.num_output_tokens
+            result.token_ids += output.token_ids
+            result.logprobs += output.logprobs or []
+            result.prompt_logprobs = result.prompt_logprobs or output.prompt_logprobs
             result.finish_reason = finish_reason_name(output)
     return results
 

@@ -9,8 +9,8 @@ from server.errors import InvalidRequestError
 
 
 def plan_jobs(body: GenerationRequest, prompts: list[list[int]], max_model_len: int) -> list[Job]:
-    """Choice `p * n + i` is sample `i` of prompt `p`; with a seed, sample `i` uses `seed + i`."""
-    n = body.n or 1
+    """Job `p * n + i` is sample `i` of prompt `p` (n: samples per prompt); with a seed, sample `i` uses `seed + i`."""
+    n = body.samples_per_prompt()
     return [
         Job(index=p * n + i, prompt_token_ids=prompt, params=sampling_params(body, len(prompt), max_model_len, i))
         for p, prompt in enumerate(prompts)
@@ -20,7 +20,11 @@ def plan_jobs(body: GenerationRequest, prompts: list[list[int]], max_model_len: 
 
 def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, sample: int) -> SamplingParams:
     """The engine's parameters for one sample; max_tokens defaults to what is left of the context."""
-    max_tokens = body.requested_max_tokens() or _default_max_tokens(body, prompt_len, max_model_len)
+    max_tokens = body.requested_max_tokens()
+    if max_tokens is None:
+        max_tokens = _default_max_tokens(body, prompt_len, max_model_len)
+    if max_tokens == 0 and not body.allows_zero_max_tokens():
+        raise InvalidRequestError("max_tokens 0 generates nothing; set echo to score the prompt", param="max_tokens")
     if body.min_tokens > max_tokens:
         raise InvalidRequestError(
             f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
@@ -35,7 +39,22 @@ def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int
         stop=tuple(body.stop or ()),
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
+        logprobs=_logprobs(body),
+        prompt_logprobs=body.wanted_prompt_logprobs(),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias=body.token_biases(),
+        min_p=body.min_p or 0.0,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
     )
+
+
+def _logprobs(body: GenerationRequest) -> int | None:
+    """Alternatives to report per token; best_of ranks its samples by their tokens' log-probabilities, so asks too."""
+    wanted = body.wanted_logprobs()
+    ranks = body.samples_per_prompt() > (body.n or 1)
+    return 0 if wanted is None and ranks else wanted
 
 
 def _default_max_tokens(body: GenerationRequest, prompt_len: int, max_model_len: int) -> int:

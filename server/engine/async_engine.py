@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from server.adapters.versions import adapter_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, QueueFullError, ServiceUnavailableError, model_not_found
 from server.metrics import Metrics, RequestTrace
@@ -97,16 +98,28 @@ class AsyncEngine:
             return model
         raise model_not_found(model)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
+    def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def decode_tokens(self, token_ids: list[int]) -> list[str]:
+        """Each token's text decoded on its own (how log-probabilities name tokens)."""
+        return self.tokenizer.batch_decode([[token] for token in token_ids])
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False
+    ) -> list[int]:
+        """The conversation rendered by the chat template (which already holds the special tokens), tokenized."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except Exception as exc:  # jinja templates raise arbitrary errors on bad conversations
             msg = f"the messages do not fit the model's chat template: {exc}"
             raise InvalidRequestError(msg, param="messages") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template already has them
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
@@ -153,6 +166,7 @@ class AsyncEngine:
         self.adapters.shutdown()
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        validate_token_ids(params, self.vocab_size)
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty; send at least one token", param="prompt")
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)

@@ -1,4 +1,8 @@
-"""Turn the scheduler's choice of (sequence, new tokens) into the packed ForwardBatch of one step."""
+"""Turn the scheduler's choice of (sequence, new tokens) into the packed ForwardBatch of one step.
+
+Two kinds of slot meet here and keep distinct names: `kv_slots`, the flat KV-cache position each token writes, and
+`adapter_slots`, the device adapter slot (or routing marker, `server.model.routing`) each token is served with.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ def build_forward_batch(
 ) -> ForwardBatch:
     """Pack each sequence's next `n` tokens; logits are kept for sequences whose chunk reaches their end.
 
-    `adapter_slots[i]` is the device adapter slot of `work[i]` (-1 = base); callers order `work` so that
-    equal slots are adjacent, which makes each adapter's tokens one contiguous segment.
+    `adapter_slots[i]` is the adapter slot of `work[i]` (BASE_SLOT for the base model, MERGED_SLOT for the merged
+    adapter); callers order `work` so that equal slots are adjacent, which makes each adapter's tokens one contiguous
+    segment.
     """
-    ids, positions, slots, token_slots = [], [], [], []
+    ids, positions, kv_slots, token_adapter_slots = [], [], [], []
     query_start, context_lens, logits_indices = [0], [], []
     max_blocks = max(len(seq.block_table) for seq, _ in work)
     tables = torch.zeros(len(work), max_blocks, dtype=torch.int64)
@@ -26,14 +31,14 @@ def build_forward_batch(
         ids.extend(seq.token_slice(start, end))
         positions.extend(range(start, end))
         table = seq.block_table
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        kv_slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
         tables[i, : len(table)] = torch.tensor(table, dtype=torch.int64)
         query_start.append(query_start[-1] + n)
         context_lens.append(end)
         if end == len(seq):
             logits_indices.append(query_start[-1] - 1)
         if adapter_slots is not None:
-            token_slots.extend([adapter_slots[i]] * n)
+            token_adapter_slots.extend([adapter_slots[i]] * n)
 
     def dev(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
@@ -41,10 +46,10 @@ def build_forward_batch(
     return ForwardBatch(
         input_ids=dev(ids),
         positions=dev(positions),
-        slot_mapping=dev(slots),
+        kv_slots=dev(kv_slots),
         query_start=torch.tensor(query_start, dtype=torch.int64),
         context_lens=torch.tensor(context_lens, dtype=torch.int64),
         block_tables=tables.to(device, non_blocking=True),
         logits_indices=dev(logits_indices),
-        adapter_slots=dev(token_slots) if adapter_slots is not None else None,
+        adapter_slots=dev(token_adapter_slots) if adapter_slots is not None else None,
     )

@@ -47,7 +47,7 @@ class MergeController:
         record: RecordSwap | None = None,
         history: int = 256,
     ) -> None:
-        self.weight_merger = WeightMerger(model)
+        self.weight_merger = WeightMerger(model.projections)
         self.policy = policy
         self.weights_of = weights_of  # an adapter's weights in host memory; None while it is not there
         self.record = record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.engine.logprobs import TokenLogprob
 from server.engine.sequence import FinishReason
 
 
@@ -20,6 +21,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the request failed inside the engine
     scheduled_time: float | None = None  # time.monotonic() when the engine first scheduled the request
+    logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asks for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., in the request's first output only
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from server.engine.batch_builder import build_forward_batch
+from server.engine.logprobs import TokenLogprob, prompt_positions, sampled_logprobs, score_prompt
 from server.engine.sampler import Sampler, SamplingRow
 from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
-from server.model.lora import MERGED_SLOT, make_lora_batch
+from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
+
+
+@dataclass
+class StepResult:
+    """What one step produced: a next token per sampling item, and the log-probabilities asked for."""
+
+    sampled: list[tuple[ScheduledSequence, int]]
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # request id -> its sampled token's
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # request id -> this chunk's
 
 
 class ModelRunner:
@@ -32,25 +43,45 @@ class ModelRunner:
         scheduled: list[ScheduledSequence],
         row_of: Callable[[Sequence], SamplingRow],
         merged: str | None = None,
-    ) -> list[tuple[ScheduledSequence, int]]:
-        """Run one step; returns (item, next token) for every item whose chunk ends its sequence (`item.samples`).
+    ) -> StepResult:
+        """Run one step; a next token for every item whose chunk ends its sequence (`item.samples`).
 
         Sequences are packed in adapter-slot order so that each adapter's tokens form one contiguous segment.
         `merged` names the adapter merged into the base weights: its tokens need no adapter work, the others (base
         model included) the merged adapter's correction.
         """
 
-        def slot_of(seq: Sequence) -> int:
-            return MERGED_SLOT if merged is not None and seq.adapter == merged else seq.lora_slot
+        def adapter_slot_of(seq: Sequence) -> int:
+            if merged is not None and seq.adapter == merged:
+                return MERGED_SLOT
+            return BASE_SLOT if seq.adapter_slot is None else seq.adapter_slot
 
-        items = sorted(scheduled, key=lambda item: slot_of(item.seq))
+        items = sorted(scheduled, key=lambda item: adapter_slot_of(item.seq))
         work = [(item.seq, item.num_new_tokens) for item in items]
-        slots = [slot_of(item.seq) for item in items]
-        with_adapters = any(slot >= 0 or (merged is not None and slot != MERGED_SLOT) for slot in slots)
-        batch = build_forward_batch(work, self.block_size, self.device, slots if with_adapters else None)
+        adapter_slots = [adapter_slot_of(item.seq) for item in items]
+        with_adapters = any(slot >= 0 or (merged is not None and slot != MERGED_SLOT) for slot in adapter_slots)
+        batch = build_forward_batch(work, self.block_size, self.device, adapter_slots if with_adapters else None)
         lora = make_lora_batch(batch.adapter_slots) if batch.adapter_slots is not None else None
         hidden = self.model(batch, self.kv_cache, lora)  # [T, hidden]
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [L, vocab]
         sampling = [item for item in items if item.samples]
         tokens = self.sampler.sample(logits, [row_of(item.seq) for item in sampling])
-        return list(zip(sampling, tokens, strict=True))
+        return StepResult(
+            list(zip(sampling, tokens, strict=True)),
+            sampled_logprobs(logits, tokens, [item.seq for item in sampling]),
+            self._prompt_logprobs(hidden, batch.query_start.tolist(), items),
+        )
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, query_start: list[int], items: list[ScheduledSequence]
+    ) -> dict[str, list[TokenLogprob]]:
+        """Scores of the prompt tokens this step's chunks reach, for the requests that ask; `hidden: [T, H]`."""
+        scored = {}
+        for row, item in enumerate(items):
+            positions = prompt_positions(item.seq, item.start, item.end)
+            if positions:
+                first = query_start[row] + positions.start - item.start
+                scored[item.seq.request_id] = score_prompt(
+                    hidden, first, item.seq, positions, self.model.compute_logits
+                )
+        return scored

@@ -14,11 +14,12 @@ one uniform per row on the CPU and inverting the cumulative distribution on the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from server.engine.penalties import apply_min_p, apply_penalties
 from server.engine.sequence import SamplingParams
 
 _SEED_BOUND = 2**63 - 1
@@ -44,6 +45,8 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None  # CPU generator; may be None for greedy rows
     num_generated: int  # output tokens so far, before this step's token
+    prompt_token_ids: Sequence[int] = ()  # read by the penalties only
+    output_token_ids: Sequence[int] = ()
 
 
 class Sampler:
@@ -57,6 +60,9 @@ class Sampler:
         """Next token id of each row; `logits: [L, V]` float32 on any device, one row per entry of `rows`."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        logits = apply_penalties(
+            logits, [r.params for r in rows], [(r.prompt_token_ids, r.output_token_ids) for r in rows]
+        )
         logits = self._ban_eos(logits, rows)
         next_ids = logits.argmax(dim=-1)  # [L]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -66,12 +72,16 @@ class Sampler:
         return next_ids.tolist()
 
     def _ban_eos(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Logits with EOS ids at -inf in rows still short of min_tokens; a copy only when some row is."""
-        banned = [i for i, row in enumerate(rows) if row.num_generated < row.params.min_tokens]
-        if not banned or not self.eos_token_ids:
+        """Logits with EOS and stop token ids at -inf in rows short of min_tokens; a copy only when some row is."""
+        banned = [
+            (i, token)
+            for i, row in enumerate(rows)
+            if row.num_generated < row.params.min_tokens
+            for token in (*self.eos_token_ids, *row.params.stop_token_ids)
+        ]
+        if not banned:
             return logits
-        row_idx = torch.tensor(banned, device=logits.device)[:, None]  # [B, 1]
-        col_idx = torch.tensor(self.eos_token_ids, device=logits.device)[None, :]  # [1, E]
+        row_idx, col_idx = torch.tensor(banned, device=logits.device).T  # [B], [B]
         return logits.index_put((row_idx, col_idx), torch.tensor(float("-inf"), device=logits.device))
 
     def _draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -79,6 +89,8 @@ class Sampler:
         device = logits.device
         temperature = torch.tensor([row.params.temperature for row in rows], device=device)  # [S]
         logits = logits / temperature[:, None]  # [S, V]
+        if any(row.params.min_p > 0.0 for row in rows):
+            logits = apply_min_p(logits, torch.tensor([row.params.min_p for row in rows], device=device))
         if any(row.params.top_k > 0 or row.params.top_p < 1.0 for row in rows):
             top_k = torch.tensor([row.params.top_k for row in rows], device=device)  # [S]
             top_p = torch.tensor([row.params.top_p for row in rows], device=device)  # [S]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engine.logprobs import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -18,10 +22,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each sampled token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_p: float = 0.0  # 0 = off
+    stop_token_ids: tuple[int, ...] = ()  # generation stops after any of these (kept out of the text, like EOS)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 class SequenceStatus(enum.Enum):
@@ -58,7 +74,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() of its first step, for the queue-time metric
-    lora_slot: int = -1  # device slot of the adapter while running; -1 = base model or not bound
+    adapter_slot: int | None = None  # device slot of the adapter while running; None = base model or not bound yet
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked for
 
     @property
     def token_ids(self) -> list[int]:

@@ -13,17 +13,17 @@ class ForwardBatch:
 
     Sequence i owns tokens `query_start[i]:query_start[i+1]`; they are its last `query_len` positions
     out of `context_lens[i]` (cached tokens plus this step's). Each token's K/V are written to flat
-    cache slot `slot_mapping[t]` = block * block_size + offset before attention reads the cache.
+    cache slot `kv_slots[t]` = block * block_size + offset before attention reads the cache.
     """
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, position of each token in its sequence
-    slot_mapping: torch.Tensor  # [T] int64, flat KV slot each token writes
+    kv_slots: torch.Tensor  # [T] int64, flat KV-cache slot each token writes
     query_start: torch.Tensor  # [S + 1] int64 (CPU), cumulative query lengths
     context_lens: torch.Tensor  # [S] int64 (CPU), KV length of each sequence after this step
     block_tables: torch.Tensor  # [S, max_blocks] int64, block ids, padded with 0
     logits_indices: torch.Tensor  # [L] int64, tokens whose logits are sampled (L <= S)
-    adapter_slots: torch.Tensor | None = None  # [T] int64 device adapter slot per token, -1 = base
+    adapter_slots: torch.Tensor | None = None  # [T] int64 adapter slot per token or a marker (server.model.routing)
 
     @property
     def num_tokens(self) -> int:

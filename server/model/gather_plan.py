@@ -1,4 +1,4 @@
-"""Index plans of the per-token (BGMV) pass of `server.model.lora`: which slot rows each gathered token reads."""
+"""Index plans of the per-token (BGMV) pass of `server.model.lora`: which buffer rows each gathered token reads."""
 
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ class GatherPlan:
 
 
 def build_gather_plan(
-    rows: torch.Tensor, ranks: Mapping[int, int], in_features: int, granules: int, width: int, device: torch.device
+    rows: torch.Tensor, row_ranks: Mapping[int, int], in_features: int, granules: int, width: int, device: torch.device
 ) -> GatherPlan:
-    """The plan for tokens reading buffer rows `rows` [T] (0 = nothing), each slot at its rank in `ranks`.
+    """The plan for tokens reading buffer rows `rows` [T] (0 = nothing), each row at its rank in `row_ranks`.
 
     Index arithmetic on the host (no device sync), then one copy of each index to the device.
     """
     tokens = torch.arange(rows.numel())
     rank_of_row = torch.zeros(int(rows.max()) + 1, dtype=torch.int64)
-    for slot, rank in ranks.items():
-        rank_of_row[slot + 1] = rank
+    for row, rank in row_ranks.items():
+        rank_of_row[row] = rank
     r = rank_of_row[rows]  # [T] rank each token reads here, 0 = nothing to add
     k = -(-r // width)  # [T] granules each token reads
     bag_tokens = torch.repeat_interleave(tokens, k)  # [B]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from server.model.lora import LoraBatch, LoraSlots
-
+from server.model.lora import LoraSlots
+from server.model.routing import LoraBatch
 
 PLAIN_MAX_ROWS = 3  # up to this many rows the plain weight's GEMM beats the packed one (see `prepack`)
 
@@ -39,11 +36,11 @@ class TargetLinear(nn.Module):
     """`y = x·Wᵀ` for the whole packed batch, plus each token's adapter delta on the named output slices.
 
     `slices` maps each fused Hugging Face projection (e.g. `q_proj`) to its output columns `[start, end)`;
-    adapters target those names. `lora` holds the per-slot adapter weights once adapters are enabled.
-    `weight` is the frozen base weight and is never replaced. While an adapter is merged (`server.model.merge`),
-    `merged` holds the weight with the adapter in it and the GEMM runs on that instead; `merged_packed`, its
-    oneDNN copy, arrives some steps after the merge (packing costs more than merging), and until then every
-    batch size runs the plain GEMM on it.
+    adapters target those names. `lora` holds the per-slot adapter weights once `enable_adapters` made them.
+    `weight` is the frozen base weight and is never replaced. While an adapter is merged (`server.model.merge`
+    calls `serve_merged`), `merged` holds the weight with the adapter in it and the GEMM runs on that instead;
+    `merged_packed`, its oneDNN copy, arrives some steps after the merge (packing costs more than merging), and
+    until then every batch size runs the plain GEMM on it.
     """
 
     def __init__(self, weight: torch.Tensor, slices: dict[str, tuple[int, int]]) -> None:
@@ -62,6 +59,14 @@ class TargetLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    def enable_adapters(self, max_loras: int) -> None:
+        """Give this layer empty slot storage for `max_loras` adapters."""
+        self.lora = LoraSlots(self.slices, self.in_features, max_loras, self.weight.dtype, self.weight.device)
+
+    def serve_merged(self, merged: torch.Tensor | None, packed: torch.Tensor | None = None) -> None:
+        """Run the GEMM on `merged` [out, in] (and on `packed`, its copy, once made); None: on `weight` again."""
+        self.merged, self.merged_packed = merged, packed
 
     def forward(self, x: torch.Tensor, lora_batch: LoraBatch | None = None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]

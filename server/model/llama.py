@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,9 +12,8 @@ from server.model.batch import ForwardBatch
 from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from server.model.linear import TargetLinear, linear, prepack
-
-if TYPE_CHECKING:
-    from server.model.lora import LoraBatch
+from server.model.projections import ProjectionMap
+from server.model.routing import LoraBatch
 
 
 class Attention(nn.Module):
@@ -29,7 +26,7 @@ class Attention(nn.Module):
         self.o_proj = o_proj
         self.qkv_bias = nn.Parameter(qkv_bias, requires_grad=False) if qkv_bias is not None else None
 
-    def forward(self, x, cos, sin, plan: AttentionPlan, slot_mapping, cache, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, plan: AttentionPlan, kv_slots, cache, lora: LoraBatch | None) -> torch.Tensor:
         s = self.spec
         qkv = self.qkv_proj(x, lora)  # [T, q_size + 2 * kv_size]
         if self.qkv_bias is not None:
@@ -39,8 +36,8 @@ class Attention(nn.Module):
         k = apply_rotary(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         k_cache, v_cache = cache
-        k_cache.index_copy_(0, slot_mapping, k)
-        v_cache.index_copy_(0, slot_mapping, v)
+        k_cache.index_copy_(0, kv_slots, k)
+        v_cache.index_copy_(0, kv_slots, v)
         return self.o_proj(paged_attention(q, k, v, k_cache, v_cache, plan), lora)
 
 
@@ -66,8 +63,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = input_norm
         self.post_attention_layernorm = post_norm
 
-    def forward(self, h, cos, sin, plan, slot_mapping, cache, lora) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, plan, slot_mapping, cache, lora)
+    def forward(self, h, cos, sin, plan, kv_slots, cache, lora) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, plan, kv_slots, cache, lora)
         return h + self.mlp(self.post_attention_layernorm(h), lora)
 
 
@@ -84,6 +81,7 @@ class LlamaModel(nn.Module):
         self.lm_head = self.embed_tokens if spec.tie_word_embeddings or lm_head is None else nn.Parameter(lm_head)
         self.lm_head_packed = prepack(self.lm_head.data)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, device)
+        self.projections = ProjectionMap(_fused_linears(self.layers))  # what adapters can target
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, lora: LoraBatch | None = None) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm; K/V of every token are written to the cache."""
@@ -91,22 +89,28 @@ class LlamaModel(nn.Module):
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self.rotary.tables(batch.positions, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, plan, batch.slot_mapping, kv_cache.layer(i), lora)
+            h = layer(h, cos, sin, plan, batch.kv_slots, kv_cache.layer(i), lora)
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [L, hidden] -> logits: [L, vocab] in float32
         return linear(hidden, self.lm_head, self.lm_head_packed).float()
 
-    def target_linears(self) -> dict[tuple[int, str], TargetLinear]:
-        """Every adapter-targetable layer, keyed by (layer index, fused module name)."""
-        out = {}
-        for i, layer in enumerate(self.layers):
-            out[(i, "qkv_proj")] = layer.self_attn.qkv_proj
-            out[(i, "o_proj")] = layer.self_attn.o_proj
-            out[(i, "gate_up_proj")] = layer.mlp.gate_up_proj
-            out[(i, "down_proj")] = layer.mlp.down_proj
-        return out
+    def enable_adapters(self, max_loras: int) -> None:
+        """Give every adapter-targetable layer empty slot storage for `max_loras` adapters."""
+        for target in self.projections.linears:
+            target.enable_adapters(max_loras)
+
+
+def _fused_linears(layers: nn.ModuleList) -> dict[tuple[int, str], TargetLinear]:
+    """Every adapter-targetable layer, keyed by (layer index, fused module name)."""
+    out = {}
+    for i, layer in enumerate(layers):
+        out[(i, "qkv_proj")] = layer.self_attn.qkv_proj
+        out[(i, "o_proj")] = layer.self_attn.o_proj
+        out[(i, "gate_up_proj")] = layer.mlp.gate_up_proj
+        out[(i, "down_proj")] = layer.mlp.down_proj
+    return out
 
 
 def _build_layer(spec: ModelSpec, w: dict[str, torch.Tensor], i: int) -> DecoderLayer:

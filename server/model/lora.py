@@ -1,8 +1,9 @@
 """Per-token LoRA/DoRA deltas for a packed batch that mixes many adapters.
 
-Every `TargetLinear` gets a `LoraSlots`: for each fused projection, Aᵀ and (s·B)ᵀ of `max_loras` device slots,
-zero-padded to a shared rank capacity, and DoRA's factor `g` per slot (1 for LoRA). Buffer row 0 is all zeros and
-stands for the base model, so slot `s` lives in row `s + 1`.
+An adapter-aware `TargetLinear` owns a `LoraSlots`: for each fused projection, Aᵀ and (s·B)ᵀ of `max_loras` device
+slots, zero-padded to a shared rank capacity, and DoRA's factor `g` per slot (1 for LoRA), in the rows of slot buffers
+(`server.model.routing.buffer_row`; row 0 is all zeros and stands for the base model). The maths of one update is
+`server.model.lora_weights.LoraWeights`; `lora_reference` states what this module computes, as a loop over tokens.
 
 A step's tokens come in runs of equal slot. Runs of `MIN_GEMM_RUN` tokens or more (prefill) get one GEMM pair each
 (Punica's SGMV). All other adapter tokens (decode) are served together by two `embedding_bag` calls that read each
@@ -17,142 +18,53 @@ r=64 slot costs r=8 tokens little (267 µs; padding them to 64 cost 3-4x). One r
 gathered from about 12-16 tokens up.
 
 While an adapter is merged into the base weights (`server.model.merge`), its tokens carry `MERGED_SLOT`: nothing is
-added to them, and every other token first gets the merged adapter's `Correction`.
+added to them, and every other token first has the merged update removed (`LoraWeights.remove`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from server.model.gather_plan import GatherPlan, build_gather_plan
-from server.model.linear import TargetLinear
+from server.model.lora_weights import LoraWeights, scale_outputs_
+from server.model.routing import MERGED_SLOT, LoraBatch, buffer_row, buffer_rows
 
-if TYPE_CHECKING:
-    from server.model.merge import Correction
-
-MIN_GEMM_RUN = 16  # shortest run served by its own GEMM pair; below it, per-token gathering is cheaper (measured)
 RANK_ALIGN = 8  # slot buffers grow in steps of this many ranks up to one granule
 GRANULE = 16  # the shrink gathers A in rows of at most this many ranks, so one wide slot slows the rest little
-MERGED_SLOT = -2  # slot of the tokens of the adapter merged into the base weights: no delta, no correction
 
 
-@dataclass(frozen=True)
-class LoraWeights:
-    """One adapter's update of one projection, ready to serve: `delta = (x·aᵀ)·bᵀ`, the scale already in `b`."""
-
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r], multiplied by the scale s
-    g: torch.Tensor | None = None  # [out], DoRA factor m / ‖W + s·B·A‖_row; None for plain LoRA
-
-    @cached_property
-    def max_abs(self) -> tuple[float, float]:
-        """(r · max|b| · max|a|, max|g|): bounds on |(b·a)[i, j]| and on the DoRA factor (1 for LoRA)."""
-        update = self.a.shape[0] * float(self.b.abs().max()) * float(self.a.abs().max())
-        return update, 1.0 if self.g is None else float(self.g.abs().max())
-
-
-@dataclass(eq=False)
-class LoraBatch:
-    """Adapter routing of one step, shared by every adapter-aware layer; build it with `make_lora_batch`."""
-
-    token_slots: torch.Tensor  # [T] int64, adapter slot of each token, -1 = base, MERGED_SLOT = the merged adapter
-    seg_starts: torch.Tensor  # [S + 1] int64 (CPU), first token of each maximal run of equal slots, then T
-    seg_slots: torch.Tensor  # [S] int64 (CPU), slot of each run, -1 = base
-    active_slots: frozenset[int]  # every adapter slot with tokens in this step
-    gemm_runs: tuple[tuple[int, int, int], ...]  # (start, end, slot) of runs served by one GEMM pair each
-    gather_slots: frozenset[int]  # slots of the tokens served per token
-    gather_rows: torch.Tensor | None  # [T] int64, buffer row per token: slot + 1 if gathered, else 0
-    gather_rows_cpu: torch.Tensor | None  # [T] int64 (CPU), the same, for building plans without a device sync
-    unmerged_runs: tuple[tuple[int, int], ...]  # (start, end) of maximal runs of tokens not in MERGED_SLOT
-    _plans: dict[tuple, GatherPlan] = field(default_factory=dict, init=False, repr=False)
-
-    def gather_plan(self, ranks: Mapping[int, int], in_features: int, granules: int, width: int) -> GatherPlan:
-        """The plan for buffers of `granules` granules of `width` ranks, given each gathered slot's rank there.
-
-        Built once per step for each distinct layout, usually shared by every layer.
-        """
-        key = (in_features, granules, width, tuple(sorted(ranks.items())))
-        if key not in self._plans:
-            rows, device = self.gather_rows_cpu, self.token_slots.device
-            self._plans[key] = build_gather_plan(rows, ranks, in_features, granules, width, device)
-        return self._plans[key]
-
-
-def find_segments(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split per-token slots into maximal runs of equal slot: `seg_starts [S + 1]`, `seg_slots [S]`."""
-    slots = token_slots.cpu()
-    if slots.numel() == 0:
-        return torch.zeros(1, dtype=torch.int64), slots
-    change = torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1
-    seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64), change, torch.tensor([slots.numel()])])
-    return seg_starts, slots[seg_starts[:-1]]
-
-
-def make_lora_batch(token_slots: torch.Tensor, min_gemm_run: int = MIN_GEMM_RUN) -> LoraBatch:
-    """Route one step: adapter runs of `min_gemm_run` tokens or more get GEMMs, the other adapter tokens are gathered.
-
-    `token_slots` [T] may live on the model's device (one host copy is made); slots must be < the layers' `max_loras`.
-    """
-    slots = token_slots.cpu()
-    seg_starts, seg_slots = find_segments(slots)
-    lengths = seg_starts.diff()
-    starts = seg_starts[:-1].tolist()
-    runs = [
-        (s, s + n, slot) for s, n, slot in zip(starts, lengths.tolist(), seg_slots.tolist(), strict=True) if slot >= 0
-    ]
-    gathered = torch.repeat_interleave(lengths < min_gemm_run, lengths) & (slots >= 0)  # [T]
-    rows = torch.where(gathered, slots + 1, 0) if bool(gathered.any()) else None
-    return LoraBatch(
-        token_slots=token_slots,
-        seg_starts=seg_starts,
-        seg_slots=seg_slots,
-        active_slots=frozenset(slot for _, _, slot in runs),
-        gemm_runs=tuple(run for run in runs if run[1] - run[0] >= min_gemm_run),
-        gather_slots=frozenset(slot for start, end, slot in runs if end - start < min_gemm_run),
-        gather_rows=None if rows is None else rows.to(token_slots.device),
-        gather_rows_cpu=rows,
-        unmerged_runs=_unmerged_runs(seg_starts, seg_slots),
-    )
-
-
-def _unmerged_runs(seg_starts: torch.Tensor, seg_slots: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """Maximal runs of tokens that do not belong to the merged adapter: they get its correction."""
-    runs: list[tuple[int, int]] = []
-    bounds = zip(seg_starts[:-1].tolist(), seg_starts[1:].tolist(), seg_slots.tolist(), strict=True)
-    for start, end, slot in bounds:
-        if slot == MERGED_SLOT:
-            continue
-        if runs and runs[-1][1] == start:
-            start = runs.pop()[0]
-        runs.append((start, end))
-    return tuple(runs)
-
-
-def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Each token's adapter delta in plain torch: the ground truth the fast paths are tested against.
+def lora_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: Mapping[int, LoraWeights],
+    token_slots: torch.Tensor,
+    merged: LoraWeights | None = None,
+) -> torch.Tensor:
+    """Every token's adapter update of one projection in plain torch: the ground truth the fast paths are tested on.
 
     Semantics:
-        y = zeros(T, out)
         for t in range(T):
-            if token_slots[t] >= 0:
-                y[t] += (x[t] @ a[token_slots[t]].T) @ b[token_slots[t]].T
+            if merged is not None and token_slots[t] != MERGED_SLOT:
+                y[t] = y[t] / merged.g - (x[t] @ merged.a.T) @ merged.b.T    # back to the base model's output
+            w = updates.get(token_slots[t])                                  # None for the base model
+            if w is not None:
+                y[t] = w.g * (y[t] + (x[t] @ w.a.T) @ w.b.T)
+        (g = 1 for plain LoRA, in both lines)
 
     Args:
         x: [T, in] token activations.
-        a: [N, r_max, in] stacked A of every slot, zero-padded to the largest rank.
-        b: [N, out, r_max] stacked B of every slot (scale folded in), zero-padded likewise.
-        token_slots: [T] slot of each token, -1 = base (no delta).
+        y: [T, out] the projection's output `x·Wᵀ` (`x·W'ᵀ` while `merged` is merged into W); updated in place.
+        updates: adapter slot -> its update of this projection; slots not in it add nothing.
+        token_slots: [T] adapter slot of each token, or BASE_SLOT / MERGED_SLOT.
+        merged: the update merged into the weight, if any.
     """
-    y = x.new_zeros(x.shape[0], b.shape[1])
     for t, slot in enumerate(token_slots.tolist()):
-        if slot >= 0:
-            y[t] += (x[t] @ a[slot].T) @ b[slot].T
+        if merged is not None and slot != MERGED_SLOT:
+            merged.remove(x[t : t + 1], y[t : t + 1])
+        if slot in updates:
+            updates[slot].apply(x[t : t + 1], y[t : t + 1])
     return y
 
 
@@ -172,9 +84,9 @@ def _granules(a_t: torch.Tensor) -> torch.Tensor:
 class _Slice:
     """One fused projection's slot buffers: A and B of every slot, zero-padded to a shared rank capacity."""
 
-    def __init__(self, start: int, end: int, in_features: int, max_loras: int, weight: torch.Tensor) -> None:
-        self.start, self.end, self.in_features, self.rows = start, end, in_features, max_loras + 1
-        self.dtype, self.device = weight.dtype, weight.device
+    def __init__(self, start: int, end: int, in_features: int, rows: int, dtype: torch.dtype, device: torch.device):
+        self.start, self.end, self.in_features, self.rows = start, end, in_features, rows
+        self.dtype, self.device = dtype, device
         self.rank: dict[int, int] = {}  # slot -> rank, for the slots whose adapter targets this projection
         self.dora: set[int] = set()  # slots whose adapter is DoRA
         self.cap = 0  # rank capacity of the buffers; 0 until an adapter targets this projection
@@ -191,13 +103,10 @@ class _Slice:
         return self.a_t.shape[-1]
 
     def check(self, weights: LoraWeights) -> None:
-        r = weights.a.shape[0]
-        g_ok = weights.g is None or weights.g.shape == (self.out_features,)
-        if weights.a.shape != (r, self.in_features) or weights.b.shape != (self.out_features, r) or not g_ok:
-            raise ValueError(f"LoRA shapes {tuple(weights.a.shape)}, {tuple(weights.b.shape)} do not fit this layer")
+        weights.check_shape(self.in_features, self.out_features)
 
     def load(self, slot: int, weights: LoraWeights | None) -> None:
-        row = slot + 1
+        row = buffer_row(slot)
         self.rank.pop(slot, None)
         self.dora.discard(slot)
         if self.cap:
@@ -206,7 +115,7 @@ class _Slice:
             self.g[row].fill_(1)
         if weights is None:
             return
-        r = weights.a.shape[0]
+        r = weights.rank
         self._reserve(r)
         for granule, first in enumerate(range(0, r, self.width)):
             part = weights.a[first : first + self.width]  # [<= g, in]
@@ -233,14 +142,14 @@ class _Slice:
 
     def sgmv(self, x: torch.Tensor, y: torch.Tensor, start: int, end: int, slot: int) -> None:
         """One run of one slot: two GEMMs at the slot's own rank, then DoRA's `g` if any."""
-        r, row = self.rank[slot], slot + 1
+        r, row = self.rank[slot], buffer_row(slot)
         granules = -(-r // self.width)
         xa = torch.matmul(x[start:end], self.a_t[row, :granules])  # [k, L, g]
         xa = xa.transpose(0, 1).reshape(end - start, -1)[:, :r]  # [L, r]
         ys = y[start:end, self.start : self.end]  # [L, out]
         ys.addmm_(xa, self.b_t[row, :r])
         if slot in self.dora:
-            ys.mul_(self.g[row])
+            scale_outputs_(ys, self.g[row])
 
     def bgmv(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
         """Every gathered token at once, each at its own slot's rank; no loop over adapters."""
@@ -257,18 +166,22 @@ class _Slice:
         ys = y[:, self.start : self.end]  # [T, out]
         ys.add_(delta)
         if not self.dora.isdisjoint(ranks):
-            ys.mul_(F.embedding(batch.gather_rows, self.g))
+            scale_outputs_(ys, F.embedding(batch.gather_rows, self.g))
 
 
 class LoraSlots:
-    """Adapter weights of `max_loras` device slots on one `TargetLinear`, and the step's per-token deltas."""
+    """Adapter weights of `max_loras` device slots on one fused layer, and the step's per-token deltas.
 
-    def __init__(self, linear: TargetLinear, max_loras: int) -> None:
+    Built from the layer's shapes: `slices` maps each fused projection to its output columns `[start, end)`.
+    """
+
+    def __init__(self, slices: Mapping[str, tuple[int, int]], in_features: int, max_loras: int, dtype: torch.dtype,
+                 device: torch.device) -> None:  # fmt: skip
         self.max_loras = max_loras
-        self.correction: Correction | None = None  # of the adapter merged into this layer's weight, if any
+        self.correction: dict[str, LoraWeights] | None = None  # the merged adapter's updates, removed for the others
+        rows = buffer_rows(max_loras)
         self._slices = {
-            name: _Slice(start, end, linear.in_features, max_loras, linear.weight)
-            for name, (start, end) in linear.slices.items()
+            name: _Slice(start, end, in_features, rows, dtype, device) for name, (start, end) in slices.items()
         }
 
     def check_slot(self, slot: int, weights: Mapping[str, LoraWeights]) -> None:
@@ -294,6 +207,16 @@ class LoraSlots:
     def clear_slot(self, slot: int) -> None:
         self.load_slot(slot, {})
 
+    def set_correction(self, merged: Mapping[str, LoraWeights] | None) -> None:
+        """Remove the updates of the adapter merged into the layer's weight (None: none is) from every other token."""
+        if merged is None:
+            self.correction = None
+            return
+        self.check_updates(merged)
+        piece = next(iter(self._slices.values()))
+        opts = {"device": piece.device, "dtype": piece.dtype}  # updates may live in host memory
+        self.correction = {name: update.to(**opts) for name, update in merged.items()}
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         """Add every token's delta to `y` in place: `y_slice = g ⊙ (y_slice + (x·Aᵀ)·(s·B)ᵀ)`, g = 1 unless DoRA.
 
@@ -301,7 +224,7 @@ class LoraSlots:
         """
         # x: [T, in], y: [T, out]
         if self.correction is not None and batch.unmerged_runs:
-            self.correction.apply(x, y, batch.unmerged_runs)
+            self._correct(x, y, batch.unmerged_runs)
         slices = [s for s in self._slices.values() if not batch.active_slots.isdisjoint(s.rank)]
         if not slices:
             return y
@@ -313,3 +236,10 @@ class LoraSlots:
                 if slot in piece.rank:
                     piece.sgmv(x, y, start, end, slot)
         return y
+
+    def _correct(self, x: torch.Tensor, y: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> None:
+        """`y[t, slice] = y[t, slice] / g − (x[t]·Aᵀ)·(s·B)ᵀ` for every token t of `runs` ([first, last))."""
+        for name, update in self.correction.items():
+            piece = self._slices[name]
+            for first, last in runs:
+                update.remove(x[first:last], y[first:last, piece.start : piece.end])

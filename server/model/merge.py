@@ -16,52 +16,20 @@ batches, kept as long as the buffer's rows do not change. Buffers of layers the 
 freed, so the extra memory is at most two copies (plain and packed) of the layers one adapter targets
 (`WeightMerger.num_bytes`).
 
-Tokens that do not use X must not see it. Each layer X touches gets a `Correction`, applied by `LoraSlots.apply`
-before the tokens' own adapter deltas: `x·Wᵀ = (x·W'ᵀ) / g_X − x·(s·B·A)ᵀ` on X's projections (g_X = 1 for LoRA).
+Tokens that do not use X must not see it. Each layer X touches gets X's updates as its slots' correction, applied by
+`LoraSlots.apply` before the tokens' own adapter deltas: `x·Wᵀ = (x·W'ᵀ) / g_X − x·(s·B·A)ᵀ` on X's projections
+(`LoraWeights.remove`; g_X = 1 for LoRA). The merger is given the model's `ProjectionMap`, not the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
 from server.model.linear import TargetLinear, prepack
-from server.model.llama import LlamaModel
-from server.model.lora import LoraWeights
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """The merged update of one projection, laid out for the correction."""
-
-    start: int  # the projection's output columns [start, end) in the fused layer
-    end: int
-    a_t: torch.Tensor  # [in, r], a transposed view (BLAS reads it as it is)
-    b_t: torch.Tensor  # [r, out_slice], likewise; scale folded in
-    g: torch.Tensor | None  # [out_slice], DoRA factor; None for LoRA
-
-
-class Correction:
-    """Undo a merged adapter for the tokens that do not use it, on the projections it targets."""
-
-    def __init__(self, linear: TargetLinear, pieces: Mapping[str, LoraWeights]) -> None:
-        opts = {"device": linear.weight.device, "dtype": linear.weight.dtype}  # updates may live in host memory
-        self._pieces = [
-            _Piece(*linear.slices[name], w.a.to(**opts).T, w.b.to(**opts).T, None if w.g is None else w.g.to(**opts))
-            for name, w in pieces.items()
-        ]  # fmt: skip
-
-    def apply(self, x: torch.Tensor, y: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> None:
-        """`y[t, slice] = y[t, slice] / g − (x[t]·Aᵀ)·(s·B)ᵀ` in place for every token t of `runs` ([first, last))."""
-        # x: [T, in], y: [T, out]
-        for piece in self._pieces:
-            for first, last in runs:
-                ys = y[first:last, piece.start : piece.end]  # [L, out_slice]
-                if piece.g is not None:
-                    ys.div_(piece.g)
-                ys.addmm_(x[first:last] @ piece.a_t, piece.b_t, alpha=-1)
+from server.model.lora_weights import LoraWeights
+from server.model.projections import ProjectionMap
 
 
 class _Buffer:
@@ -77,7 +45,7 @@ class _Buffer:
         """Make the buffer `base` with `pieces` merged in; `ValueError` if that gives non-finite weights.
 
         Rows that already hold the very same update (the adapter merged last time) are left as they are.
-        `base_max` holds max |W| of each projection's rows, for `_surely_finite`.
+        `base_max` holds max |W| of each projection's rows, for `LoraWeights.merge_is_surely_finite`.
         """
         for name in sorted(self.held.keys() - pieces.keys()):
             start, end = slices[name]
@@ -91,8 +59,8 @@ class _Buffer:
             self.packed = None
             self.held[name] = None  # the rows are neither the base's nor a good merge until checked
             rows = self.weight[start:end]
-            _merge_rows(base[start:end], update, rows)
-            if not _surely_finite(base_max[name], update, rows.dtype) and not bool(torch.isfinite(rows).all()):
+            update.merge_into(base[start:end], rows)
+            if not update.merge_is_surely_finite(base_max[name], rows.dtype) and not bool(torch.isfinite(rows).all()):
                 raise ValueError(f"merging {name} gives non-finite weights")
             self.held[name] = update
 
@@ -100,8 +68,8 @@ class _Buffer:
 class WeightMerger:
     """Merges one adapter at a time into a model's target layers and takes it out again, bit-exactly."""
 
-    def __init__(self, model: LlamaModel) -> None:
-        self._linears = model.target_linears()  # (layer, fused module name) -> layer
+    def __init__(self, projections: ProjectionMap) -> None:
+        self._projections = projections
         self._buffers: dict[TargetLinear, _Buffer] = {}
         self._merged: list[TargetLinear] = []  # the layers the merged adapter replaced
         self._base_max: dict[TargetLinear, dict[str, float]] = {}  # max |W| per projection, measured once
@@ -133,7 +101,7 @@ class WeightMerger:
             if linear.merged_packed is None and linear.packed is not None:  # weights that pack (CPU float32)
                 buffer = self._buffers[linear]
                 buffer.packed = prepack(buffer.weight)
-                linear.merged_packed = buffer.packed
+                linear.serve_merged(buffer.weight, buffer.packed)
                 return
 
     def merge(self, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
@@ -144,29 +112,28 @@ class WeightMerger:
         """
         if self._merged:
             raise ValueError("another adapter is merged; unmerge it first")
-        per_linear = _per_linear(self._linears, weights)
+        per_linear = self._projections.group(weights)
         for linear, pieces in per_linear.items():
             if linear.lora is None:
-                raise ValueError("call attach_lora_slots before merging: other tokens need the correction")
+                raise ValueError("enable adapters before merging: other tokens need the correction")
             linear.lora.check_updates(pieces)
-            if any(w.g is not None and not bool(w.g.ne(0).all()) for w in pieces.values()):
+            if not all(w.is_invertible for w in pieces.values()):
                 raise ValueError("a DoRA factor is 0: the merge could not be undone for other tokens")
         self._buffers = {linear: self._buffers.get(linear) or _Buffer(linear.weight.detach()) for linear in per_linear}
         for linear, pieces in per_linear.items():
             self._buffers[linear].fill(linear.weight.detach(), linear.slices, pieces, self._max_of(linear))
         for linear, pieces in per_linear.items():
-            linear.merged = self._buffers[linear].weight
-            linear.merged_packed = self._buffers[linear].packed  # still there if the rows did not change
-            linear.lora.correction = Correction(linear, pieces)
+            buffer = self._buffers[linear]  # its packed copy is still there if the rows did not change
+            linear.serve_merged(buffer.weight, buffer.packed)
+            linear.lora.set_correction(pieces)
         self._merged = list(per_linear)
         _synchronize(linear.merged for linear in self._merged)
 
     def unmerge(self) -> None:
         """Serve the base weights again and drop the corrections; the buffers stay for the next merge."""
         for linear in self._merged:
-            linear.merged = None
-            linear.merged_packed = None
-            linear.lora.correction = None
+            linear.serve_merged(None)
+            linear.lora.set_correction(None)
         self._merged = []
 
     def _max_of(self, linear: TargetLinear) -> dict[str, float]:
@@ -174,45 +141,6 @@ class WeightMerger:
             w = linear.weight.detach()  # [out, in]
             self._base_max[linear] = {name: float(w[a:b].abs().max()) for name, (a, b) in linear.slices.items()}
         return self._base_max[linear]
-
-
-def _per_linear(
-    linears: Mapping[tuple[int, str], TargetLinear], weights: Mapping[tuple[int, str], LoraWeights]
-) -> dict[TargetLinear, dict[str, LoraWeights]]:
-    """Group (layer, HF projection) updates by the fused layer that holds the projection."""
-    targets = {(i, name): linear for (i, _), linear in linears.items() for name in linear.slices}
-    unknown = set(weights) - set(targets)
-    if unknown:
-        raise ValueError(f"the model has no projections {sorted(unknown)}")
-    per_linear: dict[TargetLinear, dict[str, LoraWeights]] = {}
-    for (layer, name), update in weights.items():
-        per_linear.setdefault(targets[(layer, name)], {})[name] = update
-    return per_linear
-
-
-def _surely_finite(base_max: float, w: LoraWeights, dtype: torch.dtype) -> bool:
-    """Whether `g ⊙ (W + b·a)`, summed in float32 and stored as `dtype`, is finite; from bounds alone, no pass over W.
-
-    Every partial sum is at most max|W| + r·max|b|·max|a| in magnitude; half the largest value leaves room for
-    rounding.
-    """
-    update, g = w.max_abs
-    return (base_max + update) * g <= min(torch.finfo(dtype).max, torch.finfo(torch.float32).max) / 2
-
-
-def _merge_rows(rows: torch.Tensor, w: LoraWeights, out: torch.Tensor) -> None:
-    """`out = g ⊙ (rows + b·a)`, summed in float32; rows, out: [out_slice, in], b: [out_slice, r], a: [r, in]."""
-    opts = {"device": rows.device, "dtype": torch.float32}
-    a, b = w.a.to(**opts), w.b.to(**opts)
-    if out.dtype == torch.float32:  # sum straight into the buffer
-        torch.addmm(rows, b, a, out=out)
-        if w.g is not None:
-            out.mul_(w.g.to(**opts)[:, None])
-        return
-    merged = torch.addmm(rows.float(), b, a)
-    if w.g is not None:
-        merged.mul_(w.g.to(**opts)[:, None])
-    out.copy_(merged)
 
 
 def _synchronize(weights) -> None:

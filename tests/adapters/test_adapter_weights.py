@@ -94,10 +94,8 @@ def test_updates_reproduce_peft_layers(base_model, tmp_path, kind, dtype):
         update = loaded.updates[(layer, proj)]
         weight = model_info(base_model).base_weight(layer, proj)
         x = torch.randn(5, weight.shape[1])
-        y = x @ weight.T + (x @ update.a.T) @ update.b.T
-        if update.g is not None:
-            y = update.g * y
         with torch.no_grad():
+            y = update.apply(x, x @ weight.T)  # g ⊙ (x·Wᵀ + (x·Aᵀ)·(s·B)ᵀ), g = 1 for plain LoRA
             torch.testing.assert_close(y, module(x), atol=1e-5, rtol=1e-5)
         assert update.a.dtype == torch.float32
 

@@ -201,7 +201,7 @@ async def test_a_sequence_whose_request_was_cancelled_gets_no_slot(tiny_model_di
         cancelled = await registry.acquire("a")
         registry.release(cancelled)  # the request hung up before the engine dropped its sequence
         other = await registry.acquire("b")  # pushes "a" out of the host cache
-        assert registry.bind_slot(cancelled) == -1 and registry.slots.resident() == []
+        assert registry.bind_slot(cancelled) is None and registry.slots.resident() == []
         assert registry.bind_slot(other) == 0
         assert registry.mode(cancelled) == registry.mode("a") == "unmerged"
     finally:

@@ -12,7 +12,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError, QueueFullError, model_not_found
 
@@ -33,6 +35,7 @@ class FakeEngine:
 
     served_model_name: str = "base-model"
     max_model_len: int = 128
+    vocab_size: int = 300
     adapters: tuple[str, ...] = ("sql-writer", "poet")
     ready: bool = True
     queue_full: bool = False
@@ -56,17 +59,27 @@ class FakeEngine:
             return model
         raise model_not_found(model)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in prompt]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(map(chr, token_ids))
+
+    def decode_tokens(self, token_ids: list[int]) -> list[str]:
+        return [chr(token) for token in token_ids]
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, add_special_tokens: bool = False
+    ) -> list[int]:
         if messages[-1]["role"] == "assistant":
             raise InvalidRequestError("the last message must not be the assistant's", param="messages")
-        return self.encode_prompt("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+        rendered = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return self.encode_prompt(rendered + ("<assistant>" if add_generation_prompt else ""))
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None, request_id: str
     ) -> AsyncIterator[RequestOutput]:
+        validate_token_ids(params, self.vocab_size)
         if self.queue_full:
             raise QueueFullError("the request queue is full", retry_after_s=7)
         total = len(prompt_token_ids) + params.max_tokens
@@ -85,15 +98,18 @@ class FakeEngine:
                 await asyncio.sleep(self.step_delay_s)
                 error = "device fell over" if self.fail_after is not None and i >= self.fail_after else None
                 finished = i == len(pieces) - 1 or error is not None
+                token_ids = [ord(c) for c in piece]
                 yield RequestOutput(
                     request_id=request_id,
                     text=piece,
-                    token_ids=[ord(c) for c in piece],
+                    token_ids=token_ids,
                     num_prompt_tokens=len(prompt_token_ids),
-                    num_output_tokens=i + 1,
+                    num_output_tokens=min(i + 1, params.max_tokens),
                     finished=finished,
                     finish_reason=(FinishReason.ERROR if error else reason) if finished else None,
                     error=error,
+                    logprobs=_scores(token_ids, params.logprobs, params.seed),
+                    prompt_logprobs=_scores(prompt_token_ids[1:], params.prompt_logprobs, None) if i == 0 else None,
                 )
                 if error:
                     return
@@ -103,6 +119,15 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.shut_down = True
+
+
+def _scores(token_ids: list[int], num_top: int | None, seed: int | None) -> list[TokenLogprob] | None:
+    """Made-up log-probabilities: -0.25 per token (times 1 + seed % 3 when seeded, to tell best_of samples apart),
+    alternatives the next code points at -1, -2, ..."""
+    if num_top is None:
+        return None
+    value = -0.25 * (1 + (seed or 0) % 3)
+    return [TokenLogprob(t, value, tuple((t + 1 + j, -1.0 - j) for j in range(num_top))) for t in token_ids]
 
 
 def _reply(prompt: str, params: SamplingParams) -> tuple[str, FinishReason]:

@@ -1,5 +1,5 @@
-"""With an API keys file, every /v1 route needs a tenant's key (401 otherwise); /health, /metrics stay open and the
-admin token is neither a tenant key nor accepted on /v1."""
+"""With an API keys file, every /v1 route and /tokenize, /detokenize need a tenant's key (401 otherwise); /health and
+/metrics stay open, and the admin token is neither a tenant key nor accepted on /v1."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ ROUTES = [
     ("POST", "/v1/chat/completions", chat("globex-sql")),
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/globex-sql", None),
+    ("POST", "/tokenize", {"model": "globex-sql", "prompt": "hi"}),
+    ("POST", "/detokenize", {"model": "globex-sql", "tokens": [104, 105]}),
 ]
 
 
@@ -65,7 +67,8 @@ async def test_health_metrics_and_openapi_stay_open(client) -> None:
 async def test_openapi_declares_the_tenant_key_scheme(client) -> None:
     document = (await client.get("/openapi.json")).json()
     assert document["components"]["securitySchemes"]["TenantKey"]["scheme"] == "bearer"
-    assert {"TenantKey": []} in document["paths"]["/v1/completions"]["post"]["security"]
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        assert {"TenantKey": []} in document["paths"][path]["post"]["security"]
 
 
 async def test_a_tenant_key_is_not_an_admin_token(client, keys) -> None:

@@ -74,7 +74,9 @@ async def test_out_of_scope_is_indistinguishable_from_missing(client, engine, ke
 
     async def answers(model: str) -> list[tuple[int, dict, bytes]]:
         calls = [("GET", f"/v1/models/{model}", None), ("POST", "/v1/completions", completion(model)),
-                 ("POST", "/v1/chat/completions", chat(model, stream=True))]  # fmt: skip
+                 ("POST", "/v1/chat/completions", chat(model, stream=True)),
+                 ("POST", "/tokenize", {"model": model, "prompt": "x"}),
+                 ("POST", "/detokenize", {"model": model, "tokens": [120]})]  # fmt: skip
         responses = [await client.request(m, p, json=b, headers=bearer(keys["acme"])) for m, p, b in calls]
         return [(r.status_code, dict(r.headers), r.content) for r in responses]
 
@@ -94,7 +96,9 @@ TRICKS = [
 
 @pytest.mark.parametrize("model", TRICKS)
 async def test_scope_escapes_are_404(client, engine, keys, model) -> None:
-    for path, body in [("/v1/completions", completion(model)), ("/v1/chat/completions", chat(model))]:
+    calls = [("/v1/completions", completion(model)), ("/v1/chat/completions", chat(model)),
+             ("/tokenize", {"model": model, "prompt": "x"})]  # fmt: skip
+    for path, body in calls:
         response = await client.post(path, json=body, headers=bearer(keys["acme"]))
         assert response.status_code == 404, (path, model)
         assert response.json() == model_not_found(model).to_dict()

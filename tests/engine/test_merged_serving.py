@@ -80,7 +80,7 @@ class Driver:
 
 
 def _weights(engine) -> dict:
-    return {k: lin.weight.detach().clone() for k, lin in engine.core.runner.model.target_linears().items()}
+    return {k: lin.weight.detach().clone() for k, lin in engine.core.runner.model.projections.fused.items()}
 
 
 @pytest.mark.parametrize("x", ["x-lora", "x-dora"])
@@ -103,7 +103,7 @@ def test_merge_and_unmerge_mid_flight_keep_every_output_exact(engine_factory, ti
     driver.finish()
     driver.check_against_peft(tiny_model_dir, store)
     assert [s.op for s in merger.swaps] == ["merge", "unmerge"] and all(s.seconds > 0 for s in merger.swaps)
-    assert all(lin.weight.equal(before[k]) for k, lin in engine.core.runner.model.target_linears().items())
+    assert all(lin.weight.equal(before[k]) for k, lin in engine.core.runner.model.projections.fused.items())
 
 
 def test_auto_merges_the_dominant_adapter_and_unmerges_it_when_its_share_falls(engine_factory, tiny_model_dir, store):

@@ -14,7 +14,7 @@ from server.engine.factory import build_engine
 from server.engine.sequence import SamplingParams, Sequence
 from server.errors import AdapterError, NotFoundError
 from server.model.kv_cache import KVCache
-from server.model.lora import make_lora_batch
+from server.model.routing import BASE_SLOT, make_lora_batch
 from server.settings import Settings
 from tests.helpers import make_adapter_store, peft_greedy, peft_logits
 
@@ -85,7 +85,7 @@ def test_mixed_prefill_logits_match_peft(engine, tiny_model_dir, store):
         seq = Sequence(f"l{i}", _prompt(30 + i), SamplingParams())
         seq.block_table = list(range(8 * i, 8 * i + 8))
         seqs.append(seq)
-        slots.append(adapters.bind_slot(key) if key else -1)
+        slots.append(adapters.bind_slot(key) if key else BASE_SLOT)
     order = sorted(range(len(seqs)), key=lambda i: slots[i])
     batch = build_forward_batch([(seqs[i], len(seqs[i])) for i in order], 4, torch.device("cpu"),
                                 [slots[i] for i in order])  # fmt: skip

@@ -1,59 +1,26 @@
-"""Batch routing, the SGMV/BGMV fast paths against the reference op, and slot storage."""
+"""The SGMV/BGMV fast paths against the reference op, slot storage, and loading adapters into a model's slots."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.adapters.slots import attach_lora_slots, clear_adapter_slot, load_adapter_slot, lora_targets
+from server.adapters.slots import attach_lora_slots, clear_adapter_slot, load_adapter_slot
 from server.adapters.weights import ModelInfo, validate_adapter_dir
 from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
 from server.model.kv_cache import KVCache
 from server.model.linear import TargetLinear
 from server.model.loader import load_model
-from server.model.lora import LoraSlots, LoraWeights, find_segments, lora_delta_reference, make_lora_batch
+from server.model.lora import lora_reference
+from server.model.lora_weights import LoraWeights
+from server.model.projections import ProjectionMap
+from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
 from tests.helpers import make_peft_adapter, peft_logits
 
 IN = 32
 SLICES = {"q_proj": (0, 32), "k_proj": (32, 48), "v_proj": (48, 64)}
 OUT = 64
-
-
-@pytest.mark.parametrize(
-    ("slots", "starts", "seg_slots"),
-    [
-        ([], [0], []),
-        ([3], [0, 1], [3]),
-        ([-1, -1], [0, 2], [-1]),
-        ([0, 0, 1, 1, 1, -1, 2], [0, 2, 5, 6, 7], [0, 1, -1, 2]),
-        ([1, 1, 0, 1], [0, 2, 3, 4], [1, 0, 1]),
-        ([-1, 4, -1], [0, 1, 2, 3], [-1, 4, -1]),
-    ],
-)
-def test_find_segments(slots, starts, seg_slots):
-    seg_starts, found = find_segments(torch.tensor(slots, dtype=torch.int64))
-    assert seg_starts.tolist() == starts
-    assert found.tolist() == seg_slots
-
-
-@pytest.mark.parametrize(
-    ("slots", "gemm_runs", "gather_slots", "gather_rows"),
-    [
-        ([-1, -1], (), set(), None),
-        ([0, 1, 2], (), {0, 1, 2}, [1, 2, 3]),
-        ([0, -1, 2], (), {0, 2}, [1, 0, 3]),
-        ([0, 0, 0, 1, -1], ((0, 3, 0),), {1}, [0, 0, 0, 2, 0]),
-        ([5, 5, 5, 5], ((0, 4, 5),), set(), None),
-        ([1, 2, 2, 2, 2, 1], ((1, 5, 2),), {1}, [2, 0, 0, 0, 0, 2]),
-    ],
-)
-def test_make_lora_batch_routes_runs(slots, gemm_runs, gather_slots, gather_rows):
-    batch = make_lora_batch(torch.tensor(slots, dtype=torch.int64), min_gemm_run=3)
-    assert batch.gemm_runs == gemm_runs
-    assert batch.gather_slots == gather_slots
-    assert batch.active_slots == {s for s in slots if s >= 0}
-    assert (batch.gather_rows.tolist() if batch.gather_rows is not None else None) == gather_rows
 
 
 def _random_update(rank: int, out: int, dora: bool) -> LoraWeights:
@@ -74,7 +41,7 @@ MAX_LORAS = 6
 
 def _layer_with_adapters() -> tuple[TargetLinear, dict[int, dict[str, LoraWeights]]]:
     linear = TargetLinear(torch.randn(OUT, IN) / IN**0.5, SLICES)
-    linear.lora = LoraSlots(linear, MAX_LORAS)
+    linear.enable_adapters(MAX_LORAS)
     loaded = {}
     for slot, (rank, dora, names) in ADAPTERS.items():
         loaded[slot] = {n: _random_update(rank, SLICES[n][1] - SLICES[n][0], dora) for n in names}
@@ -83,21 +50,11 @@ def _layer_with_adapters() -> tuple[TargetLinear, dict[int, dict[str, LoraWeight
 
 
 def _expected(linear: TargetLinear, loaded, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Base GEMM, `lora_delta_reference` per projection on zero-padded stacks, then DoRA's g per token."""
+    """Base GEMM, then `lora_reference` (DoRA's g included) on each projection."""
     y = x @ linear.weight.T
-    r_max = 64
     for name, (start, end) in SLICES.items():
-        a = torch.zeros(MAX_LORAS, r_max, IN)
-        b = torch.zeros(MAX_LORAS, end - start, r_max)
-        g = torch.ones(MAX_LORAS + 1, end - start)  # last row: base tokens (index -1)
-        for slot, pieces in loaded.items():
-            if name in pieces:
-                w = pieces[name]
-                a[slot, : w.a.shape[0]] = w.a
-                b[slot, :, : w.a.shape[0]] = w.b
-                if w.g is not None:
-                    g[slot] = w.g
-        y[:, start:end] = g[token_slots] * (y[:, start:end] + lora_delta_reference(x, a, b, token_slots))
+        updates = {slot: pieces[name] for slot, pieces in loaded.items() if name in pieces}
+        lora_reference(x, y[:, start:end], updates, token_slots)
     return y
 
 
@@ -126,11 +83,36 @@ def test_decode_shapes_match_reference(tokens):
     torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("min_gemm_run", [1, 10**9], ids=["sgmv", "bgmv"])
+def test_merged_layer_matches_reference_and_restores_the_other_tokens(min_gemm_run):
+    linear, loaded = _layer_with_adapters()
+    merged = {"q_proj": _random_update(8, 32, dora=True), "v_proj": _random_update(4, 16, dora=False)}
+    weight = linear.weight.detach().clone()
+    for name, update in merged.items():
+        start, end = SLICES[name]
+        update.merge_into(linear.weight.detach()[start:end], weight[start:end])
+    token_slots = torch.tensor([MERGED_SLOT, MERGED_SLOT, 1, 1, -1, 0, MERGED_SLOT, 3, 3, 3, 5])
+    x = torch.randn(len(token_slots), IN)
+    unmerged = _expected(linear, loaded, x, token_slots)  # the merged adapter's tokens get the base output here
+    linear.serve_merged(weight)
+    linear.lora.set_correction(merged)
+    with torch.no_grad():
+        got = linear(x, make_lora_batch(token_slots, min_gemm_run=min_gemm_run))
+    want = x @ weight.T
+    for name, (start, end) in SLICES.items():
+        updates = {slot: pieces[name] for slot, pieces in loaded.items() if name in pieces}
+        lora_reference(x, want[:, start:end], updates, token_slots, merged.get(name))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    others = token_slots != MERGED_SLOT
+    torch.testing.assert_close(got[others], unmerged[others], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[~others], x[~others] @ weight.T, atol=1e-5, rtol=1e-5)
+
+
 def test_base_only_batch_does_no_work():
     linear, _ = _layer_with_adapters()
     x = torch.randn(5, IN)
     y = x @ linear.weight.T
-    assert linear.lora.apply(x, y.clone(), make_lora_batch(torch.full((5,), -1))).equal(y)
+    assert linear.lora.apply(x, y.clone(), make_lora_batch(torch.full((5,), BASE_SLOT))).equal(y)
     only_empty_slot = make_lora_batch(torch.tensor([4, 4]))
     assert linear.lora.apply(x[:2], y[:2].clone(), only_empty_slot).equal(y[:2])
 
@@ -151,7 +133,8 @@ def test_reload_with_smaller_rank_and_clear_leave_no_stale_weights():
 
 def test_rank_buffers_grow_only_when_needed_and_keep_earlier_slots():
     linear = TargetLinear(torch.randn(OUT, IN), SLICES)
-    slots = LoraSlots(linear, 3)
+    linear.enable_adapters(3)
+    slots = linear.lora
     first = {"q_proj": _random_update(4, 32, dora=False)}
     slots.load_slot(0, first)
     buffer = slots._slices["q_proj"].a_t
@@ -162,7 +145,6 @@ def test_rank_buffers_grow_only_when_needed_and_keep_earlier_slots():
     assert slots._slices["q_proj"].a_t.shape == (4, 1, IN, 16)  # [N + 1, granules, in, ranks per granule]
     slots.load_slot(1, {"q_proj": _random_update(40, 32, dora=False)})
     assert slots._slices["q_proj"].a_t.shape == (4, 3, IN, 16)
-    linear.lora = slots
     x = torch.randn(2, IN)
     want = x @ linear.weight.T
     want[:, :32] += (x @ first["q_proj"].a.T) @ first["q_proj"].b.T
@@ -185,18 +167,22 @@ def test_load_slot_refuses_bad_input_and_keeps_the_slot():
     assert linear(x, batch).equal(before)
 
 
-class _TwoLayers(torch.nn.Module):
+class _TwoLayers:
+    """Just what the slot helpers use of a model: its projection map."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.layers = torch.nn.ModuleList(
-            torch.nn.ModuleDict({"qkv_proj": TargetLinear(torch.randn(OUT, IN), SLICES)}) for _ in range(2)
-        )
+        self.layers = [{"qkv_proj": TargetLinear(torch.randn(OUT, IN), SLICES)} for _ in range(2)]
+        self.projections = ProjectionMap({(i, "qkv_proj"): layer["qkv_proj"] for i, layer in enumerate(self.layers)})
+
+    def enable_adapters(self, max_loras: int) -> None:
+        for linear in self.projections.linears:
+            linear.enable_adapters(max_loras)
 
 
 def test_model_helpers_load_and_clear_every_layer():
     model = _TwoLayers()
     attach_lora_slots(model, max_loras=2)
-    targets = lora_targets(model)
+    targets = model.projections
     assert sorted(targets) == sorted((i, n) for i in range(2) for n in SLICES)
     update = _random_update(4, 16, dora=False)
     load_adapter_slot(model, 1, {(1, "v_proj"): update})
@@ -213,18 +199,6 @@ def test_model_helpers_load_and_clear_every_layer():
     with pytest.raises(ValueError, match="do not fit"):
         load_adapter_slot(model, 1, {(0, "k_proj"): update, (1, "q_proj"): update})
     torch.testing.assert_close(first(x, batch)[:, 48:], x @ first.weight[48:].T + (x @ update.a.T) @ update.b.T)
-
-
-def test_gather_plan_reads_each_token_at_its_own_rank():
-    batch = make_lora_batch(torch.tensor([0, -1, 1, 1]), min_gemm_run=10**9)
-    plan = batch.gather_plan({0: 20, 1: 3}, in_features=IN, granules=2, width=16)  # slot 0: 2 granules, slot 1: 1
-    assert batch.gather_plan({1: 3, 0: 20}, IN, 2, 16) is plan  # built once per step, shared by every layer
-    assert plan.bag_tokens.tolist() == [0, 0, 2, 3]
-    # slot s lives in buffer row s + 1, whose granules are a_t rows (s + 1) * 2 + j, each a block of IN rows
-    assert plan.shrink_index[:, 0].tolist() == [2 * IN, 3 * IN, 4 * IN, 4 * IN]
-    assert plan.expand_offsets.tolist() == [0, 20, 20, 23]
-    assert plan.expand_index.tolist() == [*range(32, 52), 64, 65, 66, 64, 65, 66]
-    assert plan.expand_inputs.tolist() == [*range(20), 32, 33, 34, 48, 49, 50]
 
 
 def test_packed_forward_with_mixed_adapters_matches_peft(tiny_model_dir, tmp_path):

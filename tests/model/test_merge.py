@@ -13,8 +13,9 @@ from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel, load_model
-from server.model.lora import MERGED_SLOT, LoraWeights, make_lora_batch
+from server.model.lora_weights import LoraWeights
 from server.model.merge import WeightMerger
+from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
 from tests.helpers import make_adapter_store
 
 ADAPTERS = {
@@ -54,7 +55,7 @@ def served(tiny_model_dir, store) -> tuple[LoadedModel, ModelInfo, dict[str, dic
 
 def _logits(loaded: LoadedModel, x_name: str, merged: bool) -> list[torch.Tensor]:
     """Logits of every prompt in one packed prefill step; X's tokens are MERGED_SLOT when `merged`."""
-    slot = {"x": MERGED_SLOT if merged else SLOTS[x_name], None: -1, **SLOTS}
+    slot = {"x": MERGED_SLOT if merged else SLOTS[x_name], None: BASE_SLOT, **SLOTS}
     order = sorted(range(len(PROMPTS)), key=lambda i: slot[PROMPTS[i][0]])
     seqs = [Sequence(str(i), PROMPTS[i][1], SamplingParams()) for i in order]
     for i, seq in enumerate(seqs):
@@ -68,27 +69,11 @@ def _logits(loaded: LoadedModel, x_name: str, merged: bool) -> list[torch.Tensor
     return [rows[order.index(i)] for i in range(len(PROMPTS))]
 
 
-@pytest.mark.parametrize(
-    ("slots", "unmerged_runs", "gather_rows"),
-    [
-        ([-2, -2], (), None),
-        ([-2, -1, -1], ((1, 3),), None),
-        ([-2, -2, -1, 0, 0, -2, 1], ((2, 5), (6, 7)), [0, 0, 0, 1, 1, 0, 2]),
-        ([0, 1, -1], ((0, 3),), [1, 2, 0]),
-    ],
-)
-def test_merged_tokens_get_no_delta_and_the_others_the_correction(slots, unmerged_runs, gather_rows):
-    batch = make_lora_batch(torch.tensor(slots), min_gemm_run=10**9)
-    assert batch.unmerged_runs == unmerged_runs
-    assert batch.active_slots == {s for s in slots if s >= 0} and not batch.gemm_runs
-    assert (None if batch.gather_rows is None else batch.gather_rows.tolist()) == gather_rows
-
-
 @pytest.mark.parametrize("x_name", ["x-lora", "x-dora"])
 def test_merged_outputs_equal_unmerged_for_every_token(served, x_name):
     loaded, _, updates = served
     want = _logits(loaded, x_name, merged=False)
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     merger.merge(updates[x_name])
     got = _logits(loaded, x_name, merged=True)
     for (adapter, _), g, w in zip(PROMPTS, got, want, strict=True):
@@ -103,7 +88,7 @@ def _weights(loaded: LoadedModel) -> dict:
 
 
 def _linears(loaded: LoadedModel) -> dict:
-    return loaded.model.target_linears()
+    return loaded.model.projections.fused
 
 
 def _merged_weight(linear, pristine: torch.Tensor, updates) -> torch.Tensor:
@@ -120,7 +105,7 @@ def test_hundred_cycles_leave_the_base_weights_bit_identical(served):
     loaded, _, updates = served
     before = _weights(loaded)
     want = _logits(loaded, "x-lora", merged=False)
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     order = ["x-lora", "x-dora", "y", "y", "x-lora", "z-dora", "z-dora"]  # buffers reused, kept or shed
     for cycle in range(100):
         name = order[cycle % len(order)]
@@ -143,7 +128,7 @@ def test_hundred_cycles_leave_the_base_weights_bit_identical(served):
 
 def test_merge_buffers_cover_only_the_layers_of_the_latest_merge(served):
     loaded, _, updates = served
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     merger.merge(updates["x-lora"])  # q_proj and v_proj: the fused qkv layers only
     qkv = [lin for (_, name), lin in _linears(loaded).items() if name == "qkv_proj"]
     assert {lin for lin in _linears(loaded).values() if lin.merged is not None} == set(qkv)
@@ -160,7 +145,7 @@ def test_merge_buffers_cover_only_the_layers_of_the_latest_merge(served):
 def test_merged_layers_get_packed_copies_one_per_call_and_keep_them_while_their_rows_do_not_change(served):
     loaded, _, updates = served
     want = _logits(loaded, "x-dora", merged=False)
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     merger.merge(updates["x-dora"])  # every layer
     merged = [lin for lin in _linears(loaded).values() if lin.merged is not None]
     if merged[0].packed is None:
@@ -185,7 +170,7 @@ def test_merged_layers_get_packed_copies_one_per_call_and_keep_them_while_their_
 
 def test_dora_factors_of_adapters_loaded_while_merged_come_from_pristine_weights(served, store):
     loaded, info, updates = served
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     merger.merge(updates["x-dora"])
     during = validate_adapter_dir(store / "z-dora", info, max_lora_rank=16).updates
     merger.unmerge()
@@ -197,7 +182,7 @@ def test_refused_merges_change_nothing(served):
     loaded, _, updates = served
     before = _weights(loaded)
     want = _logits(loaded, "x-lora", merged=False)
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     (layer, proj), update = next(iter(updates["x-dora"].items()))
     zero_g = {**updates["x-dora"], (layer, proj): dataclasses.replace(update, g=torch.zeros_like(update.g))}
     with pytest.raises(ValueError, match="DoRA factor is 0"):
@@ -232,11 +217,11 @@ def test_low_precision_weights_are_merged_in_float32_and_restored_exactly(tiny_m
     info = ModelInfo.from_model(loaded.model)
     updates = validate_adapter_dir(store / "z-dora", info, max_lora_rank=16).updates
     before = _weights(loaded)
-    merger = WeightMerger(loaded.model)
+    merger = WeightMerger(loaded.model.projections)
     merger.merge(updates)
     for (layer, proj), w in updates.items():
         fused = "qkv_proj" if proj in ("q_proj", "v_proj") else proj
-        linear = loaded.model.target_linears()[(layer, fused)]
+        linear = loaded.model.projections.fused[(layer, fused)]
         start, end = linear.slices[proj]
         pristine = before[(layer, fused)][1][start:end].float()
         want = ((pristine + w.b.float() @ w.a.float()) * w.g.float()[:, None]).to(torch.bfloat16)

@@ -1,0 +1,87 @@
+"""The official `openai` client against a real server (tiny model, one adapter): logprobs, scoring, sampling
+controls and the tokenizer routes, with the real tokenizer on the way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.helpers import make_peft_adapter, make_tiny_checkpoint, peft_logits
+from tests.test_server_e2e import start_server
+
+PROMPT = "The cat sat on the mat"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def store(model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    make_peft_adapter(model_dir, root / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, store) -> Iterator[str]:
+    proc, url = start_server(model_dir, "--adapters-store", str(store), "--served-model-name", "tiny",
+                             "--kv-cache-bytes", str(2**22), "--dtype", "float32")  # fmt: skip
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def test_echo_scores_a_prompt_exactly(server, client, model_dir, store) -> None:
+    tokens = httpx.post(f"{server}/tokenize", json={"model": "dora", "prompt": PROMPT}).json()["tokens"]
+    completion = client.completions.create(model="dora", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    (choice,) = completion.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert (
+        "".join(choice.logprobs.tokens) == httpx.post(f"{server}/detokenize", json={"tokens": tokens}).json()["prompt"]
+    )
+    want = torch.log_softmax(peft_logits(model_dir, store / "dora", tokens), -1)[:-1]
+    want = want.gather(-1, torch.tensor(tokens[1:])[:, None]).squeeze(-1)
+    assert choice.logprobs.token_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs[1:]), want, atol=1e-4, rtol=0)
+    assert all(len(top) in (2, 3) for top in choice.logprobs.top_logprobs[1:])
+
+
+def test_streamed_chat_logprobs(client) -> None:
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, logprobs=True, top_logprobs=3,
+        stream=True, temperature=0, extra_body={"min_tokens": 5},
+    )  # fmt: skip
+    entries = [e for chunk in stream for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert len(entries) == 5
+    assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in entries)  # greedy picks the best
+
+
+def test_logit_bias_bans_the_greedy_token(server, client) -> None:
+    def first_token(**extra) -> int:
+        completion = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, temperature=0, logprobs=0,
+                                               extra_body={"min_tokens": 1}, **extra)  # fmt: skip
+        return completion.choices[0].logprobs.tokens[0]
+
+    greedy = first_token()
+    # The tiny tokenizer is byte-level: a token's text tokenizes back to that one token.
+    tokens = httpx.post(f"{server}/tokenize", json={"prompt": greedy, "add_special_tokens": False}).json()["tokens"]
+    assert first_token(logit_bias={str(tokens[0]): -100}) != greedy
+
+
+def test_tokenize_chat_matches_what_chat_completions_count(server, client) -> None:
+    messages = [{"role": "user", "content": "hello there"}]
+    body = httpx.post(f"{server}/tokenize", json={"model": "dora", "messages": messages, "return_token_strs": True})
+    reply = client.chat.completions.create(model="dora", messages=messages, max_tokens=1)
+    assert body.json()["count"] == reply.usage.prompt_tokens == len(body.json()["token_strs"])
