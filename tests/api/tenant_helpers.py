@@ -79,21 +79,25 @@ async def running_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 class GatedEngine(FakeEngine):
-    """Holds every request before its first token while the gate is closed; `held` counts those waiting."""
+    """Holds every request before its output number `hold_at` while the gate is closed; `held` counts those held."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, hold_at: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.hold_at = hold_at
         self.gate = asyncio.Event()
         self.gate.set()
         self.held = 0
 
     async def generate(self, *args, **kwargs):
-        self.held += 1
-        try:
-            await self.gate.wait()
-        finally:
-            self.held -= 1
+        index = 0
         async for output in super().generate(*args, **kwargs):
+            if index == self.hold_at:
+                self.held += 1
+                try:
+                    await self.gate.wait()
+                finally:
+                    self.held -= 1
+            index += 1
             yield output
 
 

@@ -119,3 +119,17 @@ async def test_concurrent_requests(tmp_path, engine: GatedEngine, clock) -> None
         assert [statuses(await task) for task in held] == [[200], [200]]
         assert statuses(await other) == [200]
         assert statuses(await burst(client, keys["acme"], 2)) == [200, 200]
+
+
+async def test_a_stream_holds_its_place_until_it_ends(tmp_path, clock) -> None:
+    engine = GatedEngine(hold_at=1, adapters=ADAPTERS)  # the response has started when the stream is held
+    keys, app = limited_client(tmp_path, engine, clock, concurrent_requests=1)
+    async with running_client(app) as client:
+        engine.gate.clear()
+        body = completion("acme-sql", "abcdef", stream=True)
+        stream = asyncio.ensure_future(client.post("/v1/completions", json=body, headers=bearer(keys["acme"])))
+        await wait_for(lambda: engine.held == 1)
+        assert statuses(await asyncio.wait_for(burst(client, keys["acme"], 3), 10)) == [429] * 3
+        engine.gate.set()
+        assert (await stream).text.endswith("data: [DONE]\n\n")
+        assert statuses(await burst(client, keys["acme"], 1)) == [200]
