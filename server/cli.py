@@ -57,6 +57,8 @@ def _kind(field: FieldInfo) -> dict[str, Any]:
         return {"choices": [str(choice) for choice in typing.get_args(annotation)]}
     if typing.get_origin(annotation) is list:  # a repeatable flag: `--merged a --merged b` gives ["a", "b"]
         return {"action": "append", "metavar": "TEXT"}
+    if annotation is bool:  # a switch pair: `--enable-prefix-caching` / `--no-enable-prefix-caching`
+        return {"action": argparse.BooleanOptionalAction}
     return {"metavar": "TEXT" if annotation in (str, SecretStr) else getattr(annotation, "__name__", "value").upper()}
 
 

@@ -93,6 +93,7 @@ class RequestTrace:
     ended: float | None = None  # None until the engine finishes it: a request left early is "cancelled"
     inter_token_latencies: list[float] = field(default_factory=list)
     num_generation_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the engine admitted it
     finish_reason: str = "cancelled"
 
     def on_output(self, num_new_tokens: int, scheduled: float | None, finish_reason: str | None) -> None:
@@ -154,6 +155,13 @@ class Metrics:
             f"{p}requests", "Requests ended, by finish reason.", ["adapter", "finish_reason"], registry=r
         )
         self.errors = Counter(f"{p}request_errors", "HTTP error responses, by status.", ["status"], registry=r)
+        # vLLM's names; both count tokens, so hits / queries is the share of prompt tokens not recomputed.
+        self.prefix_queries = Counter(
+            f"{p}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["adapter"], registry=r
+        )
+        self.prefix_hits = Counter(
+            f"{p}prefix_cache_hits", "Prompt tokens found in the prefix cache.", ["adapter"], registry=r
+        )
 
     def _define_engine_collectors(self, p: str) -> None:
         r = self.registry
@@ -163,6 +171,13 @@ class Metrics:
         self.step_seconds = _histogram(f"{p}engine_step_seconds", "Duration of engine step.", r, STEP_SECONDS_BUCKETS)
         self.step_tokens = _histogram(
             f"{p}engine_step_batch_tokens", "Tokens (prefill + decode) computed in one step.", r, STEP_TOKEN_BUCKETS
+        )
+        self.step_failures = Counter(f"{p}engine_step_failures", "Engine steps that failed as a whole.", registry=r)
+        self.request_failures = Counter(
+            f"{p}engine_request_failures", "Requests that failed inside the engine, each alone.", registry=r
+        )
+        self.slot_users = Gauge(
+            f"{p}adapter_slot_users", "Running sequences holding an adapter device slot.", registry=r
         )
         # vLLM's gauge, read by the Kubernetes Gateway API Inference Extension to route by resident adapters.
         self.lora_info = Gauge(
@@ -226,8 +241,10 @@ class Metrics:
         self.requests.labels(label, trace.finish_reason).inc()
         self.prompt_tokens.labels(label).inc(trace.num_prompt_tokens)
         self.generation_tokens.labels(label).inc(trace.num_generation_tokens)
-        if trace.scheduled is not None:
+        if trace.scheduled is not None:  # admitted, so its prompt was looked up in the prefix cache
             self.queue_time.labels(label).observe(max(0.0, trace.scheduled - trace.submitted))
+            self.prefix_queries.labels(label).inc(trace.num_prompt_tokens)
+            self.prefix_hits.labels(label).inc(trace.num_cached_tokens)
         if trace.first_token is not None:
             self.ttft.labels(label).observe(trace.first_token - trace.submitted)
         itl = self.itl.labels(label)
@@ -242,6 +259,17 @@ class Metrics:
         """Record one engine step that computed `batch_tokens` tokens."""
         self.step_seconds.observe(seconds)
         self.step_tokens.observe(batch_tokens)
+
+    def record_step_failure(self) -> None:
+        self.step_failures.inc()
+
+    def record_request_failures(self, count: int) -> None:
+        """Count `count` requests that ended with an error inside the engine (0 is allowed and records nothing)."""
+        if count:
+            self.request_failures.inc(count)
+
+    def set_adapter_slot_users(self, count: int) -> None:
+        self.slot_users.set(count)
 
     def record_scheduler_state(
         self,

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     block_size: int = Field(16, gt=0, description="Tokens per KV-cache block")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Most tokens (prefill + decode) in one engine step")
     max_num_seqs: int = Field(64, gt=0, description="Most sequences running at once")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of full blocks a prompt shares with earlier ones on the same adapter"
+    )
     max_model_len: int | None = Field(None, gt=0, description="Context length limit (default: the model's)")
     max_queue: int = Field(256, ge=0, description="Waiting requests allowed before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model")
@@ -56,6 +59,12 @@ class Settings(BaseSettings):
     )
     max_adapter_bytes: int = Field(256 * 2**20, gt=0, description="Largest adapter weights file an upload may send")
     seed: int = Field(0, description="Seed for requests that give none")
+    health_stall_s: float = Field(
+        60.0, gt=0, description="Seconds the engine may have work without finishing a step before /health answers 503"
+    )
+    health_max_step_failures: int = Field(
+        3, gt=0, description="Engine steps failing in a row before /health answers 503"
+    )
     metrics_max_adapters: int = Field(
         100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"
     )

@@ -46,11 +46,16 @@ def test_collectors_have_prometheus_names_and_types(metrics):
         "loraplex_generation_tokens": "counter",
         "loraplex_requests": "counter",
         "loraplex_request_errors": "counter",
+        "loraplex_prefix_cache_queries": "counter",
+        "loraplex_prefix_cache_hits": "counter",
         "loraplex_num_requests_running": "gauge",
         "loraplex_num_requests_waiting": "gauge",
         "loraplex_kv_cache_usage_ratio": "gauge",
         "loraplex_engine_step_seconds": "histogram",
         "loraplex_engine_step_batch_tokens": "histogram",
+        "loraplex_engine_step_failures": "counter",
+        "loraplex_engine_request_failures": "counter",
+        "loraplex_adapter_slot_users": "gauge",
         "loraplex_lora_requests_info": "gauge",
         "loraplex_adapter_cache_events": "counter",
         "loraplex_adapters_resident": "gauge",
@@ -87,6 +92,16 @@ def test_a_cancelled_request_counts_without_latency():
     assert value(metrics, "loraplex_generation_tokens_total", adapter="a") == 1
     assert value(metrics, "loraplex_e2e_request_latency_seconds_count", adapter="a") is None
     assert value(metrics, "loraplex_request_generation_tokens_count", adapter="a") is None
+
+
+def test_prefix_cache_queries_and_hits_count_prompt_tokens_of_admitted_requests(metrics):
+    hit = finished_trace(prompt=20)
+    hit.num_cached_tokens = 16
+    never_scheduled = RequestTrace(9)  # cancelled while waiting: its prompt was never looked up
+    for trace in (hit, finished_trace(prompt=7), never_scheduled):
+        metrics.record_request("a", trace)
+    assert value(metrics, "loraplex_prefix_cache_queries_total", adapter="a") == 27
+    assert value(metrics, "loraplex_prefix_cache_hits_total", adapter="a") == 16
 
 
 def test_adapter_label_is_capped_and_the_base_model_keeps_its_own(metrics):
@@ -146,6 +161,16 @@ def test_step_and_adapter_events(metrics):
     assert value(metrics, "loraplex_adapter_cache_events_total", event="hit", tier="host") == 0
     assert value(metrics, "loraplex_adapter_load_seconds_count") == 1
     assert value(metrics, "loraplex_adapters_resident", tier="host") == 3
+
+
+def test_engine_failures_and_slot_users(metrics):
+    metrics.record_step_failure()
+    metrics.record_request_failures(0)
+    metrics.record_request_failures(3)
+    metrics.set_adapter_slot_users(2)
+    assert value(metrics, "loraplex_engine_step_failures_total") == 1
+    assert value(metrics, "loraplex_engine_request_failures_total") == 3
+    assert value(metrics, "loraplex_adapter_slot_users") == 2
 
 
 def test_merge_swaps_move_the_merged_gauge(metrics):

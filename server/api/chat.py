@@ -59,12 +59,13 @@ async def create_chat_completion(
         for index, result in sorted(results.items())
     ]
     completion_tokens = sum(result.num_output_tokens for result in results.values())
+    cached_tokens = generation.cached_tokens({index: result.num_cached_tokens for index, result in results.items()})
     return ChatCompletionResponse(
         id=generation.request_id,
         created=generation.created,
         model=generation.model,
         choices=choices,
-        usage=Usage.of(generation.num_prompt_tokens, completion_tokens),
+        usage=Usage.of(generation.num_prompt_tokens, completion_tokens, cached_tokens),
     )
 
 
@@ -79,11 +80,13 @@ async def _chunks(
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
     # As OpenAI does: each choice opens with the role and empty content, then content deltas, then the finish reason.
     completion_tokens: dict[int, int] = {}
+    cached_tokens: dict[int, int] = {}
     async with aclosing(outputs):
         for index in generation.indices:
             yield _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
         async for index, output in outputs:
             completion_tokens[index] = output.num_output_tokens
+            cached_tokens[index] = output.num_cached_tokens
             if output.text or output.finished or (decode and output.token_ids):
                 delta = ChatDelta(content=output.text or None)
                 logprobs = chat_logprobs(output.logprobs or [], decode) if decode else None
@@ -92,4 +95,7 @@ async def _chunks(
                     generation, [ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)]
                 )
     if include_usage:
-        yield _chunk(generation, [], Usage.of(generation.num_prompt_tokens, sum(completion_tokens.values())))
+        usage = Usage.of(
+            generation.num_prompt_tokens, sum(completion_tokens.values()), generation.cached_tokens(cached_tokens)
+        )
+        yield _chunk(generation, [], usage)

@@ -43,9 +43,10 @@ async def create_completion(
         return EventStreamResponse(_chunks(generation, outputs, body.include_usage, shaper))
     results = await collect(request, generation)
     completion_tokens = sum(result.num_output_tokens for result in results.values())  # best_of: every sample
+    cached_tokens = generation.cached_tokens({index: result.num_cached_tokens for index, result in results.items()})
     best = _most_likely(results, body.samples_per_prompt(), body.n or 1)
     choices = [shaper.choice(index, result) for index, result in sorted(best.items())]
-    return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens))
+    return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens, cached_tokens))
 
 
 def _tokenize(engine: AsyncEngine, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -122,11 +123,16 @@ async def _chunks(
     generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool, shaper: _Shaper
 ) -> AsyncGenerator[CompletionResponse, None]:
     completion_tokens: dict[int, int] = {}
+    cached_tokens: dict[int, int] = {}
     async with aclosing(outputs):
         async for index, output in outputs:
             completion_tokens[index] = output.num_output_tokens
+            cached_tokens[index] = output.num_cached_tokens
             choice = shaper.increment(index, output)
             if choice is not None:
                 yield _envelope(generation, [choice], None)
     if include_usage:
-        yield _envelope(generation, [], Usage.of(generation.num_prompt_tokens, sum(completion_tokens.values())))
+        usage = Usage.of(
+            generation.num_prompt_tokens, sum(completion_tokens.values()), generation.cached_tokens(cached_tokens)
+        )
+        yield _envelope(generation, [], usage)

@@ -61,6 +61,15 @@ class Generation:
     def indices(self) -> list[int]:
         return [job.index for job in self.jobs]
 
+    def cached_tokens(self, per_choice: dict[int, int]) -> int:
+        """Prompt tokens the prefix cache held, each prompt counted once (by its first sample) like prompt_tokens."""
+        total, previous = 0, None
+        for job in self.jobs:  # a prompt's samples are consecutive jobs sharing its token list
+            if job.prompt_token_ids is not previous:
+                total += per_choice.get(job.index, 0)
+            previous = job.prompt_token_ids
+        return total
+
 
 @dataclass
 class ChoiceResult:
@@ -69,6 +78,7 @@ class ChoiceResult:
     text: str = ""
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., when asked for
@@ -127,6 +137,7 @@ async def _collect(outputs: AsyncGenerator[Indexed, None]) -> dict[int, ChoiceRe
             result = results.setdefault(index, ChoiceResult())
             result.text += output.text
             result.num_output_tokens = output.num_output_tokens
+            result.num_cached_tokens = output.num_cached_tokens
             result.token_ids += output.token_ids
             result.logprobs += output.logprobs or []
             result.prompt_logprobs = result.prompt_logprobs or output.prompt_logprobs

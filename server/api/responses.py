@@ -11,19 +11,27 @@ from server.api.logprobs import ChatLogprobs, CompletionLogprobs
 FinishReasonName = Literal["stop", "length"] | None
 
 
+class PromptTokensDetails(BaseModel):
+    """What the prompt tokens cost: `cached_tokens` of them came from the prefix cache (OpenAI's field)."""
+
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     """Token counts of one response: each prompt counted once, every choice's output added up."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
 

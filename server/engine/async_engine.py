@@ -14,11 +14,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from server.adapters.versions import adapter_name
+from server.engine.health import EngineHealth, HealthLimits
 from server.engine.llm_engine import LLMEngine
-from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.outputs import ModelCard, RequestOutput, engine_error
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
-from server.errors import InvalidRequestError, QueueFullError, ServiceUnavailableError, model_not_found
+from server.errors import (
+    InvalidRequestError,
+    LoraplexError,
+    QueueFullError,
+    ServiceUnavailableError,
+    model_not_found,
+)
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
 from server.threads import use_engine_threads
@@ -72,6 +79,9 @@ class AsyncEngine:
         self._subscribers: dict[str, _Submit] = {}
         self._in_flight = 0  # submitted and not yet finished; changed on the event loop only
         self._stopped = threading.Event()
+        self.health = EngineHealth(HealthLimits.from_settings(settings))
+        self._inbox_lock = threading.Lock()  # a submission either reaches a running thread or is refused
+        self._failures_recorded = 0  # the core's request failures already counted in the metrics
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
@@ -83,7 +93,11 @@ class AsyncEngine:
         self.vocab_size = self.core.runner.loaded.spec.vocab_size
 
     def is_ready(self) -> bool:
-        return self._thread.is_alive() and not self._stopped.is_set()
+        return self._thread.is_alive() and not self._stopped.is_set() and self.health.stopped is None
+
+    def health_problem(self) -> str | None:
+        """Why the engine is unhealthy (stopped, failing its steps, stalled), or None."""
+        return self.health.problem(self._thread.is_alive())
 
     def list_models(self) -> list[ModelCard]:
         """The base model, then every adapter in the store (loaded or not)."""
@@ -142,13 +156,14 @@ class AsyncEngine:
         try:
             if adapter is not None:
                 key = await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
-            self._inbox.put(_Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
+            self._post(_Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
             submitted = True
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
                 reason = out.finish_reason.value if finished and out.finish_reason else None
                 trace.on_output(len(out.token_ids), out.scheduled_time, reason)
+                trace.num_cached_tokens = out.num_cached_tokens
                 yield out
         finally:
             self._in_flight -= 1
@@ -189,8 +204,15 @@ class AsyncEngine:
         The way to touch the model from outside, e.g. for a tool or a benchmark that times work where it runs.
         """
         future: Future[_T] = Future()
-        self._inbox.put(_Call(fn, future))
+        self._post(_Call(fn, future))
         return await asyncio.wrap_future(future)
+
+    def _post(self, command: _Submit | _Call) -> None:
+        """Hand work to the engine thread, or refuse it once the thread has stopped (it would never be answered)."""
+        with self._inbox_lock:
+            if self.health.stopped is not None:
+                raise ServiceUnavailableError(self.health.stopped)
+            self._inbox.put(command)
 
     def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[None]) -> None:
         use_engine_threads()
@@ -200,24 +222,53 @@ class AsyncEngine:
             started.set_exception(exc)
             return
         started.set_result(None)
-        self._loop()
+        reason = "the engine has shut down"
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the engine thread died")
+            reason = "the engine thread stopped after an internal error; the server log has the details"
+        finally:
+            self._stop(reason)
+
+    def _stop(self, reason: str) -> None:
+        """Refuse new work and end every request still waiting for outputs, so no caller waits forever."""
+        with self._inbox_lock:
+            self.health.stop(reason)
+        while not self._inbox.empty():  # nothing enters it any more
+            command = self._inbox.get()
+            if isinstance(command, _Call):
+                command.future.set_exception(ServiceUnavailableError(reason))
+            elif isinstance(command, _Submit):
+                self._subscribers[command.request_id] = command
+        for sub in self._subscribers.values():
+            _hand_over(sub.loop, [(sub.put, _error_output(sub, f"request {sub.request_id} ended: {reason}"))])
+        self._subscribers.clear()
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            if not self._drain(block=not self.core.has_work):
-                break
-            if self.core.has_work:
-                self._step()
-            else:
-                self._record_state()  # aborts can empty the engine without a step
+            try:
+                if not self._drain(block=not self.core.has_work):
+                    break
+                if self.core.has_work:
+                    self._step()
+                else:
+                    self._record_state()  # aborts can empty the engine without a step
+            except Exception:  # a fault between steps: end every request rather than the engine thread
+                log.exception("the engine loop failed; failing every request")
+                self._finish_step(self.core.fail_all("the engine loop failed"), failed=True)
 
     def _drain(self, block: bool) -> bool:
         """Apply queued submissions and aborts; False once shutdown was requested."""
         while True:
+            if block:
+                self.health.going_idle()
             try:
                 command = self._inbox.get(block=block)
             except queue.Empty:
                 return True
+            if block:
+                self.health.woke()
             block = False
             if command is None:
                 return False
@@ -231,20 +282,28 @@ class AsyncEngine:
             try:
                 self.core.add_request(command.request_id, command.prompt_token_ids, command.params, command.adapter)
             except Exception as exc:
-                log.exception("could not add request %s", command.request_id)
-                _hand_over(command.loop, [(command.put, _error_output(command, str(exc)))])
+                log.exception("request %s failed: it could not be added", command.request_id)
+                self.metrics.record_request_failures(1)
+                message = exc.message if isinstance(exc, LoraplexError) else engine_error(command.request_id)
+                _hand_over(command.loop, [(command.put, _error_output(command, message))])
                 continue
             self._subscribers[command.request_id] = command
 
     def _step(self) -> None:
         start = time.perf_counter()
-        try:
-            outputs = self.core.step()
-        except Exception as exc:
-            log.exception("engine step failed; failing the running requests")
-            outputs = self.core.fail_all(f"internal engine error: {exc}")
+        outputs = self.core.step()  # contains its own failures, see LLMEngine
         if self.core.last_step_tokens:
             self.metrics.record_step(time.perf_counter() - start, self.core.last_step_tokens)
+        self._finish_step(outputs, self.core.last_step_failed)
+
+    def _finish_step(self, outputs: list[RequestOutput], failed: bool) -> None:
+        """Note the step's health, update the gauges and hand the outputs to their callers."""
+        self.health.step_done(failed)
+        if failed:
+            self.metrics.record_step_failure()
+        failures = self.core.num_request_failures
+        self.metrics.record_request_failures(failures - self._failures_recorded)
+        self._failures_recorded = failures
         self._record_state()
         # One wake-up per caller loop and step, not one per token: a cross-thread wake-up costs the
         # engine thread the GIL, which measured 2-3x slower steps at batch 32 when done per output.
@@ -265,11 +324,15 @@ class AsyncEngine:
             {adapter_name(key) for key in scheduler.running_adapters},  # names, not versions, in labels
             {adapter_name(key) for key in scheduler.waiting_adapters},
         )
+        slots = self.adapters.slots
+        self.metrics.set_adapter_slot_users(sum(slots.users(key) for key in slots.resident()))
 
 
 def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]):
-    if not loop.is_closed():
+    try:
         loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the caller's loop has closed: nobody is left to read these outputs
+        return
 
 
 def _put_all(items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:

@@ -65,7 +65,7 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, str]:
     )
     scheduler = Scheduler(
         SchedulerConfig.from_settings(settings, max_model_len),
-        BlockManager(num_blocks, settings.block_size),
+        BlockManager(num_blocks, settings.block_size, enable_caching=settings.enable_prefix_caching),
         adapter_fits=adapters.fits,
     )
     policy = MergePolicy(MergePolicyConfig.from_settings(settings), start_modes(settings, adapters.mode))

@@ -21,8 +21,14 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None  # set when the request failed inside the engine
     scheduled_time: float | None = None  # time.monotonic() when the engine first scheduled the request
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asks for them
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., in the request's first output only
+
+
+def engine_error(request_id: str) -> str:
+    """What a client learns of a failure inside the engine: that it happened, and the id the log files it under."""
+    return f"request {request_id} failed inside the engine; the server log has the details under this id"
 
 
 @dataclass(frozen=True)

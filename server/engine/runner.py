@@ -9,7 +9,7 @@ import torch
 
 from server.engine.batch_builder import build_forward_batch
 from server.engine.logprobs import TokenLogprob, prompt_positions, sampled_logprobs, score_prompt
-from server.engine.sampler import Sampler, SamplingRow
+from server.engine.sampler import INVALID_TOKEN, Sampler, SamplingRow
 from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
 from server.model.kv_cache import KVCache
@@ -68,9 +68,19 @@ class ModelRunner:
         tokens = self.sampler.sample(logits, [row_of(item.seq) for item in sampling])
         return StepResult(
             list(zip(sampling, tokens, strict=True)),
-            sampled_logprobs(logits, tokens, [item.seq for item in sampling]),
+            self._sampled_logprobs(logits, tokens, sampling),
             self._prompt_logprobs(hidden, batch.query_start.tolist(), items),
         )
+
+    @staticmethod
+    def _sampled_logprobs(
+        logits: torch.Tensor, tokens: list[int], sampling: list[ScheduledSequence]
+    ) -> dict[str, TokenLogprob]:
+        """Logprobs of the sampled tokens; rows whose sampling failed (INVALID_TOKEN) have none. `logits: [L, V]`."""
+        kept = [i for i, token in enumerate(tokens) if token != INVALID_TOKEN]
+        if len(kept) < len(tokens):
+            logits, tokens, sampling = logits[kept], [tokens[i] for i in kept], [sampling[i] for i in kept]
+        return sampled_logprobs(logits, tokens, [item.seq for item in sampling])
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, query_start: list[int], items: list[ScheduledSequence]

@@ -184,6 +184,7 @@ class Scheduler:
         for item in output.scheduled:
             if item.seq.status is SequenceStatus.RUNNING:
                 item.seq.num_computed_tokens = item.end
+                self.block_manager.cache_computed(item.seq)
 
     def _schedule_running(self, output: SchedulerOutput) -> int:
         """Schedule running sequences in arrival order; returns the token budget left."""
@@ -230,11 +231,9 @@ class Scheduler:
             if not self._adapter_allows(seq, adapters):
                 continue
             self._check_runnable(seq)
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            reserve = self._watermark_blocks if self.running else 0  # a lone sequence may use the whole cache
-            if not self.block_manager.can_allocate(seq, num_new, reserve=reserve):
+            num_new = self._admit(seq, budget)
+            if num_new is None:
                 break  # FCFS: later, smaller requests must not starve this one
-            self.block_manager.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival_time)
             if seq.adapter is not None:
@@ -242,6 +241,30 @@ class Scheduler:
             output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
             budget -= num_new
         self.waiting = deque(seq for seq in self.waiting if seq.status is SequenceStatus.WAITING)
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Give `seq` its cached prefix and blocks for its next chunk; the chunk's size, None if it does not fit.
+
+        Only the tokens past the cached prefix count against the budget and need new blocks.
+        """
+        prefix = self._reusable_prefix(seq)
+        num_cached = len(prefix) * self.block_manager.block_size
+        num_new = min(len(seq) - num_cached, budget)
+        reserve = self._watermark_blocks if self.running else 0  # a lone sequence may use the whole cache
+        if not self.block_manager.can_allocate(seq, num_cached + num_new, reserve=reserve, prefix=prefix):
+            return None
+        self.block_manager.allocate(seq, num_cached + num_new, prefix=prefix)
+        seq.num_computed_tokens = num_cached
+        if seq.num_cached_tokens is None:  # a preempted sequence finding its own blocks again is no prompt hit
+            seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
+        return num_new
+
+    def _reusable_prefix(self, seq: Sequence) -> list[int]:
+        """`seq`'s cached leading blocks, short of any position whose logits must still score a prompt token."""
+        prefix = self.block_manager.cached_prefix(seq)
+        if seq.params.prompt_logprobs is not None:  # position p scores prompt token p + 1
+            prefix = prefix[: len(seq.prompt_logprobs) // self.block_manager.block_size]
+        return prefix
 
     def _adapter_allows(self, seq: Sequence, adapters: set[str]) -> bool:
         """Whether `seq`'s adapter is loaded and fits under max_loras next to the running `adapters`."""

@@ -75,6 +75,9 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() of its first step, for the queue-time metric
     adapter_slot: int | None = None  # device slot of the adapter while running; None = base model or not bound yet
+    block_hashes: list[bytes] = field(default_factory=list)  # content hashes of its full blocks (block_manager)
+    num_cached_blocks: int = 0  # leading blocks of block_table that the prefix cache can find
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked for
 
     @property

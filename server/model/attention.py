@@ -29,7 +29,7 @@ class AttentionPlan:
     """Index tensors derived from the batch once per step, shared by all layers."""
 
     decode_tokens: torch.Tensor | None  # [D] packed index of each decode token
-    decode_slots: torch.Tensor | None  # [D * L] flat KV slots, padded rows point at slot 0
+    decode_slots: torch.Tensor | None  # [D * L] flat KV slots, padding points at the row's first slot
     decode_mask: torch.Tensor | None  # [D, 1, 1, L] True where the key is inside the context
     decode_len: int  # L, the longest decode context
     prefills: list[PrefillSpan]
@@ -56,7 +56,9 @@ class AttentionPlan:
         tables = batch.block_tables.to(device)[rows]  # [D, max_blocks]
         slots = tables[:, positions // block_size] * block_size + positions % block_size  # [D, L]
         mask = positions.unsqueeze(0) < lens.unsqueeze(1)  # [D, L]
-        slots = torch.where(mask, slots, torch.zeros_like(slots))
+        # Padding reads the row's own first slot, never another sequence's: masked keys still enter the matmuls,
+        # and a NaN there (a request whose adapter overflowed) would poison every row that reads it.
+        slots = torch.where(mask, slots, slots[:, :1])
         tokens = batch.query_start[:-1].to(device)[rows]
         return cls(tokens, slots.reshape(-1), mask[:, None, None, :], max_len, prefills)
 

@@ -41,12 +41,16 @@ class FakeEngine:
     queue_full: bool = False
     step_delay_s: float = 0.0
     fail_after: int | None = None  # report an engine error after this many tokens
+    problem: str | None = None  # what health_problem reports
     submitted: list[Submitted] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     shut_down: bool = False
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def health_problem(self) -> str | None:
+        return self.problem
 
     def list_models(self) -> list[ModelCard]:
         base = ModelCard(name=self.served_model_name, parent=None, created=1_700_000_000)

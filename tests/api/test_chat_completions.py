@@ -14,11 +14,12 @@ USER_HI = [{"role": "user", "content": "hi"}]
 PROMPT_HI = "<user>hi<assistant>"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, object]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 
@@ -38,11 +39,7 @@ async def test_response_shape(client: httpx.AsyncClient, engine: FakeEngine) -> 
             "finish_reason": "length",
         }
     ]
-    assert body["usage"] == {
-        "prompt_tokens": len(PROMPT_HI),
-        "completion_tokens": 4,
-        "total_tokens": len(PROMPT_HI) + 4,
-    }
+    assert body["usage"] == usage(len(PROMPT_HI), 4)
     assert engine.submitted[0].adapter == "poet"
 
 
@@ -79,11 +76,7 @@ async def test_max_completion_tokens_wins_over_max_tokens(client: httpx.AsyncCli
 async def test_n_choices(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     body = (await chat(client, USER_HI, n=3, seed=5, max_tokens=1)).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-    assert body["usage"] == {
-        "prompt_tokens": len(PROMPT_HI),
-        "completion_tokens": 3,
-        "total_tokens": len(PROMPT_HI) + 3,
-    }
+    assert body["usage"] == usage(len(PROMPT_HI), 3)
     assert [s.params.seed for s in engine.submitted] == [5, 6, 7]
 
 

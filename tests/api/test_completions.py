@@ -20,7 +20,12 @@ async def test_response_shape(client: httpx.AsyncClient) -> None:
     assert isinstance(body["created"], int)
     assert body["model"] == "base-model"
     assert body["choices"] == [{"index": 0, "text": "hel", "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_stop_finish_reason_when_the_model_ends(client: httpx.AsyncClient) -> None:
@@ -66,6 +71,7 @@ async def test_prompt_forms(client: httpx.AsyncClient, prompt: object, texts: li
         "prompt_tokens": prompt_tokens,
         "completion_tokens": prompt_tokens,
         "total_tokens": 2 * prompt_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
 
 

@@ -29,7 +29,12 @@ async def test_completion_stream_include_usage(client: httpx.AsyncClient) -> Non
     chunks = sse_payloads(await client.post("/v1/completions", json=body))
     *content, last = chunks
     assert last["choices"] == []
-    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert last["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 3,
+        "total_tokens": 6,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     texts: dict[int, str] = {}
     for chunk in content:
         (choice,) = chunk["choices"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -53,7 +54,8 @@ async def test_traffic_is_recorded_per_adapter_with_the_label_cap(client):
     body = {"prompt": [5, 6, 7, 8, 9], "max_tokens": 4, "ignore_eos": True, "temperature": 0}
     replies = await asyncio.gather(
         *(client.post("/v1/completions", json={**body, "model": m}) for m in ("tiny", "sql", "poet")),
-        client.post("/v1/completions", json={**body, "model": "tiny", "stream": True}),
+        # another prompt: the first tiny request's cached block would make this one's step tokens vary with timing
+        client.post("/v1/completions", json={**body, "model": "tiny", "stream": True, "prompt": [9, 8, 7, 6, 5]}),
     )
     assert [r.status_code for r in replies] == [200] * 4
     assert (await client.post("/v1/completions", json={**body, "model": "nope"})).status_code == 404
@@ -82,3 +84,18 @@ async def test_traffic_is_recorded_per_adapter_with_the_label_cap(client):
     assert value(found, "loraplex_request_errors_total", status="404") == 1
     info = [labels for name, labels in found if name == "loraplex_lora_requests_info"]
     assert info == [(("max_lora", "3"), ("running_lora_adapters", ""), ("waiting_lora_adapters", ""))]
+
+
+async def test_prefix_cache_hits_are_counted_per_adapter_and_reported_in_usage(client):
+    body = {"model": "tiny", "prompt": list(range(3, 21)), "max_tokens": 2, "ignore_eos": True, "temperature": 0}
+    first = (await client.post("/v1/completions", json=body)).json()
+    second = (await client.post("/v1/completions", json=body)).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}  # 4 full blocks of 18 tokens
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    lines = (await client.post("/v1/completions", json=stream)).text.splitlines()
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
+    found = samples((await client.get("/metrics")).text)
+    assert value(found, "loraplex_prefix_cache_queries_total", adapter="tiny") == 3 * 18
+    assert value(found, "loraplex_prefix_cache_hits_total", adapter="tiny") == 2 * 16

@@ -35,9 +35,10 @@ def make_scheduler(
     max_loras: int = 4,
     watermark: float = 0.0,
     adapter_ready: Callable[[str], bool] | None = None,
+    prefix_caching: bool = False,  # off: most prompts here share a prefix; the prefix tests below turn it on
 ) -> Scheduler:
     config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, watermark)
-    manager = BlockManager(num_blocks, block_size)
+    manager = BlockManager(num_blocks, block_size, enable_caching=prefix_caching)
     if adapter_ready is None:
         return Scheduler(config, manager)
     return Scheduler(config, manager, adapter_ready)
@@ -299,7 +300,8 @@ def check_step_invariants(scheduler: Scheduler, output: SchedulerOutput) -> None
     assert len(scheduler.running_adapters) <= config.max_loras
     assert scheduler.num_running <= config.max_num_seqs
     blocks = [block for seq in scheduler.running for block in seq.block_table]
-    assert len(blocks) == len(set(blocks)) == manager.num_used_blocks
+    assert len(set(blocks)) == manager.num_used_blocks
+    assert manager.enable_caching or len(blocks) == len(set(blocks))  # only cached blocks are shared
     assert all(not seq.block_table and seq.num_computed_tokens == 0 for seq in scheduler.waiting)
     assert all(len(item.seq.block_table) >= manager.num_blocks_for(item.end) for item in output.scheduled)
     assert all(seq in scheduler.waiting and seq not in seqs for seq in output.preempted)
@@ -307,8 +309,9 @@ def check_step_invariants(scheduler: Scheduler, output: SchedulerOutput) -> None
     assert arrivals == sorted(arrivals)
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_workload_keeps_invariants_and_leaks_no_blocks(seed: int) -> None:
+def test_random_workload_keeps_invariants_and_leaks_no_blocks(seed: int, prefix_caching: bool) -> None:
     rng = random.Random(seed)
     clock = itertools.count()
     ready = {"a", "b"}
@@ -321,6 +324,7 @@ def test_random_workload_keeps_invariants_and_leaks_no_blocks(seed: int) -> None
         max_loras=2,
         watermark=0.05,
         adapter_ready=ready.__contains__,
+        prefix_caching=prefix_caching,
     )
     seqs = [
         make_seq(f"r{i}", rng.randint(1, 40), adapter=rng.choice([None, "a", "b", "c"]), max_tokens=rng.randint(1, 16))
@@ -349,3 +353,88 @@ def test_random_workload_keeps_invariants_and_leaks_no_blocks(seed: int) -> None
     done = [seq for seq in seqs if seq.request_id not in aborted]
     assert all(seq.num_output_tokens == seq.params.max_tokens or len(seq) >= 48 for seq in done)
     assert sum(seq.num_preemptions for seq in seqs) > 0
+    assert (sum(seq.num_cached_tokens or 0 for seq in seqs) > 0) == prefix_caching
+
+
+# Prefix caching: admission reuses the cached leading blocks and counts only the rest.
+
+
+def test_shared_prefix_is_admitted_on_what_it_still_needs() -> None:
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=6, prefix_caching=True)
+    first = make_seq("first", 10, adapter="a@1", arrival=0)
+    scheduler.add(first)
+    step(scheduler)
+    step(scheduler)  # 10 prompt tokens in chunks of 6 and 4: two full blocks cached
+    second = make_seq("second", 11, adapter="a@1", arrival=1)
+    other = make_seq("other", 11, adapter="b@1", arrival=2)
+    scheduler.add(second)
+    scheduler.add(other)
+    output = step(scheduler)
+    assert chunks(output) == [("first", 1, True), ("second", 3, True), ("other", 2, False)]
+    assert [item.start for item in output.scheduled] == [10, 8, 0]
+    assert second.block_table[:2] == first.block_table[:2]
+    assert (second.num_cached_tokens, other.num_cached_tokens) == (8, 0)
+
+
+def test_mostly_cached_prompt_fits_where_its_whole_length_would_not() -> None:
+    scheduler = make_scheduler(num_blocks=5, block_size=4, max_model_len=20, prefix_caching=True)
+    holder = make_seq("holder", 13, max_tokens=8)
+    scheduler.add(holder)
+    step(scheduler)  # 4 blocks held, 3 of them cached; 1 block free
+    follower = make_seq("follower", 13, arrival=1)
+    scheduler.add(follower)
+    output = step(scheduler)
+    assert chunks(output) == [("holder", 1, True), ("follower", 1, True)]
+    assert follower.num_cached_tokens == 12 and scheduler.block_manager.num_free_blocks == 0
+
+
+def test_fully_cached_prompt_recomputes_its_last_block() -> None:
+    scheduler = make_scheduler(block_size=4, prefix_caching=True)
+    scheduler.add(make_seq("a", 8, max_tokens=1))
+    run_to_completion(scheduler)
+    again = make_seq("again", 8, arrival=1)
+    scheduler.add(again)
+    assert chunks(scheduler.schedule()) == [("again", 4, True)]
+    assert again.num_cached_tokens == 4
+
+
+def test_preempted_sequence_finds_its_own_blocks_but_reports_its_first_admission() -> None:
+    scheduler = make_scheduler(num_blocks=6, block_size=4, max_model_len=24, prefix_caching=True)
+    a, b, c = (make_seq(name, 7, arrival=i, max_tokens=8) for i, name in enumerate("abc"))
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    step(scheduler)
+    step(scheduler)
+    assert step(scheduler).preempted == [c]
+    assert scheduler.block_manager.num_used_blocks == 6  # a and b hold c's first block too: one prompt
+    rest = run_to_completion(scheduler)
+    readmitted = next(item for out in rest for item in out.scheduled if item.seq is c)
+    assert readmitted.start == 8  # a computed the same 9 tokens (one prompt, one sampled token) into cached blocks
+    assert [seq.num_cached_tokens for seq in (a, b, c)] == [0, 0, 0]  # admitted together: no prompt hit
+    assert scheduler.block_manager.num_used_blocks == 0
+
+
+def test_abort_keeps_a_running_sequences_shared_blocks_held() -> None:
+    scheduler = make_scheduler(block_size=4, prefix_caching=True)
+    first, second = make_seq("first", 9, max_tokens=8), make_seq("second", 9, arrival=1, max_tokens=8)
+    scheduler.add(first)
+    step(scheduler)
+    scheduler.add(second)
+    step(scheduler)
+    assert second.block_table[:2] == first.block_table[:2]
+    scheduler.abort("first")
+    assert scheduler.block_manager.num_used_blocks == len(second.block_table) == 3
+    run_to_completion(scheduler)
+    manager = scheduler.block_manager
+    assert manager.num_used_blocks == 0 and manager.num_cached_blocks == 4  # 17 tokens: 4 full blocks, equal in both
+
+
+def test_a_sequence_scoring_its_prompt_reuses_only_blocks_it_scored_already() -> None:
+    scheduler = make_scheduler(block_size=4, prefix_caching=True)
+    scheduler.add(make_seq("warm", 13, max_tokens=1))
+    run_to_completion(scheduler)
+    scored = make_seq("scored", 13)
+    scored.params = SamplingParams(max_tokens=4, prompt_logprobs=0)
+    scheduler.add(scored)
+    assert chunks(scheduler.schedule()) == [("scored", 13, True)]
+    assert scored.num_cached_tokens == 0
