@@ -75,8 +75,8 @@ class ValidationError(LoraplexError):
     error_type = "invalid_request_error"
 
 
-class RateLimitError(LoraplexError):
-    """Too many requests now; retry after `retry_after_s` seconds (429)."""
+class QueueFullError(LoraplexError):
+    """Too many waiting requests; retry later (429)."""
 
     status_code = 429
     error_type = "rate_limit_error"
@@ -86,14 +86,6 @@ class RateLimitError(LoraplexError):
         self.retry_after_s = retry_after_s
 
 
-class QueueFullError(RateLimitError):
-    """Too many waiting requests; retry later (429)."""
-
-
-class QuotaExceededError(RateLimitError):
-    """A tenant is over one of its limits (requests or tokens per minute, concurrent requests) (429)."""
-
-
 class ServiceUnavailableError(LoraplexError):
     """The engine is not ready or has stopped (503)."""
 
@@ -101,12 +93,17 @@ class ServiceUnavailableError(LoraplexError):
     error_type = "service_unavailable_error"
 
 
-class KeyFileError(ValidationError):
-    """The API keys file cannot be read or does not describe valid tenants (422 when a reload finds it)."""
-
-
 class AdapterError(ValidationError):
     """An adapter's config or tensors cannot be served on this base model (422)."""
+
+
+class QuotaExceededError(QueueFullError):
+    """A tenant is over one of its limits (requests or tokens per minute, concurrent requests); answered as a full
+    queue is (429 with Retry-After)."""
+
+
+class KeyFileError(ValidationError):
+    """The API keys file cannot be read or does not describe valid tenants (422 when a reload finds it)."""
 
 
 def model_not_found(model: str) -> NotFoundError:

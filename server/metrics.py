@@ -295,10 +295,10 @@ class Metrics:
     def record_tenant_tokens(self, tenant: str, count: int) -> None:
         self.tenant_generation_tokens.labels(self.tenant_labels(tenant)).inc(count)
 
-    def record_tenant_refusal(self, tenant: str | None, status: int) -> None:
-        """Count a refusal of `tenant`'s request; None for a request with no valid key (401)."""
+    def record_tenant_refusal(self, tenant: str | None, status: str) -> None:
+        """Count a refusal (`status` "401", "404" or "429") of `tenant`'s request; None when no key was valid."""
         label = "" if tenant is None else self.tenant_labels(tenant)
-        self.tenant_refusals.labels(label, str(status)).inc()
+        self.tenant_refusals.labels(label, status).inc()
 
     def record_http_error(self, status: int) -> None:
         self.errors.labels(str(status)).inc()

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from server.errors import AuthenticationError, InvalidRequestError, LoraplexError, NotFoundError, RateLimitError
+from server.errors import AuthenticationError, InvalidRequestError, LoraplexError, NotFoundError, QueueFullError
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -21,9 +21,9 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 def error_response(exc: LoraplexError) -> JSONResponse:
-    """The HTTP response for a user-facing error, with Retry-After on 429 and the auth scheme on 401."""
+    """The HTTP response for a user-facing error, with Retry-After when the queue is full and the auth scheme on 401."""
     headers = None
-    if isinstance(exc, RateLimitError):
+    if isinstance(exc, QueueFullError):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, AuthenticationError):
         headers = {"WWW-Authenticate": "Bearer"}

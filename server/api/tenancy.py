@@ -20,7 +20,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from server.api.deps import EngineDep
-from server.errors import AuthenticationError, ConflictError, KeyFileError, LoraplexError
+from server.errors import (
+    AuthenticationError,
+    ConflictError,
+    KeyFileError,
+    LoraplexError,
+    NotFoundError,
+    QueueFullError,
+)
 from server.metrics import Metrics
 from server.settings import Settings
 from server.tenants.directory import Account, TenantDirectory
@@ -32,7 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REFUSALS = (404, 429)  # counted per tenant here; 401 has no tenant and is counted where it is raised
+# Refusals counted per tenant here (401 has no tenant and is counted where it is raised). Their statuses are those of
+# server.api.errors' table, named here because a metric label is a string.
+REFUSALS: tuple[tuple[type[LoraplexError], str], ...] = ((NotFoundError, "404"), (QueueFullError, "429"))
 tenant_bearer = HTTPBearer(
     auto_error=False, scheme_name="TenantKey", description="A tenant API key from the server's --api-keys file"
 )
@@ -66,14 +75,15 @@ async def authenticate(
     metrics: Metrics = request.app.state.metrics
     account = tenants.authenticate("" if credentials is None else credentials.credentials)
     if account is None:
-        metrics.record_tenant_refusal(None, 401)
+        metrics.record_tenant_refusal(None, "401")
         raise AuthenticationError("missing or unknown API key; send the header 'Authorization: Bearer <key>'")
     request.state.account = account
     try:
         yield
     except LoraplexError as exc:
-        if exc.status_code in REFUSALS:
-            metrics.record_tenant_refusal(account.tenant.name, exc.status_code)
+        status = next((status for kind, status in REFUSALS if isinstance(exc, kind)), None)
+        if status is not None:
+            metrics.record_tenant_refusal(account.tenant.name, status)
         raise
 
 
