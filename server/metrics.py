@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 
 # `*_created` series would double the series count, and neither the dashboard nor the gateway reads them.
 disable_created_metrics()
@@ -79,6 +80,20 @@ class AdapterLabels:
                 self._named.add(name)
                 return name
         return OTHER
+
+
+class LabelledCollector:
+    """The metric families of `source` with constant `labels` added to every sample."""
+
+    def __init__(self, source: CollectorRegistry, labels: Mapping[str, str]) -> None:
+        self.source = source
+        self.labels = dict(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, **self.labels}) for s in family.samples]
+            yield labelled
 
 
 @dataclass
@@ -194,6 +209,9 @@ class Metrics:
             f"{p}adapter_cache_events", "Adapter cache hits, misses, loads, evictions.", ["event", "tier"], registry=r
         )
         self.resident = Gauge(f"{p}adapters_resident", "Adapters resident in each tier.", ["tier"], registry=r)
+        self.host_bytes = Gauge(
+            f"{p}adapter_host_bytes", "Bytes of adapter weights in host memory (see --max-cpu-lora-bytes).", registry=r
+        )
         self.merged = Gauge(
             f"{p}merged_adapter", "1 for the adapter merged into the base weights (the base model if none).",
             ["adapter"], registry=r,
@@ -231,9 +249,12 @@ class Metrics:
         self.adapter_labels.reserve(name)
         self._set_merged(name)
 
-    def render(self) -> bytes:
-        """The exposition text of every collector (serve with CONTENT_TYPE)."""
-        return generate_latest(self.registry)
+    def render(self, labels: Mapping[str, str] | None = None) -> bytes:
+        """The exposition text of every collector (serve with CONTENT_TYPE), each sample with `labels` added.
+
+        A replica of a Ray Serve deployment passes `{"replica": its id}`, so the series of all replicas merge.
+        """
+        return generate_latest(LabelledCollector(self.registry, labels) if labels else self.registry)
 
     def record_request(self, adapter: str, trace: RequestTrace) -> None:
         """Record a request that ended; `adapter` is the resolved adapter name or the base model's served name."""
@@ -309,6 +330,9 @@ class Metrics:
 
     def set_adapters_resident(self, tier: CacheTier, count: int) -> None:
         self.resident.labels(tier).set(count)
+
+    def set_adapter_host_bytes(self, num_bytes: int) -> None:
+        self.host_bytes.set(num_bytes)
 
     def record_adapter_load(self, seconds: float) -> None:
         """Record the time to read, validate and prepare one adapter in host memory."""

@@ -59,6 +59,7 @@ def test_collectors_have_prometheus_names_and_types(metrics):
         "loraplex_lora_requests_info": "gauge",
         "loraplex_adapter_cache_events": "counter",
         "loraplex_adapters_resident": "gauge",
+        "loraplex_adapter_host_bytes": "gauge",
         "loraplex_merged_adapter": "gauge",
         "loraplex_adapter_merge_swaps": "counter",
         "loraplex_adapter_load_seconds": "histogram",

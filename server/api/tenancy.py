@@ -20,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from server.api.deps import EngineDep
+from server.api.openapi import error_responses
 from server.errors import (
     AuthenticationError,
     ConflictError,
@@ -62,9 +63,12 @@ def load_tenants(settings: Settings, clock: Clock = time.monotonic) -> TenantDir
     return TenantDirectory(settings.api_keys_file, admin_token=admin_token, clock=clock)
 
 
-def guard(tenants: TenantDirectory | None) -> list[Any]:
-    """The router dependencies of /v1: authentication when there are tenants, nothing otherwise."""
-    return [] if tenants is None else [Security(authenticate)]
+def guard(tenants: TenantDirectory | None) -> dict[str, Any]:
+    """`include_router` arguments for the routes behind tenant keys: authentication (and its 401 in the OpenAPI
+    document) when there are tenants, nothing otherwise."""
+    if tenants is None:
+        return {}
+    return {"dependencies": [Security(authenticate)], "responses": error_responses(AuthenticationError)}
 
 
 async def authenticate(

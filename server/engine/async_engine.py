@@ -10,15 +10,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
-from server.adapters.versions import adapter_name
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import Mode
+from server.adapters.versions import AdapterView, adapter_name
 from server.engine.health import EngineHealth, HealthLimits
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput, engine_error
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.structured import GrammarSpec
 from server.errors import (
     InvalidRequestError,
     LoraplexError,
@@ -28,11 +32,12 @@ from server.errors import (
 )
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
-from server.threads import use_engine_threads
+from server.threads import single_threaded, use_engine_threads
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+Build = Callable[[], tuple[LLMEngine, AdapterRegistry, str]]  # the engine core, its adapters, the base model's name
 
 
 @dataclass
@@ -65,8 +70,8 @@ class _Call:
 class AsyncEngine:
     """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
 
-    def __init__(self, build: Callable[[], tuple[LLMEngine, str]], settings: Settings, metrics: Metrics) -> None:
-        """Start the engine thread, which builds the core and its served model name with `build`; wait for it.
+    def __init__(self, build: Build, settings: Settings, metrics: Metrics) -> None:
+        """Start the engine thread, which builds the core, adapter registry and served model name; wait for it.
 
         The engine thread is the only one that computes with every core (`server.threads`), so the model is
         loaded there too. Whatever `build` raises is raised here.
@@ -85,8 +90,7 @@ class AsyncEngine:
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
-        started.result()  # the engine thread has set self.core and self.served_model_name
-        self.adapters = self.core.adapters
+        started.result()  # the engine thread has set self.core, self.adapters and self.served_model_name
         self.tokenizer = self.core.tokenizer
         metrics.set_base_model(self.served_model_name)
         self.max_model_len = self.core.max_model_len
@@ -112,8 +116,44 @@ class AsyncEngine:
             return model
         raise model_not_found(model)
 
+    # --- adapter administration: what the /admin routes do, through the registry ------------------------------
+    def upload_slot(self) -> AbstractContextManager[None]:
+        """Admit one adapter upload; QueueFullError (429) while `max_concurrent_uploads` are being checked."""
+        return self.adapters.upload_slot()
+
+    async def add_adapter(
+        self, name: str, config: BinaryIO, weights: BinaryIO, *, replace: bool, mode: Mode | None, pinned: bool | None
+    ) -> AdapterView:
+        """Check an uploaded adapter and serve it as `name`; the checks run in a worker thread on one core."""
+        add = self.adapters.add
+        return await asyncio.to_thread(single_threaded, add, name, config, weights, replace=replace, mode=mode,
+                                       pinned=pinned)  # fmt: skip
+
+    def adapter_views(self) -> list[AdapterView]:
+        """Every adapter of the store with its record, settings and live state."""
+        return self.adapters.views()
+
+    def adapter_view(self, name: str) -> AdapterView:
+        return self.adapters.view(name)
+
+    def update_adapter(self, name: str, mode: Mode | None, pinned: bool | None) -> AdapterView:
+        """Change an adapter's merge mode or pin (None keeps it)."""
+        return self.adapters.update(name, mode, pinned)
+
+    def remove_adapter(self, name: str) -> None:
+        """Take an adapter out of the store; its running requests finish."""
+        self.adapters.remove(name)
+
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile (or find cached) a request's output constraint; a 400 naming the problem if it cannot compile.
+
+        Blocking (a large schema takes a while, the first one also builds the grammar tokenizer): call it off the
+        event loop, before the request is queued.
+        """
+        self.core.grammars.compile(spec)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
@@ -214,10 +254,10 @@ class AsyncEngine:
                 raise ServiceUnavailableError(self.health.stopped)
             self._inbox.put(command)
 
-    def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[None]) -> None:
+    def _run(self, build: Build, started: Future[None]) -> None:
         use_engine_threads()
         try:
-            self.core, self.served_model_name = build()
+            self.core, self.adapters, self.served_model_name = build()
         except BaseException as exc:
             started.set_exception(exc)
             return
@@ -324,8 +364,7 @@ class AsyncEngine:
             {adapter_name(key) for key in scheduler.running_adapters},  # names, not versions, in labels
             {adapter_name(key) for key in scheduler.waiting_adapters},
         )
-        slots = self.adapters.slots
-        self.metrics.set_adapter_slot_users(sum(slots.users(key) for key in slots.resident()))
+        self.metrics.set_adapter_slot_users(self.adapters.cache.slot_users())
 
 
 def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.registry import AdapterRegistry
+from server.adapters.cache import AdapterSlots
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.engine.logprobs import TokenLogprob
 from server.engine.merge_controller import MergeController
@@ -17,6 +17,7 @@ from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import INVALID_TOKEN, GeneratorFactory, SamplingRow
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.engine.structured import GrammarCompiler, GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class RequestState:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
+    grammar: GrammarState | None = None  # for requests with structured outputs
 
 
 class LLMEngine:
@@ -46,7 +48,7 @@ class LLMEngine:
         scheduler: Scheduler,
         tokenizer,
         server_seed: int,
-        adapters: AdapterRegistry,
+        adapters: AdapterSlots,
         merger: MergeController,
     ) -> None:
         self.runner = runner
@@ -55,6 +57,7 @@ class LLMEngine:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.generators = GeneratorFactory(server_seed)
+        self.grammars = GrammarCompiler(tokenizer, runner.loaded.spec.vocab_size, runner.loaded.spec.eos_token_ids)
         self.eos_token_ids = frozenset(runner.loaded.spec.eos_token_ids)
         self.max_model_len = scheduler.config.max_model_len
         self.requests: dict[str, RequestState] = {}
@@ -74,7 +77,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter, arrival_time=time.monotonic())
         generator = None if params.greedy else self.generators.create(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
-        state = RequestState(seq, generator, detok, StopStringMatcher(params.stop))
+        grammar = None if params.structured is None else self.grammars.start(params.structured)
+        state = RequestState(seq, generator, detok, StopStringMatcher(params.stop), grammar)
         self.scheduler.add(seq)
         self.requests[request_id] = state
 
@@ -167,7 +171,7 @@ class LLMEngine:
         state = self.requests[seq.request_id]
         return SamplingRow(
             seq.params, state.generator, seq.num_output_tokens, seq.prompt_token_ids, seq.output_token_ids,
-            seq.request_id,
+            seq.request_id, state.grammar,
         )  # fmt: skip
 
     def _postprocess(self, step: StepResult) -> list[RequestOutput]:
@@ -181,6 +185,9 @@ class LLMEngine:
                 continue
             if token == INVALID_TOKEN:
                 outputs += self._fail(item.seq, "sampling failed: non-finite logits or probabilities, or its generator")
+                continue
+            if state.grammar is not None and not state.grammar.accept(token):
+                outputs += self._fail(item.seq, f"its grammar refused token {token}: {state.grammar.error}")
                 continue
             try:
                 out = self._score_only(state) if item.seq.params.max_tokens == 0 else self._append_token(state, token)

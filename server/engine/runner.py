@@ -12,6 +12,7 @@ from server.engine.logprobs import TokenLogprob, prompt_positions, sampled_logpr
 from server.engine.sampler import INVALID_TOKEN, Sampler, SamplingRow
 from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
+from server.engine.structured import MaskBuilder
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
 from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
@@ -36,6 +37,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache = KVCache(loaded.spec, num_blocks, block_size, loaded.dtype, loaded.device)
         self.sampler = Sampler(loaded.spec.eos_token_ids)
+        self.masks = MaskBuilder()
 
     @torch.inference_mode()
     def execute(
@@ -62,10 +64,12 @@ class ModelRunner:
         with_adapters = any(slot >= 0 or (merged is not None and slot != MERGED_SLOT) for slot in adapter_slots)
         batch = build_forward_batch(work, self.block_size, self.device, adapter_slots if with_adapters else None)
         lora = make_lora_batch(batch.adapter_slots) if batch.adapter_slots is not None else None
+        sampling = [item for item in items if item.samples]
+        rows = [row_of(item.seq) for item in sampling]
+        masks = self.masks.start([row.grammar for row in rows])  # computed while the forward runs
         hidden = self.model(batch, self.kv_cache, lora)  # [T, hidden]
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [L, vocab]
-        sampling = [item for item in items if item.samples]
-        tokens = self.sampler.sample(logits, [row_of(item.seq) for item in sampling])
+        tokens = self.sampler.sample(logits, rows, masks)
         return StepResult(
             list(zip(sampling, tokens, strict=True)),
             self._sampled_logprobs(logits, tokens, sampling),

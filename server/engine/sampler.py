@@ -22,6 +22,7 @@ import torch
 
 from server.engine.penalties import apply_min_p, apply_penalties
 from server.engine.sequence import SamplingParams
+from server.engine.structured import GrammarMasks, GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] = ()  # read by the penalties only
     output_token_ids: Sequence[int] = ()
     request_id: str = ""  # for the log, when this row fails
+    grammar: GrammarState | None = None  # constrained rows only
 
 
 class Sampler:
@@ -61,8 +63,10 @@ class Sampler:
         # Ids banned while a row has generated fewer than min_tokens: EOS and any other stop token ids.
         self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], masks: GrammarMasks | None = None) -> list[int]:
         """Next token id of each row; `logits: [L, V]` float32 on any device, one row per entry of `rows`.
+
+        `masks` holds the grammar masks of the constrained rows, when there are any.
 
         A row whose logits or probabilities are not finite, or whose generator fails, gets INVALID_TOKEN (logged
         with its request id); every other row samples exactly as it would without it.
@@ -74,6 +78,8 @@ class Sampler:
             logits, [r.params for r in rows], [(r.prompt_token_ids, r.output_token_ids) for r in rows]
         )
         logits = self._ban_eos(logits, rows)
+        if masks is not None:
+            logits = masks.apply(logits)
         next_ids = logits.argmax(dim=-1)  # [L]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:

@@ -16,6 +16,7 @@ from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.structured import GrammarSpec, check_grammar
 from server.errors import InvalidRequestError, QueueFullError, model_not_found
 
 
@@ -44,6 +45,7 @@ class FakeEngine:
     problem: str | None = None  # what health_problem reports
     submitted: list[Submitted] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    compiled: list[GrammarSpec] = field(default_factory=list)
     shut_down: bool = False
 
     def is_ready(self) -> bool:
@@ -65,6 +67,10 @@ class FakeEngine:
 
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in prompt]
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        check_grammar(spec)
+        self.compiled.append(spec)
 
     def decode(self, token_ids: list[int]) -> str:
         return "".join(map(chr, token_ids))

@@ -68,7 +68,12 @@ async def test_openapi_declares_the_tenant_key_scheme(client) -> None:
     document = (await client.get("/openapi.json")).json()
     assert document["components"]["securitySchemes"]["TenantKey"]["scheme"] == "bearer"
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
-        assert {"TenantKey": []} in document["paths"][path]["post"]["security"]
+        operation = document["paths"][path]["post"]
+        assert {"TenantKey": []} in operation["security"]
+        assert {"401", "404"} <= set(operation["responses"])
+        assert ("429" in operation["responses"]) == path.startswith("/v1")  # only generation is rate-limited
+        assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
+    assert "401" in document["paths"]["/v1/models"]["get"]["responses"]
 
 
 async def test_a_tenant_key_is_not_an_admin_token(client, keys) -> None:
@@ -92,6 +97,7 @@ async def test_without_a_key_file_v1_stays_open(engine: FakeEngine) -> None:
             assert (await call(client, method, path, body)).status_code == 200
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert "security" not in paths["/v1/completions"]["post"]
+        assert "401" not in paths["/v1/completions"]["post"]["responses"]
 
 
 async def test_refusals_are_counted_by_tenant(client, keys) -> None:

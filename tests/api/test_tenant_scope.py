@@ -14,6 +14,7 @@ from fake_engine import FakeEngine
 from fastapi import FastAPI
 from tenant_helpers import ADAPTERS, VISIBLE, bearer, chat, completion, tenant_settings, write_keys
 
+from server.api.errors import error_body
 from server.errors import model_not_found
 from server.settings import Settings
 
@@ -56,7 +57,7 @@ async def test_models_lists_only_the_scope(client, keys, tenant) -> None:
         response = await client.get(f"/v1/models/{model}", headers=bearer(keys[tenant]))
         assert response.status_code == (200 if model in VISIBLE[tenant] else 404), model
         if model not in VISIBLE[tenant]:
-            assert response.json() == model_not_found(model).to_dict()
+            assert response.json() == error_body(model_not_found(model))
 
 
 @pytest.mark.parametrize("tenant", list(VISIBLE))
@@ -101,7 +102,7 @@ async def test_scope_escapes_are_404(client, engine, keys, model) -> None:
     for path, body in calls:
         response = await client.post(path, json=body, headers=bearer(keys["acme"]))
         assert response.status_code == 404, (path, model)
-        assert response.json() == model_not_found(model).to_dict()
+        assert response.json() == error_body(model_not_found(model))
     assert engine.submitted == []
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from server.adapters.registry import AdapterRegistry
 from server.engine.factory import build_core
 from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
@@ -50,12 +51,17 @@ def store(tiny_model_dir, tmp_path_factory):
     return root
 
 
+REGISTRIES: dict[int, AdapterRegistry] = {}  # id(core) -> the adapter registry built with it, for `run`
+
+
 @pytest.fixture
 def core(tiny_model_dir, store) -> LLMEngine:
     settings = Settings(model=tiny_model_dir, adapters_store=store, kv_cache_bytes=2**20, block_size=4, max_loras=4)
-    engine, _ = build_core(settings, Metrics(10, 4))
+    engine, registry, _ = build_core(settings, Metrics(10, 4))
+    REGISTRIES[id(engine)] = registry
     yield engine
-    engine.adapters.shutdown()
+    registry.shutdown()
+    del REGISTRIES[id(engine)]
 
 
 Hook = Callable[[int, LLMEngine], None]
@@ -63,7 +69,8 @@ Hook = Callable[[int, LLMEngine], None]
 
 def run(core: LLMEngine, jobs: list[Job], hook: Hook | None = None) -> dict[str, list]:
     """Add every job, then step until the engine is idle; the outputs of each request. Adapter holds released."""
-    keys = {job.request_id: asyncio.run(core.adapters.acquire(job.adapter)) if job.adapter else None for job in jobs}
+    registry = REGISTRIES[id(core)]
+    keys = {job.request_id: asyncio.run(registry.acquire(job.adapter)) if job.adapter else None for job in jobs}
     outputs: dict[str, list] = {}
     for job in jobs:
         try:
@@ -79,7 +86,7 @@ def run(core: LLMEngine, jobs: list[Job], hook: Hook | None = None) -> dict[str,
             outputs.setdefault(out.request_id, []).append(out)
     for key in keys.values():
         if key is not None:
-            core.adapters.release(key)
+            registry.release(key)
     return outputs
 
 
@@ -98,8 +105,7 @@ def assert_clean(core: LLMEngine) -> None:
     blocks = core.scheduler.block_manager
     assert not core.requests and not core.scheduler.has_work
     assert blocks.num_free_blocks == blocks.num_blocks
-    slots = core.adapters.slots
-    assert all(slots.users(key) == 0 for key in slots.resident())
+    assert core.adapters.slot_users() == 0
 
 
 def assert_failed_alone(outputs: dict[str, list], clean: dict[str, list], bad: str) -> None:
@@ -141,12 +147,12 @@ def _nan_logits_for_bad(core: LLMEngine) -> None:
     sampler = core.runner.sampler
     sample = sampler.sample
 
-    def poisoned(logits, rows):
+    def poisoned(logits, rows, masks=None):
         logits = logits.clone()
         for i, row in enumerate(rows):
             if row.request_id == "bad":
                 logits[i, 3] = float("nan")
-        return sample(logits, rows)
+        return sample(logits, rows, masks)
 
     sampler.sample = poisoned
 
