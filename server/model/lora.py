@@ -151,6 +151,46 @@ class _Slice:
         if slot in self.dora:
             scale_outputs_(ys, self.g[row])
 
+    def grouped_sgmv(
+        self, x: torch.Tensor, y: torch.Tensor, runs: list[tuple[int, int, int]], batch: LoraBatch
+    ) -> None:
+        """Runs whose slots read the same number of A granules: one batched GEMM pair for all of them.
+
+        Each run is padded to the longest and every slot to `granules · g` ranks; the padding of A and B is zero,
+        so it adds exact zeros.
+        """
+        granules = -(-self.rank[runs[0][2]] // self.width)
+        ranks = granules * self.width
+        plan = batch.runs_plan(tuple((start, end) for start, end, _ in runs))
+        rows = torch.tensor([buffer_row(slot) for _, _, slot in runs], device=x.device)
+        n = len(runs)
+        a = self.a_t.index_select(0, rows)[:, :granules]  # [n, k, in, g]
+        a = a.permute(0, 2, 1, 3).reshape(n, self.in_features, ranks)  # [n, in, k * g]
+        b = self.b_t.index_select(0, rows)[:, :ranks]  # [n, k * g, out]
+        ys = y[:, self.start : self.end]  # [T, out]
+        if plan.pad_index is None:
+            xs = x[plan.first : plan.last].view(n, plan.length, -1)  # [n, L, in]
+            ys[plan.first : plan.last].add_(torch.bmm(torch.bmm(xs, a), b).view(-1, self.out_features))
+        else:
+            xs = x.index_select(0, plan.pad_index).view(n, plan.length, -1)  # [n, L, in]
+            delta = torch.bmm(torch.bmm(xs, a), b).view(-1, self.out_features)  # [n * L, out]
+            ys.index_add_(0, plan.tokens, delta.index_select(0, plan.kept))
+        for start, end, slot in runs:
+            if slot in self.dora:
+                scale_outputs_(ys[start:end], self.g[buffer_row(slot)])
+
+    def gemm_runs(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
+        """Every GEMM-served run of a slot targeting this projection: grouped by granule count, lone runs alone."""
+        groups: dict[int, list[tuple[int, int, int]]] = {}
+        for run in batch.gemm_runs:
+            if run[2] in self.rank:
+                groups.setdefault(-(-self.rank[run[2]] // self.width), []).append(run)
+        for runs in groups.values():
+            if len(runs) == 1:
+                self.sgmv(x, y, *runs[0])
+            else:
+                self.grouped_sgmv(x, y, runs, batch)
+
     def bgmv(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
         """Every gathered token at once, each at its own slot's rank; no loop over adapters."""
         ranks = {slot: self.rank[slot] for slot in batch.gather_slots if slot in self.rank}
@@ -231,10 +271,9 @@ class LoraSlots:
         if batch.gather_rows is not None:
             for piece in slices:
                 piece.bgmv(x, y, batch)
-        for start, end, slot in batch.gemm_runs:
+        if batch.gemm_runs:
             for piece in slices:
-                if slot in piece.rank:
-                    piece.sgmv(x, y, start, end, slot)
+                piece.gemm_runs(x, y, batch)
         return y
 
     def _correct(self, x: torch.Tensor, y: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> None:

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from server.model.gather_plan import GatherPlan, build_gather_plan
+from server.model.gather_plan import GatherPlan, RunsPlan, build_gather_plan, build_runs_plan
 
 MIN_GEMM_RUN = 16  # shortest run served by its own GEMM pair; below it, per-token gathering is cheaper (measured)
 BASE_SLOT = -1  # adapter slot of a base-model token: no delta
@@ -47,7 +47,7 @@ class LoraBatch:
     gather_rows: torch.Tensor | None  # [T] int64, buffer row per token: buffer_row(slot) if gathered, else BASE_ROW
     gather_rows_cpu: torch.Tensor | None  # [T] int64 (CPU), the same, for building plans without a device sync
     unmerged_runs: tuple[tuple[int, int], ...]  # (start, end) of maximal runs of tokens not in MERGED_SLOT
-    _plans: dict[tuple, GatherPlan] = field(default_factory=dict, init=False, repr=False)
+    _plans: dict[tuple, GatherPlan | RunsPlan] = field(default_factory=dict, init=False, repr=False)
 
     def gather_plan(self, ranks: Mapping[int, int], in_features: int, granules: int, width: int) -> GatherPlan:
         """The plan for buffers of `granules` granules of `width` ranks, given each gathered slot's rank there.
@@ -59,6 +59,13 @@ class LoraBatch:
             rows, device = self.gather_rows_cpu, self.token_slots.device
             row_ranks = {buffer_row(slot): rank for slot, rank in ranks.items()}
             self._plans[key] = build_gather_plan(rows, row_ranks, in_features, granules, width, device)
+        return self._plans[key]
+
+    def runs_plan(self, runs: tuple[tuple[int, int], ...]) -> RunsPlan:
+        """The plan batching GEMM runs `[start, end)` into one GEMM pair; built once per step, shared by layers."""
+        key = ("runs", runs)
+        if key not in self._plans:
+            self._plans[key] = build_runs_plan(runs, self.token_slots.device)
         return self._plans[key]
 
 
