@@ -32,11 +32,18 @@ class PrefillSpan:
 
 @dataclass
 class DecodePlan:
-    """Indices of the in-place decode reductions for D rows, H query heads, contexts padded to L = n · block_size."""
+    """Indices of the in-place decode reductions for D rows, H query heads, contexts padded to L = n · block_size.
+
+    Bags are given as flat indices and offsets (fixed-width bags given as 2-D indices make `embedding_bag` build
+    their offsets on every call).
+    """
 
     tokens: torch.Tensor  # [D] packed index of each decode token
-    score_index: torch.Tensor  # [D * H * n, head_dim] rows of `k_cache.view(-1, block_size)`, padding reads block 0
-    value_index: torch.Tensor  # [D * H, L] rows of `v_cache.view(-1, head_dim)`
+    blocks: int  # n, blocks read per row
+    score_index: torch.Tensor  # [D * H * n * head_dim] rows of `k_cache.view(-1, block_size)`, padding reads block 0
+    score_offsets: torch.Tensor  # [D * H * n] start of each (row, head, block) bag
+    value_index: torch.Tensor  # [D * H * L] rows of `v_cache.view(-1, head_dim)`
+    value_offsets: torch.Tensor  # [D * H] start of each (row, head) bag
     pad: torch.Tensor  # [D, 1, L] True where the position is past the row's context
 
 
@@ -75,13 +82,18 @@ def _decode_plan(batch: ForwardBatch, rows: list[int], block_size: int, spec: Mo
     kv_head = torch.arange(spec.num_heads, device=device) // group  # [H] KV head each query head reads
     head_rows = tables[:, None, :] * spec.num_kv_heads + kv_head[None, :, None]  # [D, H, n] (block, kv head) rows
     features = torch.arange(spec.head_dim, device=device)
-    score_index = (head_rows[..., None] * spec.head_dim + features).reshape(-1, spec.head_dim)
+    score_index = (head_rows[..., None] * spec.head_dim + features).flatten()
     positions = torch.arange(num_blocks * block_size, device=device)  # [L]
-    value_index = head_rows[:, :, positions // block_size] * block_size + positions % block_size  # [D, H, L]
+    value_index = (head_rows[:, :, positions // block_size] * block_size + positions % block_size).flatten()
     lens = batch.context_lens.to(device)[index]  # [D]
     pad = (positions[None, :] >= lens[:, None]).unsqueeze(1)  # [D, 1, L]
     tokens = batch.query_start[:-1].to(device)[index]
-    return DecodePlan(tokens, score_index, value_index.reshape(-1, positions.numel()), pad)
+    return DecodePlan(
+        tokens, num_blocks,
+        score_index, torch.arange(0, score_index.numel(), spec.head_dim, device=device),
+        value_index, torch.arange(0, value_index.numel(), positions.numel(), device=device),
+        pad,
+    )  # fmt: skip
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, k: torch.Tensor, v: torch.Tensor):
@@ -99,6 +111,8 @@ def paged_attention(
     Returns [T, heads * head_dim].
     """
     num_tokens, num_heads, head_dim = q.shape
+    if plan.decode is not None and not plan.prefills:  # a decode-only step: the rows are the tokens, in order
+        return _decode_attention(q, k_cache, v_cache, plan.decode).view(num_tokens, num_heads * head_dim)
     out = torch.empty_like(q)
     for span in plan.prefills:
         q_i = q[span.start : span.end].transpose(0, 1)  # [heads, q_len, head_dim]
@@ -118,16 +132,17 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """softmax(q·Kᵀ/√d)·V for every decode row, reduced straight out of the pools. Returns [D, heads, head_dim]."""
     _, num_heads, head_dim = q.shape
     rows = plan.tokens.shape[0]
-    blocks = plan.score_index.shape[0] // (rows * num_heads)
-    q_d = q.index_select(0, plan.tokens) * head_dim**-0.5  # [D, H, head_dim]
-    weights = q_d.unsqueeze(2).expand(rows, num_heads, blocks, head_dim).reshape(-1, head_dim)  # one row per bag
+    q_d = q if q.shape[0] == rows else q.index_select(0, plan.tokens)  # [D, H, head_dim]
+    weights = q_d.unsqueeze(2).expand(rows, num_heads, plan.blocks, head_dim) * head_dim**-0.5  # [D, H, n, hd]
     keys = k_cache.view(-1, k_cache.shape[-1])  # [blocks * kv_heads * head_dim, block_size]
-    scores = F.embedding_bag(plan.score_index, keys, mode="sum", per_sample_weights=weights)  # [D * H * n, bs]
+    scores = F.embedding_bag(
+        plan.score_index, keys, plan.score_offsets, mode="sum", per_sample_weights=weights.flatten()
+    )  # [D * H * n, block_size]
     # Softmax in float32 whatever the cache dtype, as SDPA does.
     probs = scores.view(rows, num_heads, -1).float().masked_fill_(plan.pad, float("-inf")).softmax(-1)  # [D, H, L]
     values = v_cache.view(-1, head_dim)  # [blocks * kv_heads * block_size, head_dim]
-    probs = probs.to(values.dtype).view(rows * num_heads, -1)
-    out = F.embedding_bag(plan.value_index, values, mode="sum", per_sample_weights=probs)  # [D * H, head_dim]
+    probs = probs.to(values.dtype).flatten()
+    out = F.embedding_bag(plan.value_index, values, plan.value_offsets, mode="sum", per_sample_weights=probs)
     return out.view(rows, num_heads, head_dim)
 
 

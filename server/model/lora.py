@@ -170,7 +170,7 @@ class _Slice:
         ys = y[:, self.start : self.end]  # [T, out]
         if plan.pad_index is None:
             xs = x[plan.first : plan.last].view(n, plan.length, -1)  # [n, L, in]
-            ys[plan.first : plan.last].add_(torch.bmm(torch.bmm(xs, a), b).view(-1, self.out_features))
+            ys[plan.first : plan.last].view(n, plan.length, -1).baddbmm_(torch.bmm(xs, a), b)
         else:
             xs = x.index_select(0, plan.pad_index).view(n, plan.length, -1)  # [n, L, in]
             delta = torch.bmm(torch.bmm(xs, a), b).view(-1, self.out_features)  # [n * L, out]
