@@ -113,7 +113,7 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     if plan.decode is not None and not plan.prefills:  # a decode-only step: the rows are the tokens, in order
         return _decode_attention(q, k_cache, v_cache, plan.decode).view(num_tokens, num_heads * head_dim)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # q may be a view of the fused q,k rows
     for span in plan.prefills:
         q_i = q[span.start : span.end].transpose(0, 1)  # [heads, q_len, head_dim]
         if span.blocks is None:

@@ -31,9 +31,10 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x, lora)  # [T, q_size + 2 * kv_size]
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
-        q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, s.num_heads, s.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        qk, v = qkv.split([s.q_size + s.kv_size, s.kv_size], dim=-1)
+        # q and k heads rotate in one call: [T, heads + kv_heads, head_dim]
+        qk = apply_rotary(qk.view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
+        q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         k_cache, v_cache = cache
         write_kv(k_cache, v_cache, plan, k, v)
