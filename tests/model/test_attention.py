@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,33 +44,39 @@ def _split(keys, values, cached_lens) -> tuple[tuple[torch.Tensor, torch.Tensor]
     return old, new
 
 
-def test_decode_prefill_and_chunk_after_cached_blocks_match_plain_attention():
+# decode at 9 and 16 keys, a fresh prefill of 5, a chunk of 3 after 8 cached positions, a 1-token prompt;
+# then a decode-only step. Blocks are interleaved between sequences, as the block manager hands them out.
+MIXED = ([9, 5, 11, 16, 1], [1, 5, 3, 1, 1], [[7, 2, 11], [4, 9], [0, 5, 12], [3, 8, 1, 10], [6]], [0, 9])
+DECODE_ONLY = ([9, 16, 2], [1, 1, 1], [[7, 2, 11], [3, 8, 1, 10], [6]], [0, 1, 2])
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", [MIXED, DECODE_ONLY], ids=["mixed", "decode-only"])
+def test_paged_attention_matches_plain_attention(dtype, tol, case):
     torch.manual_seed(0)
-    # decode at 9 and 16 keys, a fresh prefill of 5, a chunk of 3 after 8 cached positions, a 1-token prompt
-    contexts, query_lens = [9, 5, 11, 16, 1], [1, 5, 3, 1, 1]
-    tables = [[7, 2, 11], [4, 9], [0, 5, 12], [3, 8, 1, 10], [6]]  # interleaved, non-contiguous blocks
+    contexts, query_lens, tables, decode_tokens = case
     batch = _batch(contexts, query_lens, tables)
-    cache = KVCache(SPEC, num_blocks=13, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu"))
+    cache = KVCache(SPEC, num_blocks=13, block_size=BLOCK, dtype=dtype, device=torch.device("cpu"))
     k_cache, v_cache = cache.layer(0)
-    keys = [torch.randn(c, SPEC.num_kv_heads, SPEC.head_dim) for c in contexts]  # every position of each sequence
-    values = [torch.randn(c, SPEC.num_kv_heads, SPEC.head_dim) for c in contexts]
+    keys = [torch.randn(c, SPEC.num_kv_heads, SPEC.head_dim, dtype=dtype) for c in contexts]  # every position
+    values = [torch.randn(c, SPEC.num_kv_heads, SPEC.head_dim, dtype=dtype) for c in contexts]
     cached_lens = [c - q for c, q in zip(contexts, query_lens, strict=True)]
     cached = _batch(cached_lens, cached_lens, tables)  # the earlier steps wrote these positions
     write_kv(k_cache, v_cache, AttentionPlan.build(cached, BLOCK, SPEC), *_split(keys, values, cached_lens)[0])
     plan = AttentionPlan.build(batch, BLOCK, SPEC)
     k, v = _split(keys, values, cached_lens)[1]
     write_kv(k_cache, v_cache, plan, k, v)
-    q = torch.randn(k.shape[0], SPEC.num_heads, SPEC.head_dim)
-    got = paged_attention(q, k, v, k_cache, v_cache, plan)
+    q = torch.randn(k.shape[0], SPEC.num_heads, SPEC.head_dim, dtype=dtype)
+    got = paged_attention(q, k, v, k_cache, v_cache, plan).float()
     starts = batch.query_start.tolist()
     for i, ctx in enumerate(contexts):
-        q_i = q[starts[i] : starts[i + 1]].transpose(0, 1)  # [heads, q_len, head_dim]
+        q_i = q[starts[i] : starts[i + 1]].transpose(0, 1).float()  # [heads, q_len, head_dim], reference in float32
         mask = torch.ones(query_lens[i], ctx, dtype=torch.bool).tril(ctx - query_lens[i])
         want = F.scaled_dot_product_attention(
-            q_i, keys[i].transpose(0, 1), values[i].transpose(0, 1), attn_mask=mask, enable_gqa=True
+            q_i, keys[i].transpose(0, 1).float(), values[i].transpose(0, 1).float(), attn_mask=mask, enable_gqa=True
         ).transpose(0, 1)
-        torch.testing.assert_close(got[starts[i] : starts[i + 1]].view_as(want), want, atol=1e-5, rtol=1e-5)
-    assert plan.decode is not None and plan.decode.tokens.tolist() == [0, 9]
+        torch.testing.assert_close(got[starts[i] : starts[i + 1]].view_as(want), want, atol=tol, rtol=tol)
+    assert plan.decode is not None and plan.decode.tokens.tolist() == decode_tokens
 
 
 def test_write_kv_puts_each_token_at_its_block_and_offset():
