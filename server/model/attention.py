@@ -42,7 +42,7 @@ class DecodePlan:
     blocks: int  # n, blocks read per row
     score_index: torch.Tensor  # [D * H * n * head_dim] rows of `k_cache.view(-1, block_size)`, padding reads block 0
     score_offsets: torch.Tensor  # [D * H * n] start of each (row, head, block) bag
-    value_index: torch.Tensor  # [D * H * L] rows of `v_cache.view(-1, head_dim)`
+    value_index: torch.Tensor  # [D * H * L] rows of `v_cache.view(-1, head_dim)`, padding reads the row's first
     value_offsets: torch.Tensor  # [D * H] start of each (row, head) bag
     pad: torch.Tensor  # [D, 1, L] True where the position is past the row's context
 
@@ -84,9 +84,12 @@ def _decode_plan(batch: ForwardBatch, rows: list[int], block_size: int, spec: Mo
     features = torch.arange(spec.head_dim, device=device)
     score_index = (head_rows[..., None] * spec.head_dim + features).flatten()
     positions = torch.arange(num_blocks * block_size, device=device)  # [L]
-    value_index = (head_rows[:, :, positions // block_size] * block_size + positions % block_size).flatten()
+    value_index = head_rows[:, :, positions // block_size] * block_size + positions % block_size  # [D, H, L]
     lens = batch.context_lens.to(device)[index]  # [D]
     pad = (positions[None, :] >= lens[:, None]).unsqueeze(1)  # [D, 1, L]
+    # Padding reads the row's own first position, never stale or foreign values: a probability of 0 times a NaN
+    # left there (a request whose adapter overflowed) would poison the sum. Padded scores are overwritten by -inf.
+    value_index = torch.where(pad, value_index[:, :, :1], value_index).flatten()
     tokens = batch.query_start[:-1].to(device)[index]
     return DecodePlan(
         tokens, num_blocks,

@@ -58,6 +58,8 @@ def test_paged_attention_matches_plain_attention(dtype, tol, case):
     batch = _batch(contexts, query_lens, tables)
     cache = KVCache(SPEC, num_blocks=13, block_size=BLOCK, dtype=dtype, device=torch.device("cpu"))
     k_cache, v_cache = cache.layer(0)
+    k_cache.fill_(float("nan"))  # what no step writes must never reach an output (padding, other sequences)
+    v_cache.fill_(float("nan"))
     keys = [torch.randn(c, SPEC.num_kv_heads, SPEC.head_dim, dtype=dtype) for c in contexts]  # every position
     values = [torch.randn(c, SPEC.num_kv_heads, SPEC.head_dim, dtype=dtype) for c in contexts]
     cached_lens = [c - q for c, q in zip(contexts, query_lens, strict=True)]
