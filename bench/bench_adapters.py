@@ -90,11 +90,11 @@ def cold_load_ms(engine, names: list[str]) -> float:
     times = []
     for name in names:
         start = time.perf_counter()
-        asyncio.run(engine.adapters.acquire(name))
-        asyncio.run(engine.call(lambda core, name=name: core.adapters.bind_slot(name)))
+        key = asyncio.run(engine.adapters.acquire(name))  # the version a request would run with, `name@version`
+        asyncio.run(engine.call(lambda core, key=key: core.adapters.bind_slot(key)))
         times.append(1e3 * (time.perf_counter() - start))
-        asyncio.run(engine.call(lambda core, name=name: core.adapters.unbind_slot(name)))
-        engine.adapters.release(name)
+        asyncio.run(engine.call(lambda core, key=key: core.adapters.unbind_slot(key)))
+        engine.adapters.release(key)
     return statistics.median(times)
 
 

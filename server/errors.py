@@ -1,85 +1,64 @@
-"""One error hierarchy for everything a user can cause; the API maps it to HTTP in one place."""
+"""One error hierarchy for everything a user or an operator can cause, named for what went wrong.
+
+These are domain errors: they know nothing of HTTP. The API layer maps each class to its status code and
+OpenAI error type in one table (`server/api/errors.py`); the CLI prints the message.
+"""
 
 from __future__ import annotations
 
 
 class LoraplexError(Exception):
-    """Base of every user-facing error: carries the HTTP status and the OpenAI error fields."""
-
-    status_code = 500
-    error_type = "internal_error"
+    """Base of every error the server reports to whoever caused it: a message that says what to fix."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = param  # the request field (or setting) at fault, when there is one
         self.code = code
 
-    def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+class ConfigurationError(LoraplexError):
+    """The server's own configuration (flags, model directory, device) cannot work; raised at startup."""
 
 
 class InvalidRequestError(LoraplexError):
-    """The request is well-formed JSON but asks for something impossible (400)."""
+    """The request is well-formed but asks for something impossible or out of bounds."""
 
-    status_code = 400
-    error_type = "invalid_request_error"
+
+class WrongTypeError(InvalidRequestError):
+    """A request field holds a JSON value of the wrong type (a string where a boolean belongs)."""
 
 
 class AuthenticationError(LoraplexError):
-    """Missing or wrong credentials (401)."""
-
-    status_code = 401
-    error_type = "authentication_error"
+    """Missing or wrong credentials."""
 
 
 class PermissionDeniedError(LoraplexError):
-    """The route exists but is switched off in this configuration (403)."""
-
-    status_code = 403
-    error_type = "permission_error"
+    """The route exists but is switched off in this configuration."""
 
 
 class NotFoundError(LoraplexError):
-    """Unknown model, adapter or route (404)."""
-
-    status_code = 404
-    error_type = "not_found_error"
+    """Unknown model, adapter or route."""
 
 
 class ConflictError(LoraplexError):
-    """The target already exists or is in a state that forbids the change (409)."""
-
-    status_code = 409
-    error_type = "conflict_error"
+    """The target already exists or is in a state that forbids the change."""
 
 
 class PayloadTooLargeError(LoraplexError):
-    """The request body or an uploaded file is over its size limit (413)."""
-
-    status_code = 413
-    error_type = "invalid_request_error"
+    """The request body or an uploaded file is over its size limit."""
 
 
 class UnsupportedMediaError(LoraplexError):
-    """An uploaded file is not in an accepted format (415)."""
-
-    status_code = 415
-    error_type = "invalid_request_error"
+    """An uploaded file is not in an accepted format."""
 
 
 class ValidationError(LoraplexError):
-    """The content is syntactically valid but semantically wrong, e.g. a bad adapter (422)."""
-
-    status_code = 422
-    error_type = "invalid_request_error"
+    """The content is syntactically valid but semantically wrong, e.g. a bad adapter."""
 
 
 class QueueFullError(LoraplexError):
-    """Too many waiting requests; retry later (429)."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
+    """Too many waiting requests; retry later."""
 
     def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs) -> None:
         super().__init__(message, **kwargs)
@@ -87,11 +66,8 @@ class QueueFullError(LoraplexError):
 
 
 class ServiceUnavailableError(LoraplexError):
-    """The engine is not ready or has stopped (503)."""
-
-    status_code = 503
-    error_type = "service_unavailable_error"
+    """The engine is not ready or has stopped."""
 
 
 class AdapterError(ValidationError):
-    """An adapter's config or tensors cannot be served on this base model (422)."""
+    """An adapter's config or tensors cannot be served on this base model."""

@@ -169,6 +169,13 @@ class Metrics:
         self.step_tokens = _histogram(
             f"{p}engine_step_batch_tokens", "Tokens (prefill + decode) computed in one step.", r, STEP_TOKEN_BUCKETS
         )
+        self.step_failures = Counter(f"{p}engine_step_failures", "Engine steps that failed as a whole.", registry=r)
+        self.request_failures = Counter(
+            f"{p}engine_request_failures", "Requests that failed inside the engine, each alone.", registry=r
+        )
+        self.slot_users = Gauge(
+            f"{p}adapter_slot_users", "Running sequences holding an adapter device slot.", registry=r
+        )
         # vLLM's gauge, read by the Kubernetes Gateway API Inference Extension to route by resident adapters.
         self.lora_info = Gauge(
             f"{p}lora_requests_info",
@@ -184,6 +191,9 @@ class Metrics:
             f"{p}adapter_cache_events", "Adapter cache hits, misses, loads, evictions.", ["event", "tier"], registry=r
         )
         self.resident = Gauge(f"{p}adapters_resident", "Adapters resident in each tier.", ["tier"], registry=r)
+        self.host_bytes = Gauge(
+            f"{p}adapter_host_bytes", "Bytes of adapter weights in host memory (see --max-cpu-lora-bytes).", registry=r
+        )
         self.merged = Gauge(
             f"{p}merged_adapter", "1 for the adapter merged into the base weights (the base model if none).",
             ["adapter"], registry=r,
@@ -237,6 +247,17 @@ class Metrics:
         self.step_seconds.observe(seconds)
         self.step_tokens.observe(batch_tokens)
 
+    def record_step_failure(self) -> None:
+        self.step_failures.inc()
+
+    def record_request_failures(self, count: int) -> None:
+        """Count `count` requests that ended with an error inside the engine (0 is allowed and records nothing)."""
+        if count:
+            self.request_failures.inc(count)
+
+    def set_adapter_slot_users(self, count: int) -> None:
+        self.slot_users.set(count)
+
     def record_scheduler_state(
         self,
         running: int,
@@ -264,6 +285,9 @@ class Metrics:
 
     def set_adapters_resident(self, tier: CacheTier, count: int) -> None:
         self.resident.labels(tier).set(count)
+
+    def set_adapter_host_bytes(self, num_bytes: int) -> None:
+        self.host_bytes.set(num_bytes)
 
     def record_adapter_load(self, seconds: float) -> None:
         """Record the time to read, validate and prepare one adapter in host memory."""

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     )
     max_loras: int = Field(32, gt=0, description="Adapters resident on the device at once")
     max_cpu_loras: int = Field(64, gt=0, description="Adapters cached in host memory (at least --max-loras)")
+    max_cpu_lora_bytes: int = Field(
+        4 * 2**30, gt=0, description="Bytes of adapter weights cached in host memory beyond those in use"
+    )
     max_lora_rank: int = Field(64, gt=0, description="Largest adapter rank accepted")
     merged: list[str] = Field(
         default_factory=list,
@@ -54,11 +57,29 @@ class Settings(BaseSettings):
     )
     merge_window_s: float = Field(1.0, ge=0, description="Seconds a new merge choice must hold before the swap")
     max_request_bytes: int = Field(4 * 2**20, gt=0, description="Largest JSON request body accepted")
+    max_json_depth: int = Field(32, ge=2, le=500, description="Deepest nesting of arrays and objects in a JSON body")
+    max_text_chars: int = Field(
+        256 * 1024, gt=0, description="Longest prompt string or chat message content, in characters"
+    )
+    max_prompts: int = Field(64, gt=0, description="Most prompts in one completions request")
+    max_n: int = Field(128, gt=0, le=1024, description="Most choices (n) per prompt")
+    max_messages: int = Field(512, gt=0, description="Most messages in one chat completions request")
+    max_stop_strings: int = Field(16, gt=0, description="Most stop strings in one request")
+    max_stop_chars: int = Field(256, gt=0, description="Longest stop string, in characters")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the /admin API; the admin API is off without one (prefer the env var)"
     )
     max_adapter_bytes: int = Field(256 * 2**20, gt=0, description="Largest adapter weights file an upload may send")
+    max_concurrent_uploads: int = Field(
+        2, gt=0, description="Adapter uploads checked at once; further ones get 429 with Retry-After"
+    )
     seed: int = Field(0, description="Seed for requests that give none")
+    health_stall_s: float = Field(
+        60.0, gt=0, description="Seconds the engine may have work without finishing a step before /health answers 503"
+    )
+    health_max_step_failures: int = Field(
+        3, gt=0, description="Engine steps failing in a row before /health answers 503"
+    )
     metrics_max_adapters: int = Field(
         100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"
     )

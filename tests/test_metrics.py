@@ -53,9 +53,13 @@ def test_collectors_have_prometheus_names_and_types(metrics):
         "loraplex_kv_cache_usage_ratio": "gauge",
         "loraplex_engine_step_seconds": "histogram",
         "loraplex_engine_step_batch_tokens": "histogram",
+        "loraplex_engine_step_failures": "counter",
+        "loraplex_engine_request_failures": "counter",
+        "loraplex_adapter_slot_users": "gauge",
         "loraplex_lora_requests_info": "gauge",
         "loraplex_adapter_cache_events": "counter",
         "loraplex_adapters_resident": "gauge",
+        "loraplex_adapter_host_bytes": "gauge",
         "loraplex_merged_adapter": "gauge",
         "loraplex_adapter_merge_swaps": "counter",
         "loraplex_adapter_load_seconds": "histogram",
@@ -155,6 +159,16 @@ def test_step_and_adapter_events(metrics):
     assert value(metrics, "loraplex_adapter_cache_events_total", event="hit", tier="host") == 0
     assert value(metrics, "loraplex_adapter_load_seconds_count") == 1
     assert value(metrics, "loraplex_adapters_resident", tier="host") == 3
+
+
+def test_engine_failures_and_slot_users(metrics):
+    metrics.record_step_failure()
+    metrics.record_request_failures(0)
+    metrics.record_request_failures(3)
+    metrics.set_adapter_slot_users(2)
+    assert value(metrics, "loraplex_engine_step_failures_total") == 1
+    assert value(metrics, "loraplex_engine_request_failures_total") == 3
+    assert value(metrics, "loraplex_adapter_slot_users") == 2
 
 
 def test_merge_swaps_move_the_merged_gauge(metrics):

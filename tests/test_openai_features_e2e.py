@@ -1,12 +1,15 @@
 """The official `openai` client against a real server (tiny model, one adapter): logprobs, scoring, sampling
-controls and the tokenizer routes, with the real tokenizer on the way."""
+controls, structured outputs and the tokenizer routes, with the real tokenizer on the way."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -85,3 +88,41 @@ def test_tokenize_chat_matches_what_chat_completions_count(server, client) -> No
     body = httpx.post(f"{server}/tokenize", json={"model": "dora", "messages": messages, "return_token_strs": True})
     reply = client.chat.completions.create(model="dora", messages=messages, max_tokens=1)
     assert body.json()["count"] == reply.usage.prompt_tokens == len(body.json()["token_strs"])
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"mood": {"enum": ["happy", "sad"]}, "level": {"type": "integer", "minimum": 0, "maximum": 9},
+                   "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+    "required": ["mood", "level", "tags"],
+    "additionalProperties": False,
+}  # fmt: skip
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "mood", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("model", ["tiny", "dora"])
+def test_chat_json_schema_validates_whole_and_streamed(client, model) -> None:
+    messages = [{"role": "user", "content": "How are you?"}]
+    reply = client.chat.completions.create(model=model, messages=messages, response_format=RESPONSE_FORMAT, n=3,
+                                           seed=1, max_tokens=64)  # fmt: skip
+    texts = [choice.message.content for choice in reply.choices]
+    stream = client.chat.completions.create(model=model, messages=messages, response_format=RESPONSE_FORMAT,
+                                            seed=2, max_tokens=64, stream=True)  # fmt: skip
+    texts.append("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_completion_choice_and_regex(client) -> None:
+    choice = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, seed=3,
+                                       extra_body={"structured_outputs": {"choice": ["left", "right"]}})  # fmt: skip
+    assert choice.choices[0].text in ("left", "right") and choice.choices[0].finish_reason == "stop"
+    regex = client.completions.create(model="dora", prompt=PROMPT, max_tokens=12, seed=3,
+                                      extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2}"}})  # fmt: skip
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", regex.choices[0].text)
+
+
+def test_uncompilable_schema_is_a_400(client) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}}}
+    with pytest.raises(openai.BadRequestError, match=r"response_format\.json_schema\.schema"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], response_format=bad)

@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from server.adapters import loader
+from server.adapters import registry
 from server.adapters.validation import load_from_store
 from server.engine.factory import build_engine
-from server.errors import InvalidRequestError
+from server.errors import ConfigurationError
 from server.settings import Settings
 from server.threads import engine_threads, single_threaded
 from tests.helpers import make_peft_adapter
@@ -37,7 +37,7 @@ def test_adapter_loads_run_on_one_thread(tiny_model_dir, tmp_path, monkeypatch):
         seen.append(torch.get_num_threads())
         return load_from_store(*args, **kwargs)
 
-    monkeypatch.setattr(loader, "load_from_store", spy)
+    monkeypatch.setattr(registry, "load_from_store", spy)
     engine = build_engine(Settings(model=tiny_model_dir, adapters_store=tmp_path, kv_cache_bytes=2**20, block_size=4))
     try:
         engine.adapters.release(asyncio.run(engine.adapters.acquire("a")))
@@ -68,5 +68,5 @@ def test_calls_on_the_engine_thread_return_results_and_raise_errors(engine):
 
 def test_a_build_that_fails_on_the_engine_thread_raises_in_the_caller(tiny_model_dir):
     settings = Settings(model=tiny_model_dir, kv_cache_bytes=2**16, block_size=4, max_model_len=4096)
-    with pytest.raises(InvalidRequestError, match="--kv-cache-bytes"):
+    with pytest.raises(ConfigurationError, match="--kv-cache-bytes"):
         build_engine(settings)

@@ -1,130 +1,98 @@
-"""Adapter versions for serving: every adapter of the store, and where each version is (disk, host, device slot).
+"""The two tiers of adapter versions, by key (`name@version`): host memory and device slots, and the loads between.
 
-Requests hold an adapter *key*, `name@version`, never a bare name. Adding or replacing an adapter gives its files a
-new version, so sequences already running keep the old version's host entry and device slot while new requests get
-the new one; a version that is no longer current is dropped when its last user finishes. Loading from disk (read,
-validate, compute DoRA factors) runs on a worker thread when a request for a cold adapter arrives, so the engine
-keeps stepping; the engine thread only copies host updates into a device slot. Host entries are held while requests
-use them, device slots while running sequences do, pinned adapters stay on the device; idle entries are evicted least
-recently used first. `server.adapters.registry` adds the operations that change the store.
+Requests hold a key in host memory (`hold`/`release`, event loop); a cold key is read from the store on a worker
+thread so the engine keeps stepping. Running sequences bind it to a device slot (`bind_slot`/`unbind_slot`, engine
+thread), which copies the host weights in. Both tiers are a `RefLRU`: entries in use or pinned stay, idle ones go
+least recently used first, a host entry also stays while its key holds a device slot. A retired key (a version that
+was replaced or deleted) leaves each tier as soon as it is idle there.
+
+One lock guards both tiers. It is held only for bookkeeping: never across file I/O or a copy into a slot, so a
+request never waits behind either. It comes after the registry's locks and before the loader's (see
+`server.adapters.registry`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
 import threading
-import time
 from collections import Counter
 from collections.abc import Set
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
 from server.adapters.device_slots import DeviceSlots
-from server.adapters.host_cache import HostCache
-from server.adapters.loader import AdapterLoader
-from server.adapters.records import AdapterRecord
+from server.adapters.loader import AdapterLoader, Read
+from server.adapters.lru import RefLRU
 from server.adapters.slots import load_adapter_slot
-from server.adapters.store import AdapterMeta, AdapterStore, Mode
-from server.adapters.versions import AdapterState, HostEntry, adapter_key, adapter_name
-from server.adapters.weights import AdapterWeights, ModelInfo
-from server.errors import NotFoundError
+from server.adapters.versions import Tier, adapter_name
+from server.adapters.weights import AdapterWeights
 
 if TYPE_CHECKING:
     from server.metrics import CacheEvent, CacheTier, Metrics
 
-log = logging.getLogger(__name__)
+
+class AdapterSlots(Protocol):
+    """What the engine needs of the adapters: admission, and a device slot per running sequence."""
+
+    def fits(self, key: str, in_use: Set[str]) -> bool: ...
+    def bind_slot(self, key: str) -> int | None: ...
+    def unbind_slot(self, key: str) -> None: ...
 
 
 class AdapterCache:
-    """Where every adapter version is (disk, host, device slot), and the request-side operations that move it."""
+    """Host memory and device slots for adapter versions, by key; implements `AdapterSlots` for the engine."""
 
     def __init__(
-        self,
-        store: AdapterStore,
-        model: nn.Module,
-        info: ModelInfo,
-        max_loras: int,
-        max_cpu_loras: int,
-        max_lora_rank: int,
+        self, model: nn.Module, read: Read, max_loras: int, max_cpu_loras: int, max_cpu_lora_bytes: int,
         metrics: Metrics | None = None,
-    ) -> None:
-        self.store = store
+    ) -> None:  # fmt: skip
         self.model = model
-        self.info = info
-        self.max_lora_rank = max_lora_rank
-        self.max_pinned = max_loras - 1  # one slot always serves the unpinned adapters
         self.metrics = metrics
-        self.slots = DeviceSlots(max_loras)
-        self._lock = threading.Lock()  # guards the maps below; held briefly
-        self._admin = threading.Lock()  # one store change at a time (the registry's admin operations)
-        self._states: dict[str, AdapterState] = {}
-        self._host = HostCache(max(max_cpu_loras, max_loras))
-        self._requests: Counter[str] = Counter()  # per key: acquired, loading included, and not released
-        self._versions = itertools.count(1)
-        self._loader = AdapterLoader(store, info, max_lora_rank, self._loaded, metrics)
-        with self._lock:
-            self._sync()
-
-    # --- lookups ----------------------------------------------------------------------------------------------
-    def exists(self, name: str) -> bool:
-        return self.store.exists(name)
-
-    def listing(self) -> list[tuple[str, int]]:
-        """(name, created_at) of every adapter in the store, sorted by name."""
-        with self._lock:
-            return [(name, self._states[name].meta.created_at) for name in self._sync()]
-
-    def mode(self, adapter: str) -> Mode:
-        """The merge mode of an adapter, by name or key; 'unmerged' for one the registry no longer serves."""
-        with self._lock:
-            state = self._states.get(adapter_name(adapter))
-            return "unmerged" if state is None else state.meta.mode
+        self._lock = threading.Lock()
+        self._host: RefLRU[str, AdapterWeights] = RefLRU(
+            max(max_cpu_loras, max_loras), max_cpu_lora_bytes, lambda weights: weights.num_bytes
+        )  # references: requests holding the key
+        self._slots = DeviceSlots(max_loras)
+        self._retired: set[str] = set()
+        self._requests: Counter[str] = Counter()  # per key: held, loading included, and not released
+        self._loader = AdapterLoader(read, self._loaded, metrics)
 
     # --- requests (event loop) --------------------------------------------------------------------------------
-    async def acquire(self, name: str) -> str:
-        """Hold the current version of `name` in host memory for one request, loading it off-thread if cold.
+    async def hold(self, key: str) -> None:
+        """Hold `key` in host memory for one request, loading it off-thread if cold; `release` it when done.
 
-        Returns the key the request runs with; hand it back to `release` when the request ends.
+        Raises what reading the adapter raises (nothing is held then).
         """
         with self._lock:
-            state = self._state(name)
-            key = adapter_key(name, state.version)
-            state.last_used = time.time()
             self._requests[key] += 1
-            if self._host.hold(key):
+            if self._host.hold(key) is not None:
                 self._record("hit", "host")
-                return key
+                return
             future = self._loader.load(key)
             self._record("miss", "host")
         try:  # shielded: one caller giving up must not cancel a load others wait for
-            entry = await asyncio.shield(asyncio.wrap_future(future))
+            weights = await asyncio.shield(asyncio.wrap_future(future))
         except BaseException:
             with self._lock:
                 self._forget(key)
             raise
         with self._lock:
-            self._host.hold_loaded(key, entry)
-            self._evict_host()
-        return key
+            self._host.put(key, weights, refs=1)  # put back if it was evicted before its requests took it
+            self._evict()
 
     def release(self, key: str) -> None:
-        """End one request's hold on `key`; idle entries beyond the host capacity, or outdated, are evicted."""
+        """End one request's hold on `key`."""
         with self._lock:
-            self._host.unhold(key)
+            self._host.release(key)
             self._forget(key)
-            state = self._states.get(adapter_name(key))
-            if state is not None:
-                state.served += 1
-                state.last_used = time.time()
-            self._evict_host()
+            self._evict()
 
     # --- device slots (engine thread) -------------------------------------------------------------------------
     def fits(self, key: str, in_use: Set[str]) -> bool:
         """Whether a sequence of `key` can run next to the adapters `in_use` (the scheduler's admission check)."""
-        return self.slots.fits(key, in_use)
+        with self._lock:
+            return self._slots.fits(key, in_use)
 
     def bind_slot(self, key: str) -> int | None:
         """Device slot of `key` for a sequence about to run, copying the adapter in if it is not resident.
@@ -133,104 +101,110 @@ class AdapterCache:
         request was cancelled and the engine drops it at its next step.
         """
         with self._lock:
-            weights = self._host.weights(key) if key in self._host else None
-        if weights is None:
-            return None
-        binding = self.slots.bind(key)
+            weights = self._host.get(key)
+            if weights is None:
+                return None
+            binding = self._slots.bind(key)
         if binding.evicted is not None:
             self._record("eviction", "device")
         if not binding.load:
             self._record("hit", "device")
             return binding.slot
-        try:
+        try:  # outside the lock: only this thread binds, and a bound key's slot is never given away
             load_adapter_slot(self.model, binding.slot, weights.updates)
         except BaseException:
-            self.slots.unbind(key)
-            self.slots.free(key)
+            with self._lock:
+                self._slots.unbind(key)
+                self._slots.free(key)
             raise
         self._record("load", "device")
-        self._set_resident()
+        with self._lock:
+            self._set_resident()
         return binding.slot
 
     def unbind_slot(self, key: str) -> None:
-        if self.slots.unbind(key) == 0:
-            with self._lock:
-                if not self._is_current(key):
-                    self._retire(key)
+        with self._lock:
+            if self._slots.unbind(key) == 0 and key in self._retired:
+                self._slots.free(key)
+                self._evict()
 
     def host_weights(self, key: str) -> AdapterWeights | None:
         """The weights of `key` if it is in host memory (every adapter with a submitted request is), else None."""
         with self._lock:
-            return self._host.weights(key) if key in self._host else None
+            return self._host.get(key)
+
+    # --- versions (registry) ----------------------------------------------------------------------------------
+    def put(self, key: str, weights: AdapterWeights) -> None:
+        """Cache a version loaded elsewhere (an upload's checked weights), so its first request is warm."""
+        with self._lock:
+            self._host.put(key, weights)
+            self._record("load", "host")
+            self._evict()
+
+    def pin(self, key: str, pinned: bool) -> None:
+        """Keep `key` in host memory and, once loaded there, in its device slot."""
+        with self._lock:
+            self._host.pin(key, pinned)
+            self._slots.pin(key, pinned)
+            self._evict()
+
+    def warm(self, key: str) -> None:
+        """Start loading `key` into host memory ahead of its first request, unless it is there."""
+        with self._lock:
+            if key not in self._host:
+                self._loader.load(key)
+
+    def retire(self, key: str) -> None:
+        """A version no longer served to new requests: it leaves each tier once its last user there is done."""
+        with self._lock:
+            self._retired.add(key)
+            self._host.pin(key, False)
+            self._slots.free(key)
+            self._evict()
+
+    def usage(self, name: str, key: str) -> tuple[Tier, int, int]:
+        """Where `key` is, and the running and held requests of every version of `name`."""
+        with self._lock:
+            tier: Tier = "device" if self._slots.holds(key) else "host" if key in self._host else "disk"
+            keys = [k for k in self._requests if adapter_name(k) == name]
+            return tier, sum(self._slots.users(k) for k in keys), sum(self._requests[k] for k in keys)
+
+    def slot_users(self) -> int:
+        """Running sequences holding a device slot, over all keys (0 when the engine is idle)."""
+        with self._lock:
+            return sum(self._slots.users(key) for key in self._slots.resident())
+
+    def resident(self) -> list[str]:
+        """Keys in device slots, least recently used first."""
+        with self._lock:
+            return self._slots.resident()
 
     def shutdown(self) -> None:
         self._loader.shutdown()
 
-    # --- internals: call with self._lock held ---------------------------------------------------------------
-    def _state(self, name: str) -> AdapterState:
-        """The state of `name`, registering a folder dropped in by hand; NotFoundError when it is not on disk."""
-        if not self.store.exists(name):
-            self._drop(name)
-            raise NotFoundError(f"adapter {name!r} is not in the store", param="name")
-        return self._states.get(name) or self._register(name)
-
-    def _sync(self) -> list[str]:
-        """Match the states to the folders on disk (adapters dropped in or removed by hand); the names."""
-        names = self.store.names()
-        for name in set(self._states) - set(names):
-            self._drop(name)
-        for name in names:
-            if name not in self._states:
-                self._register(name)
-        return names
-
-    def _register(self, name: str) -> AdapterState:
-        meta = self.store.read_meta(name)
-        if meta.pinned and sum(s.meta.pinned for s in self._states.values()) >= self.max_pinned:
-            log.warning("not pinning adapter %s: at most %d adapters can be pinned", name, self.max_pinned)
-            meta = AdapterMeta(meta.mode, False, meta.created_at)
-        state = self._states[name] = AdapterState(next(self._versions), meta)
-        self.slots.pin(adapter_key(name, state.version), meta.pinned)
-        return state
-
-    def _drop(self, name: str) -> None:
-        state = self._states.pop(name, None)
-        if state is not None:
-            self._retire(adapter_key(name, state.version))
-
-    def _retire(self, key: str) -> None:
-        """An outdated version: free its slot and host entry now if idle, else when its last user is done."""
-        self.slots.free(key)
-        self._evict_host()
-
-    def _is_current(self, key: str) -> bool:
-        state = self._states.get(adapter_name(key))
-        return state is not None and adapter_key(adapter_name(key), state.version) == key
-
-    def _evict_host(self) -> None:
-        """Drop idle host entries: outdated versions at once, current ones least recently used first over capacity."""
-        evicted = self._host.evict(keep=self._keeps_host, outdated=lambda key: not self._is_current(key))
-        for _ in range(evicted):
+    # --- internals: call with self._lock held -----------------------------------------------------------------
+    def _evict(self) -> None:
+        """Drop idle host entries: retired ones at once, the rest least recently used first while over budget."""
+        in_slot = self._slots.holds
+        gone = [k for k in self._retired if self._host.is_idle(k) and not in_slot(k)]
+        for key in gone:
+            self._host.remove(key)
+        for _ in gone + self._host.shrink(keep=in_slot):
             self._record("eviction", "host")
+        self._retired = {k for k in self._retired if k in self._host or in_slot(k)}
         self._set_resident()
-
-    def _keeps_host(self, key: str) -> bool:
-        """In a device slot, or pinned: pinned adapters are never evicted."""
-        return self.slots.holds(key) or (self._is_current(key) and self._states[adapter_name(key)].meta.pinned)
 
     def _forget(self, key: str) -> None:
         self._requests[key] -= 1
         if self._requests[key] <= 0:
             del self._requests[key]
 
-    def _loaded(self, key: str, weights: AdapterWeights, record: AdapterRecord) -> HostEntry:
-        """The loader's hand-over (worker thread): cache what it loaded."""
+    def _loaded(self, key: str, weights: AdapterWeights) -> None:
+        """The loader's hand-over (worker thread): cache what it loaded, even if every waiting request gave up."""
         with self._lock:
-            entry = self._host.put(key, weights)
+            self._host.put(key, weights)
             self._record("load", "host")
-            if self._is_current(key):
-                self._states[adapter_name(key)].record = record
-            return entry
+            self._evict()
 
     def _record(self, event: CacheEvent, tier: CacheTier) -> None:
         if self.metrics is not None:
@@ -239,4 +213,5 @@ class AdapterCache:
     def _set_resident(self) -> None:
         if self.metrics is not None:
             self.metrics.set_adapters_resident("host", len(self._host))
-            self.metrics.set_adapters_resident("device", len(self.slots.resident()))
+            self.metrics.set_adapter_host_bytes(self._host.num_bytes)
+            self.metrics.set_adapters_resident("device", len(self._slots.resident()))

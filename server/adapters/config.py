@@ -8,17 +8,26 @@ server does not implement is refused with an `AdapterError` naming the field.
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from server.adapters.safe_json import parse_json_object
+from server.adapters.store import CONFIG_FILE
 from server.errors import AdapterError
 from server.model.architecture import TARGET_MODULES
+
+MAX_CONFIG_BYTES = 1 << 20
+# Caps that keep checking a config linear in its size: list entries, pattern entries, characters of one name or regex.
+MAX_LIST_ITEMS = 1024
+MAX_PATTERNS = 256
+MAX_TEXT_CHARS = 512
+LIST_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
@@ -71,19 +80,30 @@ def module_name(layer: int, target: str) -> str:
 
 def read_adapter_config(path: Path, num_layers: int, max_lora_rank: int) -> AdapterConfig:
     """Read and resolve `adapter_config.json` at `path`."""
+    return parse_adapter_config(read_config_file(path), num_layers, max_lora_rank)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """`adapter_config.json` at `path` as a dict: the one reader of the file, refusing what is not a bounded JSON
+    object of at most `MAX_CONFIG_BYTES` (see `server.adapters.safe_json`)."""
     try:
-        raw = json.loads(path.read_text())
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise AdapterError("adapter_config.json is missing", param="adapter_config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"adapter_config.json is not valid JSON: {e}", param="adapter_config.json") from None
-    if not isinstance(raw, dict):
-        raise AdapterError("adapter_config.json must hold a JSON object", param="adapter_config.json")
-    return parse_adapter_config(raw, num_layers, max_lora_rank)
+        raise AdapterError(f"{CONFIG_FILE} is missing", param=CONFIG_FILE) from None
+    except OSError as e:
+        raise AdapterError(f"{CONFIG_FILE} cannot be read: {e.strerror}", param=CONFIG_FILE) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes", param=CONFIG_FILE)
+    try:
+        return parse_json_object(data)
+    except ValueError as e:
+        raise AdapterError(f"{CONFIG_FILE}: {e}", param=CONFIG_FILE) from None
 
 
 def parse_adapter_config(raw: Mapping[str, Any], num_layers: int, max_lora_rank: int) -> AdapterConfig:
     """Resolve a PEFT LoRA config dict for a model of `num_layers` layers; raises `AdapterError` naming the field."""
+    check_config_sizes(raw)
     _check_supported(raw)
     r = _positive_int(raw.get("r", 8), "r")
     alpha = _number(raw.get("lora_alpha", 8), "lora_alpha")
@@ -104,11 +124,28 @@ def parse_adapter_config(raw: Mapping[str, Any], num_layers: int, max_lora_rank:
     return AdapterConfig(MappingProxyType(targets), _flag(raw, "use_dora"))
 
 
+def check_config_sizes(raw: Mapping[str, Any]) -> None:
+    """Refuse lists, pattern maps and names longer than the caps, before anything loops over them."""
+    for field in (*LIST_FIELDS, "rank_pattern", "alpha_pattern"):
+        value = raw.get(field)
+        items = value if isinstance(value, list | dict) else [value]
+        cap = MAX_PATTERNS if isinstance(value, dict) else MAX_LIST_ITEMS
+        if len(items) > cap:
+            raise AdapterError(f"{field}: more than {cap} entries", param=field)
+        if any(isinstance(text, str) and len(text) > MAX_TEXT_CHARS for text in items):
+            raise AdapterError(f"{field}: an entry is longer than {MAX_TEXT_CHARS} characters", param=field)
+
+
+def show(value: Any) -> str:
+    """A short repr of a value from a config, for error messages (which must not echo megabytes back)."""
+    return reprlib.repr(value)
+
+
 def _check_supported(raw: Mapping[str, Any]) -> None:
     if raw.get("peft_type") != "LORA":
-        raise AdapterError(f"peft_type: {raw.get('peft_type')!r} is not supported; only LORA", param="peft_type")
+        raise AdapterError(f"peft_type: {show(raw.get('peft_type'))} is not supported; only LORA", param="peft_type")
     if raw.get("bias", "none") != "none":
-        raise AdapterError(f"bias: {raw['bias']!r} is not supported; only 'none'", param="bias")
+        raise AdapterError(f"bias: {show(raw['bias'])} is not supported; only 'none'", param="bias")
     if raw.get("fan_in_fan_out", False) is not False:
         raise AdapterError(
             "fan_in_fan_out: only false is supported (Llama projections are nn.Linear)", param="fan_in_fan_out"
@@ -120,7 +157,7 @@ def _check_supported(raw: Mapping[str, Any]) -> None:
     init = str(raw.get("init_lora_weights", True)).lower()
     if init.startswith(BASE_CHANGING_INITS):
         raise AdapterError(
-            f"init_lora_weights: {init!r} adapters need the base weights they modified; convert it "
+            f"init_lora_weights: {show(init)} adapters need the base weights they modified; convert it "
             "to a plain LoRA adapter first",
             param="init_lora_weights",
         )
@@ -128,7 +165,7 @@ def _check_supported(raw: Mapping[str, Any]) -> None:
         if field in INERT_FIELDS or field in HANDLED_FIELDS:
             continue
         if value not in (None, False, [], {}, ""):
-            raise AdapterError(f"{field}: not supported by this server (got {value!r})", param=field)
+            raise AdapterError(f"{field}: not supported by this server (got {show(value)})", param=field)
 
 
 @dataclass(frozen=True)
@@ -212,13 +249,13 @@ def _refuse_foreign_targets(targeting: _Targeting, num_layers: int) -> None:
         hit = next((m for m in others if one.matches(m)), None)
         if hit is not None:
             raise AdapterError(
-                f"target_modules: {entry!r} targets {hit}, which adapters cannot change on this server "
+                f"target_modules: {show(entry)} targets {hit}, which adapters cannot change on this server "
                 f"(supported: {', '.join(TARGET_MODULES)})",
                 param="target_modules",
             )
         if not any(one.matches(m) for m in projections):
             raise AdapterError(
-                f"target_modules: {entry!r} matches no projection of this model "
+                f"target_modules: {show(entry)} matches no projection of this model "
                 f"(supported: {', '.join(TARGET_MODULES)})",
                 param="target_modules",
             )
@@ -252,7 +289,7 @@ def _compile(pattern: str, field: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise AdapterError(f"{field}: invalid regular expression in {pattern!r}: {e}", param=field) from None
+        raise AdapterError(f"{field}: invalid regular expression in {show(pattern)}: {e}", param=field) from None
 
 
 def _is_int(value: Any) -> bool:
@@ -261,18 +298,18 @@ def _is_int(value: Any) -> bool:
 
 def _positive_int(value: Any, field: str) -> int:
     if not _is_int(value) or value < 1:
-        raise AdapterError(f"{field}: rank must be a positive integer (got {value!r})", param=field)
+        raise AdapterError(f"{field}: rank must be a positive integer (got {show(value)})", param=field)
     return value
 
 
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise AdapterError(f"{field}: must be a finite number (got {value!r})", param=field)
+        raise AdapterError(f"{field}: must be a finite number (got {show(value)})", param=field)
     return float(value)
 
 
 def _flag(raw: Mapping[str, Any], field: str) -> bool:
     value = raw.get(field, False)
     if not isinstance(value, bool):
-        raise AdapterError(f"{field}: must be true or false (got {value!r})", param=field)
+        raise AdapterError(f"{field}: must be true or false (got {show(value)})", param=field)
     return value

@@ -1,4 +1,4 @@
-"""Loading adapter versions from the store into host memory, on a worker thread, one load per key at a time."""
+"""Loading adapter versions into host memory on a worker thread, one load per key at a time."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from server.adapters.records import AdapterRecord
-from server.adapters.store import AdapterStore
-from server.adapters.validation import load_from_store
-from server.adapters.versions import HostEntry, adapter_name
-from server.adapters.weights import AdapterWeights, ModelInfo
+from server.adapters.weights import AdapterWeights
 from server.threads import pin_single_thread
 
 if TYPE_CHECKING:
@@ -21,29 +17,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OnLoaded = Callable[[str, AdapterWeights, AdapterRecord], HostEntry]  # (key, weights, record) -> its host entry
+Read = Callable[[str], AdapterWeights]  # key -> its checked weights, read from the store
+OnLoaded = Callable[[str, AdapterWeights], None]  # hand-over of a finished load, on the worker thread
 
 
 class AdapterLoader:
     """Reads, validates and prepares adapters off the engine thread; callers share the load of a key in progress."""
 
-    def __init__(
-        self, store: AdapterStore, info: ModelInfo, max_lora_rank: int, on_loaded: OnLoaded, metrics: Metrics | None
-    ) -> None:
-        self.store = store
-        self.info = info
-        self.max_lora_rank = max_lora_rank
+    def __init__(self, read: Read, on_loaded: OnLoaded, metrics: Metrics | None) -> None:
+        self.read = read
         self.on_loaded = on_loaded
         self.metrics = metrics
-        self._loading: dict[str, Future[HostEntry]] = {}
-        self._lock = threading.Lock()
+        self._loading: dict[str, Future[AdapterWeights]] = {}
+        self._lock = threading.Lock()  # last in the lock order: nothing is called while it is held
         self._pool = ThreadPoolExecutor(1, "adapter-loader", initializer=pin_single_thread)  # see server.threads
 
-    def is_loading(self, key: str) -> bool:
-        with self._lock:
-            return key in self._loading
-
-    def load(self, key: str) -> Future[HostEntry]:
+    def load(self, key: str) -> Future[AdapterWeights]:
         """The load of `key`: the one in progress, or a new one."""
         with self._lock:
             future = self._loading.get(key)
@@ -54,15 +43,16 @@ class AdapterLoader:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _load(self, key: str) -> HostEntry:
+    def _load(self, key: str) -> AdapterWeights:
         start = time.perf_counter()
         try:
-            weights, record = load_from_store(self.store, adapter_name(key), self.info, self.max_lora_rank)
+            weights = self.read(key)
             seconds = time.perf_counter() - start
             log.info("loaded adapter %s into host memory in %.1f ms", key, 1e3 * seconds)
             if self.metrics is not None:
                 self.metrics.record_adapter_load(seconds)
-            return self.on_loaded(key, weights, record)
+            self.on_loaded(key, weights)
+            return weights
         except Exception as exc:
             log.warning("could not load adapter %s: %s", key, exc)
             raise

@@ -15,12 +15,11 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from server.adapters.config import module_name, other_module_names
+from server.adapters.config import MAX_PATTERNS, module_name, other_module_names
+from server.adapters.config import MAX_TEXT_CHARS as MAX_PATTERN_CHARS
 from server.errors import AdapterError
 from server.model.architecture import TARGET_MODULES
 
-MAX_PATTERN_CHARS = 512
-MAX_PATTERNS = 256
 MATCH_BUDGET_S = 0.5  # all matches of one config, timed inside the subprocess
 DEADLINE_S = 3.0  # the subprocess as a whole, start-up included
 

@@ -6,19 +6,24 @@ is named as such and refused before anything parses it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.adapters.config import check_config_sizes, read_config_file, show
+from server.adapters.safe_json import parse_json_object
 from server.adapters.store import CONFIG_FILE
 from server.adapters.weights import WEIGHTS_FILE, file_digest
 from server.errors import AdapterError, UnsupportedMediaError
 
-MAX_CONFIG_BYTES = 1 << 20
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+# An adapter's header names 3 tensors per projection in ~150 bytes each: 8 MiB covers 50,000 of them. (safetensors
+# itself allows 100 MiB, which Python's JSON parser would blow up to gigabytes of objects.)
+MAX_HEADER_BYTES = 8 << 20
+# safetensors' dtype names: what a record may show as its dtype.
+SAFETENSORS_DTYPES = frozenset({"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
+                                "F32", "F64", "I64", "U64"})  # fmt: skip
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTOCOLS = (2, 3, 4, 5)  # a pickle of protocol 2+ starts with PROTO (0x80) and the protocol number
 
@@ -44,36 +49,28 @@ def describe_adapter_dir(path: Path) -> AdapterRecord:
 
 
 def make_record(raw: Mapping[str, Any], header: Mapping[str, Any], size_bytes: int, sha256: str) -> AdapterRecord:
+    """The record of a config and a safetensors header; every string in it is checked, so a response can show it."""
+    check_config_sizes(raw)
     rank, alpha, targets = raw.get("r", 8), raw.get("lora_alpha", 8), raw.get("target_modules")
     if isinstance(rank, bool) or not isinstance(rank, int):
-        raise AdapterError(f"r: must be an integer (got {rank!r})", param="r")
+        raise AdapterError(f"r: must be an integer (got {show(rank)})", param="r")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise AdapterError(f"lora_alpha: must be a number (got {alpha!r})", param="lora_alpha")
+        raise AdapterError(f"lora_alpha: must be a number (got {show(alpha)})", param="lora_alpha")
     if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         targets = tuple(targets)
     elif not isinstance(targets, str):
         raise AdapterError("target_modules: must be a list of names or a regex string", param="target_modules")
-    dtypes = sorted({str(v.get("dtype")) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)})
-    return AdapterRecord(rank, float(alpha), targets, raw.get("use_dora") is True, ",".join(dtypes), size_bytes, sha256)
+    dtypes = [v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    unknown = next((d for d in dtypes if not (isinstance(d, str) and d in SAFETENSORS_DTYPES)), None)
+    if unknown is not None:
+        raise AdapterError(f"{WEIGHTS_FILE} has a tensor of unknown dtype {show(unknown)}", param=WEIGHTS_FILE)
+    dora = raw.get("use_dora") is True
+    return AdapterRecord(rank, float(alpha), targets, dora, ",".join(sorted(set(dtypes))), size_bytes, sha256)
 
 
 def read_raw_config(path: Path) -> dict[str, Any]:
-    """adapter_config.json of a folder as a dict, refusing what is not a JSON object of at most 1 MiB."""
-    file = path / CONFIG_FILE
-    try:
-        with file.open("rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise AdapterError(f"{CONFIG_FILE} is missing", param=CONFIG_FILE) from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes", param=CONFIG_FILE)
-    try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}", param=CONFIG_FILE) from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object", param=CONFIG_FILE)
-    return raw
+    """adapter_config.json of a folder as a dict (see `server.adapters.config.read_config_file`)."""
+    return read_config_file(path / CONFIG_FILE)
 
 
 def read_safetensors_header(file: Path) -> dict[str, Any]:
@@ -93,15 +90,14 @@ def read_safetensors_header(file: Path) -> dict[str, Any]:
                 f"the file ({size} bytes)",
                 param=WEIGHTS_FILE,
             )
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-    if not isinstance(header, dict):
+        data = f.read(length)
+    try:
+        return parse_json_object(data)
+    except ValueError as e:
         raise AdapterError(
-            f"{WEIGHTS_FILE} is not a safetensors file: its header is not a JSON object", param=WEIGHTS_FILE
-        )
-    return header
+            f"{WEIGHTS_FILE} is not a safetensors file: its header is not a JSON object safetensors can hold ({e})",
+            param=WEIGHTS_FILE,
+        ) from None
 
 
 def _refuse_archives(head: bytes) -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from server.adapters.safe_json import parse_json_object
 from server.errors import ConflictError, InvalidRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ STAGING_PREFIX = ".tmp-"  # a change being written; incomplete by definition aft
 ASIDE_PREFIX = ".old-"  # `.old-<token>-<name>`: the previous folder of a replacement in progress
 DELETED_PREFIX = ".del-"  # a deletion in progress
 TOKEN_CHARS = 8
+MAX_META_BYTES = 4096  # loraplex.json is one short line; a longer one is not ours
 
 Mode = Literal["unmerged", "merged", "auto"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -87,16 +89,20 @@ class AdapterStore:
         """The adapter's loraplex.json; defaults (added when its folder was) for a folder without a valid one."""
         folder = self.path(name)
         try:
-            raw = json.loads((folder / META_FILE).read_text())
+            with (folder / META_FILE).open("rb") as f:
+                raw = parse_json_object(f.read(MAX_META_BYTES))
             meta = AdapterMeta(**raw)
-            if meta.mode not in MODES or not isinstance(meta.pinned, bool) or not isinstance(meta.created_at, int):
-                raise ValueError(f"bad values {raw}")
+            if meta.mode not in MODES or type(meta.pinned) is not bool or type(meta.created_at) is not int:
+                raise ValueError("mode, pinned or created_at has a bad value")
             return meta
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError) as exc:
             log.warning("ignoring %s of adapter %s: %s", META_FILE, name, exc)
-        return AdapterMeta(created_at=int(folder.stat().st_mtime))
+        try:
+            return AdapterMeta(created_at=int(folder.stat().st_mtime))
+        except FileNotFoundError:
+            raise NotFoundError(f"adapter {name!r} was removed", param="name") from None
 
     def write_meta(self, folder: Path, meta: AdapterMeta) -> None:
         """Replace the loraplex.json of an adapter folder (in the store or staged) atomically."""

@@ -8,16 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import torch
+
+from server.adapters.config import MAX_CONFIG_BYTES, MAX_TEXT_CHARS, check_config_sizes, module_name
 from server.adapters.patterns import check_config_patterns
-from server.adapters.records import (
-    MAX_CONFIG_BYTES,
-    AdapterRecord,
-    make_record,
-    read_raw_config,
-    read_safetensors_header,
-)
+from server.adapters.records import AdapterRecord, make_record, read_raw_config, read_safetensors_header
 from server.adapters.store import CONFIG_FILE, AdapterStore
-from server.adapters.weights import WEIGHTS_FILE, AdapterWeights, ModelInfo, validate_adapter_dir
+from server.adapters.weights import PREFIX, WEIGHTS_FILE, AdapterWeights, ModelInfo, validate_adapter_dir
 from server.errors import AdapterError, ConflictError, NotFoundError, PayloadTooLargeError
 
 CHUNK_BYTES = 1 << 20
@@ -40,9 +37,32 @@ def check_adapter(path: Path, info: ModelInfo, max_lora_rank: int) -> tuple[Adap
     raw = read_raw_config(path)
     file = path / WEIGHTS_FILE
     header = read_safetensors_header(file) if file.is_file() else {}  # without it, validate names what is wrong
+    long_name = next((name for name in header if len(name) > MAX_TEXT_CHARS), None)
+    if long_name is not None:  # errors name tensors: keep what they echo short
+        raise AdapterError(f"{WEIGHTS_FILE} names a tensor with over {MAX_TEXT_CHARS} characters", param=WEIGHTS_FILE)
+    check_config_sizes(raw)
     check_config_patterns(raw, info.num_layers)
     weights = validate_adapter_dir(path, info, max_lora_rank)
+    check_finite(weights)
     return weights, make_record(raw, header, weights.size_bytes, weights.sha256)
+
+
+def check_finite(weights: AdapterWeights) -> None:
+    """Refuse updates that overflow once scaled and cast: s·B, or DoRA's factor g, must be finite as served."""
+    for (layer, proj), update in weights.updates.items():
+        base = PREFIX + module_name(layer, proj)
+        if not torch.isfinite(update.b).all():
+            scale = weights.config.targets[(layer, proj)].scale
+            raise AdapterError(
+                f"tensor {base}.lora_B.weight times the scale {scale:g} (lora_alpha / r) is not finite in "
+                f"{update.b.dtype}; lower lora_alpha or the weights",
+                param=f"{base}.lora_B.weight",
+            )
+        if update.g is not None and not torch.isfinite(update.g).all():
+            raise AdapterError(
+                f"tensor {base}.lora_magnitude_vector gives a DoRA factor that is not finite in {update.g.dtype}",
+                param=f"{base}.lora_magnitude_vector",
+            )
 
 
 def stage_adapter(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
 from server.adapters.records import AdapterRecord
 from server.adapters.store import AdapterMeta
-from server.adapters.weights import AdapterWeights
 
 KEY_SEPARATOR = "@"  # never in a name, so a key splits back unambiguously
 Tier = Literal["disk", "host", "device"]
@@ -23,14 +23,6 @@ def adapter_name(key: str) -> str:
 
 
 @dataclass
-class HostEntry:
-    """One adapter version loaded into host memory."""
-
-    weights: AdapterWeights
-    in_flight: int = 0  # requests holding it
-
-
-@dataclass
 class AdapterState:
     """The current version of one adapter, the operator's settings for it and its traffic."""
 
@@ -39,6 +31,7 @@ class AdapterState:
     record: AdapterRecord | None = None  # known once its files were read
     served: int = 0  # requests finished, any version
     last_used: float | None = None  # unix time
+    replacing: Future[None] | None = None  # set while a replacement renames its folders; done once it is current
 
 
 @dataclass(frozen=True)

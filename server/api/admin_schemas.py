@@ -43,6 +43,7 @@ UPLOAD_OPENAPI: dict[str, Any] = {  # FastAPI cannot describe a form the route p
                 "schema": {
                     "type": "object",
                     "required": ["name", "config", "weights"],
+                    "additionalProperties": False,
                     "properties": {
                         "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$"},
                         "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
@@ -61,7 +62,7 @@ UPLOAD_OPENAPI: dict[str, Any] = {  # FastAPI cannot describe a form the route p
 class AdapterPatch(BaseModel):
     """`PATCH /admin/adapters/{name}`: the settings to change; omitted ones stay."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: Mode | None = None
     pinned: bool | None = None

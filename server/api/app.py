@@ -13,6 +13,7 @@ from server.api import routes_admin, routes_health, routes_metrics, routes_opena
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.deps import EngineFactory, EngineState
 from server.api.errors import install_error_handlers
+from server.api.openapi import install_openapi
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
     uploads = {routes_admin.UPLOAD_PATH: routes_admin.upload_limit(settings)}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, streamed=uploads)
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_tokenize.router)

@@ -21,9 +21,10 @@ from server.api.responses import (
     ChatDelta,
     Usage,
 )
-from server.api.sampling import plan_jobs
+from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
+from server.api.structured import compiled_grammar
 
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
@@ -33,15 +34,17 @@ async def create_chat_completion(
     engine: AsyncEngine, body: ChatCompletionRequest, request: Request
 ) -> ChatCompletionResponse | EventStreamResponse:
     """Generate the reply, as one `chat.completion` or as a stream of `chat.completion.chunk` events."""
+    check_fits(1, body.samples_per_prompt(), request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
-    messages = [message.model_dump() for message in body.messages]
+    structured = await compiled_grammar(engine, body)
+    messages = [message.model_dump(include={"role", "content"}) for message in body.messages]  # name is ignored
     prompt = await run_in_threadpool(engine.encode_chat, messages)
     generation = Generation(
         engine=engine,
         adapter=adapter,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         model=body.model,
-        jobs=plan_jobs(body, [prompt], engine.max_model_len),
+        jobs=plan_jobs(body, [prompt], engine.max_model_len, structured),
         num_prompt_tokens=len(prompt),
     )
     decode = engine.decode_tokens if body.logprobs else None

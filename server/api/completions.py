@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from server.api.generation import ChoiceResult, Generation, Indexed, collect, finish_reason_name, start
 from server.api.logprobs import completion_logprobs
 from server.api.responses import CompletionChoice, CompletionResponse, Usage
-from server.api.sampling import plan_jobs
+from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import CompletionRequest
 from server.api.streaming import EventStreamResponse
+from server.api.structured import compiled_grammar
 from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import RequestOutput
 
@@ -27,14 +28,16 @@ async def create_completion(
     engine: AsyncEngine, body: CompletionRequest, request: Request
 ) -> CompletionResponse | EventStreamResponse:
     """Generate the completion, as one body or as a stream of `text_completion` chunks."""
+    check_fits(len(body.prompt), body.samples_per_prompt(), request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
+    structured = await compiled_grammar(engine, body)
     prompts = await run_in_threadpool(_tokenize, engine, body.prompt)
     generation = Generation(
         engine=engine,
         adapter=adapter,
         request_id=f"cmpl-{uuid.uuid4().hex}",
         model=body.model,
-        jobs=plan_jobs(body, prompts, engine.max_model_len),
+        jobs=plan_jobs(body, prompts, engine.max_model_len, structured),
         num_prompt_tokens=sum(map(len, prompts)),
     )
     shaper = _Shaper(engine, body, prompts)

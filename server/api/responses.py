@@ -136,3 +136,18 @@ class Health(BaseModel):
     """Body of a healthy `GET /health`."""
 
     status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, in OpenAI's error fields."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error answer: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorDetail

@@ -7,35 +7,38 @@ from fastapi import APIRouter, Request
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.deps import EngineDep
+from server.api.openapi import ENGINE_ERRORS, EVENT_STREAM, GENERATION_ERRORS, error_responses
 from server.api.responses import ChatCompletionResponse, CompletionResponse, ModelList, ModelObject
+from server.api.routing import BoundedRoute
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.engine.outputs import ModelCard
 from server.errors import NotFoundError
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=BoundedRoute)
+GENERATION_RESPONSES = {**EVENT_STREAM, **error_responses(*GENERATION_ERRORS)}
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
 async def completions(
     body: CompletionRequest, request: Request, engine: EngineDep
 ) -> CompletionResponse | EventStreamResponse:
     return await create_completion(engine, body, request)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, engine: EngineDep
 ) -> ChatCompletionResponse | EventStreamResponse:
     return await create_chat_completion(engine, body, request)
 
 
-@router.get("/models")
+@router.get("/models", responses=error_responses(*ENGINE_ERRORS))
 def list_models(engine: EngineDep) -> ModelList:
     return ModelList(data=[_model_object(card) for card in engine.list_models()])
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=error_responses(*ENGINE_ERRORS, NotFoundError))
 def retrieve_model(model: str, engine: EngineDep) -> ModelObject:
     for card in engine.list_models():
         if card.name == model:

@@ -11,16 +11,19 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 
 from server.api.deps import EngineDep
+from server.api.openapi import ENGINE_ERRORS, JSON_BODY_ERRORS, error_responses
+from server.api.routing import BoundedRoute
 from server.api.tokenize_schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
 
-router = APIRouter(tags=["tokenizer"])
+router = APIRouter(tags=["tokenizer"], route_class=BoundedRoute)
+RESPONSES = error_responses(*JSON_BODY_ERRORS, *ENGINE_ERRORS, NotFoundError)
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=RESPONSES)
 def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
     _resolve(engine, body.model)
     if body.messages is not None:
@@ -32,7 +35,7 @@ def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens, token_strs=strs)
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=RESPONSES)
 def detokenize(body: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
     _resolve(engine, body.model)
     bad = next((t for t in body.tokens if t >= engine.vocab_size), None)

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+from server.api.fields import INT64_MAX
 from server.api.generation import Job
 from server.api.schemas import GenerationRequest
 from server.engine.sequence import SamplingParams
+from server.engine.structured import GrammarSpec
 from server.errors import InvalidRequestError
+from server.settings import Settings
+
+# Temperatures below this are greedy, as in vLLM: dividing logits by them would overflow to infinity.
+GREEDY_BELOW = 1e-5
 
 
-def plan_jobs(body: GenerationRequest, prompts: list[list[int]], max_model_len: int) -> list[Job]:
+def plan_jobs(
+    body: GenerationRequest, prompts: list[list[int]], max_model_len: int, structured: GrammarSpec | None = None
+) -> list[Job]:
     """Job `p * n + i` is sample `i` of prompt `p` (n: samples per prompt); with a seed, sample `i` uses `seed + i`."""
     n = body.samples_per_prompt()
+    if body.seed is not None and body.seed + n - 1 > INT64_MAX:
+        raise InvalidRequestError(
+            f"seed {body.seed} + {n - 1} is over {INT64_MAX}: sample i of a prompt uses seed + i; lower the seed",
+            param="seed",
+        )
     return [
-        Job(index=p * n + i, prompt_token_ids=prompt, params=sampling_params(body, len(prompt), max_model_len, i))
+        Job(p * n + i, prompt, sampling_params(body, len(prompt), max_model_len, i, structured))
         for p, prompt in enumerate(prompts)
         for i in range(n)
     ]
 
 
-def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int, sample: int) -> SamplingParams:
+def sampling_params(
+    body: GenerationRequest, prompt_len: int, max_model_len: int, sample: int, structured: GrammarSpec | None = None
+) -> SamplingParams:
     """The engine's parameters for one sample; max_tokens defaults to what is left of the context."""
     max_tokens = body.requested_max_tokens()
     if max_tokens is None:
@@ -32,7 +47,7 @@ def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int
     defaults = SamplingParams()
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        temperature=_temperature(body.temperature, defaults.temperature),
         top_p=defaults.top_p if body.top_p is None else body.top_p,
         top_k=max(body.top_k or 0, 0),
         seed=None if body.seed is None else body.seed + sample,
@@ -47,7 +62,25 @@ def sampling_params(body: GenerationRequest, prompt_len: int, max_model_len: int
         logit_bias=body.token_biases(),
         min_p=body.min_p or 0.0,
         stop_token_ids=tuple(body.stop_token_ids or ()),
+        structured=structured,
     )
+
+
+def check_fits(num_prompts: int, n: int, settings: Settings) -> None:
+    """400 for a request with more choices than the engine can ever hold at once (a 429 would invite retries)."""
+    capacity = settings.max_num_seqs + settings.max_queue
+    if num_prompts * n > capacity:
+        raise InvalidRequestError(
+            f"{num_prompts} prompt(s) x {n} samples (n or best_of) makes {num_prompts * n} sequences, more than "
+            f"the server can ever hold ({capacity}: --max-num-seqs + --max-queue); split the request",
+            param="n",
+        )
+
+
+def _temperature(requested: float | None, default: float) -> float:
+    if requested is None:
+        return default
+    return 0.0 if requested < GREEDY_BELOW else requested
 
 
 def _logprobs(body: GenerationRequest) -> int | None:

@@ -4,23 +4,44 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
-from server.engine.logprobs import MAX_TOP_LOGPROBS
+from server.api.fields import (
+    MAX_INT32,
+    Count,
+    MinTokens,
+    Seed,
+    TokenCount,
+    TokenCountOrZero,
+    TokenId,
+    TopK,
+    TopLogprobs,
+    tolerated,
+)
+from server.api.limits import LIMIT_KEY, Bounded, bound, flag
+from server.api.structured_schemas import ResponseFormat, StructuredOutputs
 
 NOT_SUPPORTED = "not supported by this server"
-MAX_STOP_STRINGS = 16
-MAX_N = 128
 MAX_LOGIT_BIAS = 1024
 MAX_STOP_TOKEN_IDS = 64
+
+# Strict JSON types (no "yes" for true, no "3" for 3), no NaN or infinity, and every field declared: a field the
+# server does not know is refused with a 400 naming it rather than silently ignored.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _as_stop_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
+def _is_token_id(value: object) -> bool:
+    # JSON Schema's integers include 3.0; they are taken as 3
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+
+
 def _is_token_ids(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    return isinstance(value, list) and all(map(_is_token_id, value))
 
 
 def _is_prompt_batch(value: object) -> bool:
@@ -38,9 +59,21 @@ def _as_prompt_list(value: object) -> list[str] | list[list[int]]:
     elif _is_prompt_batch(value):
         prompts = value
     else:
-        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+        raise PydanticCustomError(
+            "prompt_type", "must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        )
     if any(len(p) == 0 for p in prompts):
         raise ValueError("must not be empty")
+    if any(not 0 <= t <= MAX_INT32 for p in prompts if isinstance(p, list) for t in p):
+        raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
+    if isinstance(prompts[0], list):
+        prompts = [[int(t) for t in p] for p in prompts]
+    longest = max(len(p) for p in prompts if isinstance(p, str)) if isinstance(prompts[0], str) else 0
+    if longest > bound("max_text_chars"):
+        raise ValueError(
+            f"a prompt of {longest} characters is over the limit of {bound('max_text_chars')} "
+            f"(the server's {flag('max_text_chars')})"
+        )
     return prompts
 
 
@@ -48,41 +81,65 @@ def _join_text_parts(value: object) -> object:
     """Chat content may be a list of `{"type": "text", "text": ...}` parts; join them like vLLM does."""
     if not isinstance(value, list):
         return value
-    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-        raise ValueError("content parts must be objects with type 'text' and a 'text' string")
+    if not all(isinstance(p, dict) and p.keys() == {"type", "text"} and p["type"] == "text" for p in value):
+        raise ValueError("content parts must be objects with only type 'text' and a 'text' string")
+    if not all(isinstance(p["text"], str) for p in value):
+        raise PydanticCustomError("string_type", "the 'text' of a content part must be a string")
     return "\n".join(p["text"] for p in value)
 
 
 StopList = Annotated[
-    list[Annotated[str, Field(min_length=1)]], BeforeValidator(_as_stop_list), Field(max_length=MAX_STOP_STRINGS)
+    list[Annotated[str, Field(min_length=1), Bounded("max_stop_chars")]],
+    BeforeValidator(_as_stop_list),
+    Bounded("max_stop_strings"),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
+                    LIMIT_KEY: "max_stop_strings",
+                },
+            ]
+        }
+    ),
 ]
+
+
+EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
 
 
 class StreamOptions(BaseModel):
     """OpenAI `stream_options`."""
 
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class GenerationRequest(BaseModel):
-    """Fields shared by completions and chat completions; unknown fields are ignored, as OpenAI clients send extras."""
+    """Fields shared by completions and chat completions; a field not declared here is refused (400)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     default_max_tokens: ClassVar[int | None] = None  # None: the rest of the context
 
     model: str
-    n: int | None = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    n: Annotated[Count, Bounded("max_n")] | None = 1
+    max_tokens: TokenCount | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="below 1e-5: greedy, as 0")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0 disables top-k")
-    seed: int | None = None
+    top_k: TopK | None = Field(None, description="-1 or 0 disables top-k")
+    seed: Seed | None = Field(None, description="sample i of n uses seed + i")
     stop: StopList | None = None
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    response_format: dict[str, Any] | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+
+    # Structured outputs (server.engine.structured).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     # Sampling controls (server.engine.penalties).
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -92,7 +149,7 @@ class GenerationRequest(BaseModel):
         None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit"
     )
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
 
     @field_validator("logit_bias")
     @classmethod
@@ -108,13 +165,6 @@ class GenerationRequest(BaseModel):
     def samples_per_prompt(self) -> int:
         """How many sequences to generate per prompt (best_of may ask for more than the n returned)."""
         return self.n or 1
-
-    @field_validator("response_format")
-    @classmethod
-    def _reject_structured_output(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(NOT_SUPPORTED)
-        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -136,13 +186,30 @@ class GenerationRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": MAX_INT32}}
+_TEXT = {"type": "string", "minLength": 1, LIMIT_KEY: "max_text_chars"}
+PROMPT_SCHEMA = {  # the four OpenAI forms, which the validator normalises to a list of prompts
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "minItems": 1, "items": _TEXT, LIMIT_KEY: "max_prompts"},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS, LIMIT_KEY: "max_prompts"},
+    ]
+}
+
+
 class CompletionRequest(GenerationRequest):
     """Body of `POST /v1/completions`."""
 
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for legacy completions
 
-    prompt: Annotated[list[str] | list[list[int]], BeforeValidator(_as_prompt_list)]
-    suffix: str | None = None
+    prompt: Annotated[
+        list[str] | list[list[int]],
+        BeforeValidator(_as_prompt_list),
+        Bounded("max_prompts"),
+        WithJsonSchema(PROMPT_SCHEMA),
+    ]
+    suffix: Annotated[str | None, tolerated("", None)] = None
 
     @field_validator("suffix")
     @classmethod
@@ -152,9 +219,9 @@ class CompletionRequest(GenerationRequest):
         return value
 
     # Log-probabilities and prompt scoring.
-    max_tokens: int | None = Field(None, ge=0, description="0 scores the prompt without generating (needs echo)")
+    max_tokens: TokenCountOrZero | None = Field(None, description="0 scores the prompt without generating (needs echo)")
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: TopLogprobs | None = None
 
     def allows_zero_max_tokens(self) -> bool:
         return bool(self.echo)
@@ -166,7 +233,9 @@ class CompletionRequest(GenerationRequest):
         return self.logprobs if self.echo else None
 
     # Sampling controls: best_of.
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate this many, return the n most likely")
+    best_of: Annotated[Count, Bounded("max_n")] | None = Field(
+        None, description="generate this many, return the n most likely"
+    )
 
     @field_validator("best_of")
     @classmethod
@@ -186,28 +255,45 @@ class CompletionRequest(GenerationRequest):
         return self.best_of or self.n or 1
 
 
-class ChatMessage(BaseModel):
-    """One message of a chat; `name` and other extras are ignored."""
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string", LIMIT_KEY: "max_text_chars"}},
+    "additionalProperties": False,
+}
+CONTENT_SCHEMA = {  # a string, or text parts joined with newlines
+    "anyOf": [{"type": "string", LIMIT_KEY: "max_text_chars"}, {"type": "array", "items": _TEXT_PART}]
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatMessage(BaseModel):
+    """One message of a chat; `name` is accepted and ignored, other fields are refused."""
+
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_join_text_parts)]
+    content: Annotated[
+        str,
+        BeforeValidator(_join_text_parts),
+        Bounded("max_text_chars"),
+        WithJsonSchema(CONTENT_SCHEMA),
+    ]
+    name: str | None = Field(None, description="accepted and ignored")
 
 
 class ChatCompletionRequest(GenerationRequest):
     """Body of `POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    tool_choice: Any = None
-    function_call: Any = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1), Bounded("max_messages")]
+    max_completion_tokens: TokenCount | None = None
+    tools: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
+    functions: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
+    tool_choice: Annotated[Any, tolerated("none", None)] = None
+    function_call: Annotated[Any, tolerated("none", None)] = None
 
     # Log-probabilities.
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
 
     @field_validator("top_logprobs")
     @classmethod

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
+from server.api.errors import error_body
 from server.errors import LoraplexError
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ async def _events(chunks: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[str
             async for chunk in chunks:
                 yield _data(chunk.model_dump_json())
         except LoraplexError as exc:
-            yield _data(json.dumps(exc.to_dict()))
+            yield _data(json.dumps(error_body(exc)))
         except Exception:
             logger.exception("stream failed")
-            yield _data(json.dumps(LoraplexError("internal server error").to_dict()))
+            yield _data(json.dumps(error_body(LoraplexError("internal server error"))))
     yield DONE

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from server.api.schemas import ChatMessage
+from server.api.fields import TokenId
+from server.api.limits import Bounded
+from server.api.schemas import REQUEST_CONFIG, ChatMessage
 
 MAX_DETOKENIZE_TOKENS = 1 << 20
 
@@ -14,11 +16,11 @@ MAX_DETOKENIZE_TOKENS = 1 << 20
 class TokenizeRequest(BaseModel):
     """A prompt (`prompt`) or a conversation (`messages`, rendered by the chat template) to tokenize."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = Field(None, description="the base model or an adapter; omitted: the base model")
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: Annotated[str, Bounded("max_text_chars")] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1), Bounded("max_messages")] | None = None
     add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages")
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -42,10 +44,10 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     """Token ids to turn back into text."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_DETOKENIZE_TOKENS)
+    tokens: list[TokenId] = Field(max_length=MAX_DETOKENIZE_TOKENS)
 
 
 class DetokenizeResponse(BaseModel):

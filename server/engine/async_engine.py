@@ -10,22 +10,28 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
-from server.adapters.versions import adapter_name
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import Mode
+from server.adapters.versions import AdapterView, adapter_name
+from server.engine.health import EngineHealth, HealthLimits
 from server.engine.llm_engine import LLMEngine
-from server.engine.outputs import ModelCard, RequestOutput
+from server.engine.outputs import ModelCard, RequestOutput, engine_error
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
-from server.errors import InvalidRequestError, NotFoundError, QueueFullError, ServiceUnavailableError
+from server.engine.structured import GrammarSpec
+from server.errors import InvalidRequestError, LoraplexError, NotFoundError, QueueFullError, ServiceUnavailableError
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
-from server.threads import use_engine_threads
+from server.threads import single_threaded, use_engine_threads
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+Build = Callable[[], tuple[LLMEngine, AdapterRegistry, str]]  # the engine core, its adapters, the base model's name
 
 
 @dataclass
@@ -58,8 +64,8 @@ class _Call:
 class AsyncEngine:
     """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
 
-    def __init__(self, build: Callable[[], tuple[LLMEngine, str]], settings: Settings, metrics: Metrics) -> None:
-        """Start the engine thread, which builds the core and its served model name with `build`; wait for it.
+    def __init__(self, build: Build, settings: Settings, metrics: Metrics) -> None:
+        """Start the engine thread, which builds the core, adapter registry and served model name; wait for it.
 
         The engine thread is the only one that computes with every core (`server.threads`), so the model is
         loaded there too. Whatever `build` raises is raised here.
@@ -72,18 +78,24 @@ class AsyncEngine:
         self._subscribers: dict[str, _Submit] = {}
         self._in_flight = 0  # submitted and not yet finished; changed on the event loop only
         self._stopped = threading.Event()
+        self.health = EngineHealth(HealthLimits.from_settings(settings))
+        self._inbox_lock = threading.Lock()  # a submission either reaches a running thread or is refused
+        self._failures_recorded = 0  # the core's request failures already counted in the metrics
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(build, started), name="loraplex-engine", daemon=True)
         self._thread.start()
-        started.result()  # the engine thread has set self.core and self.served_model_name
-        self.adapters = self.core.adapters
+        started.result()  # the engine thread has set self.core, self.adapters and self.served_model_name
         self.tokenizer = self.core.tokenizer
         metrics.set_base_model(self.served_model_name)
         self.max_model_len = self.core.max_model_len
         self.vocab_size = self.core.runner.loaded.spec.vocab_size
 
     def is_ready(self) -> bool:
-        return self._thread.is_alive() and not self._stopped.is_set()
+        return self._thread.is_alive() and not self._stopped.is_set() and self.health.stopped is None
+
+    def health_problem(self) -> str | None:
+        """Why the engine is unhealthy (stopped, failing its steps, stalled), or None."""
+        return self.health.problem(self._thread.is_alive())
 
     def list_models(self) -> list[ModelCard]:
         """The base model, then every adapter in the store (loaded or not)."""
@@ -98,8 +110,44 @@ class AsyncEngine:
             return model
         raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
 
+    # --- adapter administration: what the /admin routes do, through the registry ------------------------------
+    def upload_slot(self) -> AbstractContextManager[None]:
+        """Admit one adapter upload; QueueFullError (429) while `max_concurrent_uploads` are being checked."""
+        return self.adapters.upload_slot()
+
+    async def add_adapter(
+        self, name: str, config: BinaryIO, weights: BinaryIO, *, replace: bool, mode: Mode | None, pinned: bool | None
+    ) -> AdapterView:
+        """Check an uploaded adapter and serve it as `name`; the checks run in a worker thread on one core."""
+        add = self.adapters.add
+        return await asyncio.to_thread(single_threaded, add, name, config, weights, replace=replace, mode=mode,
+                                       pinned=pinned)  # fmt: skip
+
+    def adapter_views(self) -> list[AdapterView]:
+        """Every adapter of the store with its record, settings and live state."""
+        return self.adapters.views()
+
+    def adapter_view(self, name: str) -> AdapterView:
+        return self.adapters.view(name)
+
+    def update_adapter(self, name: str, mode: Mode | None, pinned: bool | None) -> AdapterView:
+        """Change an adapter's merge mode or pin (None keeps it)."""
+        return self.adapters.update(name, mode, pinned)
+
+    def remove_adapter(self, name: str) -> None:
+        """Take an adapter out of the store; its running requests finish."""
+        self.adapters.remove(name)
+
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile (or find cached) a request's output constraint; a 400 naming the problem if it cannot compile.
+
+        Blocking (a large schema takes a while, the first one also builds the grammar tokenizer): call it off the
+        event loop, before the request is queued.
+        """
+        self.core.grammars.compile(spec)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
@@ -142,7 +190,7 @@ class AsyncEngine:
         try:
             if adapter is not None:
                 key = await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
-            self._inbox.put(_Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
+            self._post(_Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
             submitted = True
             while not finished:
                 out = await outputs.get()
@@ -190,35 +238,71 @@ class AsyncEngine:
         The way to touch the model from outside, e.g. for a tool or a benchmark that times work where it runs.
         """
         future: Future[_T] = Future()
-        self._inbox.put(_Call(fn, future))
+        self._post(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
-    def _run(self, build: Callable[[], tuple[LLMEngine, str]], started: Future[None]) -> None:
+    def _post(self, command: _Submit | _Call) -> None:
+        """Hand work to the engine thread, or refuse it once the thread has stopped (it would never be answered)."""
+        with self._inbox_lock:
+            if self.health.stopped is not None:
+                raise ServiceUnavailableError(self.health.stopped)
+            self._inbox.put(command)
+
+    def _run(self, build: Build, started: Future[None]) -> None:
         use_engine_threads()
         try:
-            self.core, self.served_model_name = build()
+            self.core, self.adapters, self.served_model_name = build()
         except BaseException as exc:
             started.set_exception(exc)
             return
         started.set_result(None)
-        self._loop()
+        reason = "the engine has shut down"
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the engine thread died")
+            reason = "the engine thread stopped after an internal error; the server log has the details"
+        finally:
+            self._stop(reason)
+
+    def _stop(self, reason: str) -> None:
+        """Refuse new work and end every request still waiting for outputs, so no caller waits forever."""
+        with self._inbox_lock:
+            self.health.stop(reason)
+        while not self._inbox.empty():  # nothing enters it any more
+            command = self._inbox.get()
+            if isinstance(command, _Call):
+                command.future.set_exception(ServiceUnavailableError(reason))
+            elif isinstance(command, _Submit):
+                self._subscribers[command.request_id] = command
+        for sub in self._subscribers.values():
+            _hand_over(sub.loop, [(sub.put, _error_output(sub, f"request {sub.request_id} ended: {reason}"))])
+        self._subscribers.clear()
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            if not self._drain(block=not self.core.has_work):
-                break
-            if self.core.has_work:
-                self._step()
-            else:
-                self._record_state()  # aborts can empty the engine without a step
+            try:
+                if not self._drain(block=not self.core.has_work):
+                    break
+                if self.core.has_work:
+                    self._step()
+                else:
+                    self._record_state()  # aborts can empty the engine without a step
+            except Exception:  # a fault between steps: end every request rather than the engine thread
+                log.exception("the engine loop failed; failing every request")
+                self._finish_step(self.core.fail_all("the engine loop failed"), failed=True)
 
     def _drain(self, block: bool) -> bool:
         """Apply queued submissions and aborts; False once shutdown was requested."""
         while True:
+            if block:
+                self.health.going_idle()
             try:
                 command = self._inbox.get(block=block)
             except queue.Empty:
                 return True
+            if block:
+                self.health.woke()
             block = False
             if command is None:
                 return False
@@ -232,20 +316,28 @@ class AsyncEngine:
             try:
                 self.core.add_request(command.request_id, command.prompt_token_ids, command.params, command.adapter)
             except Exception as exc:
-                log.exception("could not add request %s", command.request_id)
-                _hand_over(command.loop, [(command.put, _error_output(command, str(exc)))])
+                log.exception("request %s failed: it could not be added", command.request_id)
+                self.metrics.record_request_failures(1)
+                message = exc.message if isinstance(exc, LoraplexError) else engine_error(command.request_id)
+                _hand_over(command.loop, [(command.put, _error_output(command, message))])
                 continue
             self._subscribers[command.request_id] = command
 
     def _step(self) -> None:
         start = time.perf_counter()
-        try:
-            outputs = self.core.step()
-        except Exception as exc:
-            log.exception("engine step failed; failing the running requests")
-            outputs = self.core.fail_all(f"internal engine error: {exc}")
+        outputs = self.core.step()  # contains its own failures, see LLMEngine
         if self.core.last_step_tokens:
             self.metrics.record_step(time.perf_counter() - start, self.core.last_step_tokens)
+        self._finish_step(outputs, self.core.last_step_failed)
+
+    def _finish_step(self, outputs: list[RequestOutput], failed: bool) -> None:
+        """Note the step's health, update the gauges and hand the outputs to their callers."""
+        self.health.step_done(failed)
+        if failed:
+            self.metrics.record_step_failure()
+        failures = self.core.num_request_failures
+        self.metrics.record_request_failures(failures - self._failures_recorded)
+        self._failures_recorded = failures
         self._record_state()
         # One wake-up per caller loop and step, not one per token: a cross-thread wake-up costs the
         # engine thread the GIL, which measured 2-3x slower steps at batch 32 when done per output.
@@ -266,11 +358,14 @@ class AsyncEngine:
             {adapter_name(key) for key in scheduler.running_adapters},  # names, not versions, in labels
             {adapter_name(key) for key in scheduler.waiting_adapters},
         )
+        self.metrics.set_adapter_slot_users(self.adapters.cache.slot_users())
 
 
 def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]):
-    if not loop.is_closed():
+    try:
         loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the caller's loop has closed: nobody is left to read these outputs
+        return
 
 
 def _put_all(items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:

@@ -67,6 +67,9 @@ class StopStringMatcher:
     stream completes first; on a tie, the longer one), so the result does not depend on how the text
     is split into pieces. A tail that could be the start of a stop string is held back until the
     next piece settles it: stop strings spanning pieces are found and never partly emitted.
+
+    Each stop string is followed by a Knuth-Morris-Pratt automaton, so memory is linear in the stop
+    strings' total length and each character of text costs amortised O(number of stop strings).
     """
 
     def __init__(self, stop: tuple[str, ...]) -> None:
@@ -75,30 +78,59 @@ class StopStringMatcher:
         self.stop = stop
         self.stopped = False
         self._held = ""
-        # Proper prefixes of the stop strings: the only tails worth holding back.
-        self._prefixes = {s[:n] for s in stop for n in range(1, len(s))}
-        self._max_held = max((len(s) - 1 for s in stop), default=0)
+        self._automata = [_PrefixAutomaton(s) for s in stop]
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns the text safe to emit and whether a stop string was reached (nothing follows it)."""
         if self.stopped:
             return "", True
-        text = self._held + text
-        matches = [(start + len(s), start) for s in self.stop if (start := text.find(s)) >= 0]
-        if matches:
-            self.stopped, self._held = True, ""
-            return text[: min(matches)[1]], True
-        held = self._held_length(text)
-        self._held = text[len(text) - held :]
-        return text[: len(text) - held], False
+        pending = self._held + text
+        for i, char in enumerate(text):
+            completed = [len(a.pattern) for a in self._automata if a.advance(char)]
+            if completed:
+                end = len(self._held) + i + 1  # the stop string ends here in `pending`; the longest one wins a tie
+                self.stopped, self._held = True, ""
+                return pending[: end - max(completed)], True
+        held = max((a.matched for a in self._automata), default=0)
+        self._held = pending[len(pending) - held :]
+        return pending[: len(pending) - held], False
 
     def flush(self) -> str:
         """Returns the held-back tail at the end of the stream ("" once a stop string was reached)."""
         held, self._held = self._held, ""
         return held
 
-    def _held_length(self, text: str) -> int:
-        for n in range(min(len(text), self._max_held), 0, -1):
-            if text[-n:] in self._prefixes:
-                return n
-        return 0
+
+class _PrefixAutomaton:
+    """Tracks the longest suffix of the text fed so far that is a prefix of `pattern` (KMP)."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.matched = 0  # characters of `pattern` matched by the end of the text
+        self._fallback = _failure_function(pattern)
+
+    def advance(self, char: str) -> bool:
+        """Feeds one character; True when the whole pattern ends with it."""
+        matched = self.matched
+        while matched and self.pattern[matched] != char:
+            matched = self._fallback[matched - 1]
+        if self.pattern[matched] == char:
+            matched += 1
+        if matched == len(self.pattern):  # a whole match: keep following, as for overlapping text
+            self.matched = self._fallback[matched - 1]
+            return True
+        self.matched = matched
+        return False
+
+
+def _failure_function(pattern: str) -> list[int]:
+    """`fallback[i]`: length of the longest proper prefix of `pattern[: i + 1]` that is also its suffix."""
+    fallback = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = fallback[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        fallback[i] = k
+    return fallback

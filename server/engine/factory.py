@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from server.adapters.limits import AdapterLimits
 from server.adapters.registry import AdapterRegistry
 from server.adapters.slots import attach_lora_slots
 from server.adapters.store import AdapterStore
@@ -15,7 +16,7 @@ from server.engine.merge_controller import MergeController
 from server.engine.merge_policy import MergePolicy, MergePolicyConfig, start_modes
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.errors import InvalidRequestError
+from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from server.model.kv_cache import KVCache
@@ -31,8 +32,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> AsyncEng
     return AsyncEngine(lambda: build_core(settings, metrics), settings, metrics)
 
 
-def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, str]:
-    """Load the model and assemble the engine core; returns it and the name the base model is served as."""
+def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, AdapterRegistry, str]:
+    """Load the model and assemble the engine core; returns it, the adapter registry and the base model's name."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     path = settings.model or default_model_dir()
@@ -43,7 +44,7 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, str]:
     max_model_len = min(settings.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
     if capacity < max_model_len:
         if settings.max_model_len is not None:
-            raise InvalidRequestError(
+            raise ConfigurationError(
                 f"--kv-cache-bytes {settings.kv_cache_bytes} holds {capacity} tokens, fewer than --max-model-len "
                 f"{max_model_len}; raise the cache budget or lower the length",
                 param="kv_cache_bytes",
@@ -54,23 +55,16 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, str]:
     attach_lora_slots(loaded.model, settings.max_loras)
     store = AdapterStore(settings.adapters_store)
     store.recover()  # a crash mid-upload leaves the store as it was
-    adapters = AdapterRegistry(
-        store,
-        loaded.model,
-        ModelInfo.from_model(loaded.model),
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
-        max_lora_rank=settings.max_lora_rank,
-        metrics=metrics,
-    )
+    info = ModelInfo.from_model(loaded.model)
+    adapters = AdapterRegistry(store, loaded.model, info, AdapterLimits.from_settings(settings), metrics)
     scheduler = Scheduler(
         SchedulerConfig.from_settings(settings, max_model_len),
         BlockManager(num_blocks, settings.block_size, enable_caching=settings.enable_prefix_caching),
-        adapter_fits=adapters.fits,
+        adapter_fits=adapters.cache.fits,
     )
     policy = MergePolicy(MergePolicyConfig.from_settings(settings), start_modes(settings, adapters.mode))
-    merger = MergeController(loaded.model, policy, adapters.host_weights, record=metrics.record_merge)
-    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters, merger)
+    merger = MergeController(loaded.model, policy, adapters.cache.host_weights, record=metrics.record_merge)
+    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters.cache, merger)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else loaded.name)
     log.info("serving %s on %s (%s): %d KV blocks, max_model_len %d", name, device, dtype, num_blocks, max_model_len)
-    return core, name
+    return core, adapters, name

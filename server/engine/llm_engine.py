@@ -8,15 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.registry import AdapterRegistry
+from server.adapters.cache import AdapterSlots
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.engine.logprobs import TokenLogprob
 from server.engine.merge_controller import MergeController
-from server.engine.outputs import RequestOutput
+from server.engine.outputs import RequestOutput, engine_error
 from server.engine.runner import ModelRunner, StepResult
-from server.engine.sampler import GeneratorFactory, SamplingRow
-from server.engine.scheduler import Scheduler
+from server.engine.sampler import INVALID_TOKEN, GeneratorFactory, SamplingRow
+from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.engine.structured import GrammarCompiler, GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,17 @@ class RequestState:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
+    grammar: GrammarState | None = None  # for requests with structured outputs
 
 
 class LLMEngine:
-    """Adds and aborts requests and advances all of them by one step per `step()` call."""
+    """Adds and aborts requests and advances all of them by one step per `step()` call.
+
+    A request owns its failures: whatever fails for it alone (adding it, its adapter slot, its sampling row, its
+    numbers, its text) ends it with an error output, frees its KV blocks and adapter slot, and leaves the others'
+    outputs as they would have been. A failure of the step itself (the forward) ends the requests of that step and
+    leaves nothing behind that could fail the next one.
+    """
 
     def __init__(
         self,
@@ -40,7 +48,7 @@ class LLMEngine:
         scheduler: Scheduler,
         tokenizer,
         server_seed: int,
-        adapters: AdapterRegistry,
+        adapters: AdapterSlots,
         merger: MergeController,
     ) -> None:
         self.runner = runner
@@ -49,58 +57,110 @@ class LLMEngine:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.generators = GeneratorFactory(server_seed)
+        self.grammars = GrammarCompiler(tokenizer, runner.loaded.spec.vocab_size, runner.loaded.spec.eos_token_ids)
         self.eos_token_ids = frozenset(runner.loaded.spec.eos_token_ids)
         self.max_model_len = scheduler.config.max_model_len
         self.requests: dict[str, RequestState] = {}
         self.last_step_tokens = 0  # tokens (prefill + decode) the latest step computed, for the metrics
+        self.last_step_failed = False  # the latest step failed as a whole, for health and metrics
+        self.num_request_failures = 0  # requests that ended with an error, since start
 
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None):
+        """Queue a request. Everything that can fail for it is built before the scheduler sees it, so a failure
+        here raises and leaves nothing behind."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id} is already running")
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter, arrival_time=time.monotonic())
-        self.scheduler.add(seq)
         generator = None if params.greedy else self.generators.create(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
-        self.requests[request_id] = RequestState(seq, generator, detok, StopStringMatcher(params.stop))
+        grammar = None if params.structured is None else self.grammars.start(params.structured)
+        state = RequestState(seq, generator, detok, StopStringMatcher(params.stop), grammar)
+        self.scheduler.add(seq)
+        self.requests[request_id] = state
 
     def abort(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
             self._finish(state.seq, FinishReason.CANCELLED)
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        """Finish every request with an error (after an engine fault); their KV blocks and slots are freed."""
-        outputs = []
-        for request_id, state in list(self.requests.items()):
-            self._finish(state.seq, FinishReason.ERROR)
-            outputs.append(self._output(state, "", [], FinishReason.ERROR, error=message))
-            del self.requests[request_id]
-        return outputs
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """End every request with an error (after a fault the engine cannot pin on some of them); free everything."""
+        seqs = [state.seq for state in self.requests.values()]
+        orphans = [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.request_id not in self.requests]
+        return [out for seq in (*seqs, *orphans) for out in self._fail(seq, reason)]
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, append sampled tokens and report what each sampled request produced."""
+        """Schedule, run the model, append sampled tokens and report what each sampled request produced.
+
+        Never raises: failures end the requests they concern (see the class docstring); `last_step_failed` tells
+        whether the step failed as a whole.
+        """
+        self.last_step_failed = False
+        try:
+            return self._step()
+        except Exception:
+            log.exception("engine step failed outside the forward; failing every request")
+            self.last_step_failed = True
+            return self.fail_all("the engine step failed")
+
+    def _step(self) -> list[RequestOutput]:
         self.merger.update(self.scheduler)  # merged-mode swaps happen here, between steps
         plan = self.scheduler.schedule()
         self.last_step_tokens = plan.num_batched_tokens
         for seq in plan.preempted:
             self._unbind(seq)
+        outputs = self._prepare(plan)
         if plan.is_empty:
-            return []
-        now = time.monotonic()
-        for item in plan.scheduled:
-            if item.seq.first_scheduled_time is None:
-                item.seq.first_scheduled_time = now
-            if item.seq.adapter is not None and item.seq.adapter_slot is None:
-                item.seq.adapter_slot = self.adapters.bind_slot(item.seq.adapter)
-        step = self.runner.execute(plan.scheduled, self._sampling_row, self.merger.merged)
+            return outputs
+        try:
+            step = self.runner.execute(plan.scheduled, self._sampling_row, self.merger.merged)
+        except Exception:
+            log.exception("engine step failed; failing the %d requests of the step", len(plan.scheduled))
+            self.last_step_failed = True
+            return outputs + [out for item in plan.scheduled for out in self._fail(item.seq, "its step failed")]
         self.scheduler.advance(plan)
-        return self._postprocess(step)
+        return outputs + self._postprocess(step)
+
+    def _prepare(self, plan: SchedulerOutput) -> list[RequestOutput]:
+        """Stamp first scheduling and bind adapter slots; a sequence that cannot run leaves the step, failed."""
+        now = time.monotonic()
+        outputs, kept = [], []
+        for item in plan.scheduled:
+            seq = item.seq
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            if seq.request_id not in self.requests:  # an engine bug; dropping it keeps the next steps sound
+                outputs += self._fail(seq, "the scheduler held a sequence with no request")
+                continue
+            try:
+                if seq.adapter is not None and seq.adapter_slot is None:
+                    seq.adapter_slot = self.adapters.bind_slot(seq.adapter)
+            except Exception as exc:
+                outputs += self._fail(seq, "its adapter could not be put in a device slot", exc)
+                continue
+            kept.append(item)
+        plan.scheduled = kept
+        return outputs
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        self.scheduler.finish(seq, reason)
-        self._unbind(seq)
+        try:
+            self.scheduler.finish(seq, reason)
+        finally:
+            self._unbind(seq)
+
+    def _fail(self, seq: Sequence, reason: str, exc: BaseException | None = None) -> list[RequestOutput]:
+        """End one request with an error: the log has the detail under its id, the client a generic message."""
+        log.error("request %s failed: %s", seq.request_id, reason, exc_info=exc)
+        self.num_request_failures += 1
+        state = self.requests.pop(seq.request_id, None)
+        self._finish(seq, FinishReason.ERROR)
+        if state is None:
+            return []
+        return [self._output(state, "", [], FinishReason.ERROR, error=engine_error(seq.request_id))]
 
     def _unbind(self, seq: Sequence) -> None:
         if seq.adapter_slot is not None:
@@ -108,8 +168,11 @@ class LLMEngine:
             seq.adapter_slot = None
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        generator = self.requests[seq.request_id].generator
-        return SamplingRow(seq.params, generator, seq.num_output_tokens, seq.prompt_token_ids, seq.output_token_ids)
+        state = self.requests[seq.request_id]
+        return SamplingRow(
+            seq.params, state.generator, seq.num_output_tokens, seq.prompt_token_ids, seq.output_token_ids,
+            seq.request_id, state.grammar,
+        )  # fmt: skip
 
     def _postprocess(self, step: StepResult) -> list[RequestOutput]:
         for request_id, scored in step.prompt_logprobs.items():
@@ -118,9 +181,19 @@ class LLMEngine:
         outputs = []
         for item, token in step.sampled:
             state = self.requests.get(item.seq.request_id)
-            if state is not None:
+            if state is None:
+                continue
+            if token == INVALID_TOKEN:
+                outputs += self._fail(item.seq, "sampling failed: non-finite logits or probabilities, or its generator")
+                continue
+            if state.grammar is not None and not state.grammar.accept(token):
+                outputs += self._fail(item.seq, f"its grammar refused token {token}: {state.grammar.error}")
+                continue
+            try:
                 out = self._score_only(state) if item.seq.params.max_tokens == 0 else self._append_token(state, token)
                 outputs.append(self._with_logprobs(out, state.seq, step.logprobs.get(item.seq.request_id)))
+            except Exception as exc:
+                outputs += self._fail(item.seq, "turning its token into its output failed", exc)
         return outputs
 
     def _score_only(self, state: RequestState) -> RequestOutput:

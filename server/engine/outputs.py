@@ -26,6 +26,11 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., in the request's first output only
 
 
+def engine_error(request_id: str) -> str:
+    """What a client learns of a failure inside the engine: that it happened, and the id the log files it under."""
+    return f"request {request_id} failed inside the engine; the server log has the details under this id"
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """An entry of /v1/models: the base model or an adapter on it."""

@@ -9,9 +9,10 @@ import torch
 
 from server.engine.batch_builder import build_forward_batch
 from server.engine.logprobs import TokenLogprob, prompt_positions, sampled_logprobs, score_prompt
-from server.engine.sampler import Sampler, SamplingRow
+from server.engine.sampler import INVALID_TOKEN, Sampler, SamplingRow
 from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
+from server.engine.structured import MaskBuilder
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
 from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
@@ -36,6 +37,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache = KVCache(loaded.spec, num_blocks, block_size, loaded.dtype, loaded.device)
         self.sampler = Sampler(loaded.spec.eos_token_ids)
+        self.masks = MaskBuilder()
 
     @torch.inference_mode()
     def execute(
@@ -62,15 +64,27 @@ class ModelRunner:
         with_adapters = any(slot >= 0 or (merged is not None and slot != MERGED_SLOT) for slot in adapter_slots)
         batch = build_forward_batch(work, self.block_size, self.device, adapter_slots if with_adapters else None)
         lora = make_lora_batch(batch.adapter_slots) if batch.adapter_slots is not None else None
+        sampling = [item for item in items if item.samples]
+        rows = [row_of(item.seq) for item in sampling]
+        masks = self.masks.start([row.grammar for row in rows])  # computed while the forward runs
         hidden = self.model(batch, self.kv_cache, lora)  # [T, hidden]
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [L, vocab]
-        sampling = [item for item in items if item.samples]
-        tokens = self.sampler.sample(logits, [row_of(item.seq) for item in sampling])
+        tokens = self.sampler.sample(logits, rows, masks)
         return StepResult(
             list(zip(sampling, tokens, strict=True)),
-            sampled_logprobs(logits, tokens, [item.seq for item in sampling]),
+            self._sampled_logprobs(logits, tokens, sampling),
             self._prompt_logprobs(hidden, batch.query_start.tolist(), items),
         )
+
+    @staticmethod
+    def _sampled_logprobs(
+        logits: torch.Tensor, tokens: list[int], sampling: list[ScheduledSequence]
+    ) -> dict[str, TokenLogprob]:
+        """Logprobs of the sampled tokens; rows whose sampling failed (INVALID_TOKEN) have none. `logits: [L, V]`."""
+        kept = [i for i, token in enumerate(tokens) if token != INVALID_TOKEN]
+        if len(kept) < len(tokens):
+            logits, tokens, sampling = logits[kept], [tokens[i] for i in kept], [sampling[i] for i in kept]
+        return sampled_logprobs(logits, tokens, [item.seq for item in sampling])
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, query_start: list[int], items: list[ScheduledSequence]

@@ -14,6 +14,7 @@ one uniform per row on the CPU and inverting the cumulative distribution on the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -21,8 +22,12 @@ import torch
 
 from server.engine.penalties import apply_min_p, apply_penalties
 from server.engine.sequence import SamplingParams
+from server.engine.structured import GrammarMasks, GrammarState
+
+log = logging.getLogger(__name__)
 
 _SEED_BOUND = 2**63 - 1
+INVALID_TOKEN = -1  # a row whose own sampling failed: its request ends with an error, the other rows go on
 
 
 class GeneratorFactory:
@@ -47,6 +52,8 @@ class SamplingRow:
     num_generated: int  # output tokens so far, before this step's token
     prompt_token_ids: Sequence[int] = ()  # read by the penalties only
     output_token_ids: Sequence[int] = ()
+    request_id: str = ""  # for the log, when this row fails
+    grammar: GrammarState | None = None  # constrained rows only
 
 
 class Sampler:
@@ -56,20 +63,29 @@ class Sampler:
         # Ids banned while a row has generated fewer than min_tokens: EOS and any other stop token ids.
         self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-        """Next token id of each row; `logits: [L, V]` float32 on any device, one row per entry of `rows`."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], masks: GrammarMasks | None = None) -> list[int]:
+        """Next token id of each row; `logits: [L, V]` float32 on any device, one row per entry of `rows`.
+
+        `masks` holds the grammar masks of the constrained rows, when there are any.
+
+        A row whose logits or probabilities are not finite, or whose generator fails, gets INVALID_TOKEN (logged
+        with its request id); every other row samples exactly as it would without it.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        uniforms, failed = draw_uniforms(rows)
         logits = apply_penalties(
             logits, [r.params for r in rows], [(r.prompt_token_ids, r.output_token_ids) for r in rows]
         )
         logits = self._ban_eos(logits, rows)
+        if masks is not None:
+            logits = masks.apply(logits)
         next_ids = logits.argmax(dim=-1)  # [L]
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             idx = torch.tensor(sampled, device=logits.device)
-            next_ids[idx] = self._draw(logits[idx], [rows[i] for i in sampled])
-        return next_ids.tolist()
+            next_ids[idx] = self._draw(logits[idx], [rows[i] for i in sampled], uniforms[sampled])
+        return checked_token_ids(next_ids, logits, rows, failed)
 
     def _ban_eos(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Logits with EOS and stop token ids at -inf in rows short of min_tokens; a copy only when some row is."""
@@ -84,8 +100,8 @@ class Sampler:
         row_idx, col_idx = torch.tensor(banned, device=logits.device).T  # [B], [B]
         return logits.index_put((row_idx, col_idx), torch.tensor(float("-inf"), device=logits.device))
 
-    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Sampled token ids `[S]` for `logits: [S, V]`, after temperature, top-k and top-p."""
+    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
+        """Sampled token ids `[S]` for `logits: [S, V]`, after temperature, top-k and top-p; `uniforms: [S]`."""
         device = logits.device
         temperature = torch.tensor([row.params.temperature for row in rows], device=device)  # [S]
         logits = logits / temperature[:, None]  # [S, V]
@@ -96,8 +112,41 @@ class Sampler:
             top_p = torch.tensor([row.params.top_p for row in rows], device=device)  # [S]
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)  # [S, V]
-        uniforms = torch.stack([torch.rand((), dtype=torch.float64, generator=_generator(row)) for row in rows])
         return inverse_cdf(probs, uniforms.to(device, non_blocking=True))
+
+
+def draw_uniforms(rows: list[SamplingRow]) -> tuple[torch.Tensor, set[int]]:
+    """One float64 uniform `[L]` per sampled row from its own generator (0.5 for greedy rows), and the rows whose
+    generator failed. Drawn before anything else, one row at a time, so a failing row costs no other row a draw."""
+    values, failed = [], set()
+    for i, row in enumerate(rows):
+        value = 0.5
+        if not row.params.greedy:
+            try:
+                value = float(torch.rand((), dtype=torch.float64, generator=_generator(row)))
+            except Exception:
+                log.exception("request %s: its generator failed", row.request_id)
+                failed.add(i)
+        values.append(value)
+    return torch.tensor(values, dtype=torch.float64), failed
+
+
+def checked_token_ids(
+    next_ids: torch.Tensor, logits: torch.Tensor, rows: list[SamplingRow], failed: set[int]
+) -> list[int]:
+    """`next_ids: [L]` as a list, INVALID_TOKEN where a row failed: its generator, or non-finite numbers.
+
+    A row's numbers are usable when its largest logit is finite (no NaN, no +inf, not all -inf) and its sampled id
+    is inside the vocabulary (NaN probabilities make the inverse CDF run off the end). One device sync, as before.
+    """
+    usable = torch.isfinite(logits.amax(dim=-1)) & (next_ids >= 0) & (next_ids < logits.shape[-1])  # [L]
+    token_ids = torch.where(usable, next_ids, INVALID_TOKEN).tolist()
+    for i in failed:
+        token_ids[i] = INVALID_TOKEN
+    for i, token in enumerate(token_ids):
+        if token == INVALID_TOKEN and i not in failed:
+            log.error("request %s: its logits or probabilities are not finite", rows[i].request_id)
+    return token_ids
 
 
 def _generator(row: SamplingRow) -> torch.Generator:
@@ -129,9 +178,12 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Token ids `[S]` drawn from `probs: [S, V]`, row s picking the token where its CDF crosses `uniforms[s]`.
 
     The CDF is accumulated in float64 and the target kept strictly below the total, so a token with
-    probability zero is never picked.
+    probability zero is never picked. A row whose probabilities do not sum to a positive finite number (NaN or
+    infinite logits) gets INVALID_TOKEN, never an index past the vocabulary.
     """
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [S, V]
     total = cdf[:, -1:]  # [S, 1]
     target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # [S, 1]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [S]
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [S]
+    usable = torch.isfinite(total[:, 0]) & (total[:, 0] > 0)  # [S]
+    return torch.where(usable, ids, INVALID_TOKEN)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from server.engine.logprobs import TokenLogprob
+    from server.engine.structured import GrammarSpec
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     min_p: float = 0.0  # 0 = off
     stop_token_ids: tuple[int, ...] = ()  # generation stops after any of these (kept out of the text, like EOS)
+    structured: GrammarSpec | None = None  # what the output must match (server.engine.structured)
 
     @property
     def greedy(self) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.errors import InvalidRequestError
+from server.errors import ConfigurationError
 
 # model_type -> whether q/k/v projections carry a bias (the only per-family difference our forward needs).
 ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -18,7 +18,7 @@ ARCHITECTURES: dict[str, dict[str, bool]] = {
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class UnsupportedModelError(InvalidRequestError):
+class UnsupportedModelError(ConfigurationError):
     """The checkpoint's architecture or options are outside what the forward implements."""
 
 

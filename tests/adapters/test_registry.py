@@ -55,27 +55,27 @@ def engine(tiny_model_dir, store) -> Iterator[AsyncEngine]:
 
 def replace(registry: AdapterRegistry, name: str, source: Path) -> None:
     with (source / "adapter_config.json").open("rb") as config, (source / "adapter_model.safetensors").open("rb") as w:
-        registry.add(name, config, w, replace=True, mode=None, pinned=None, max_adapter_bytes=2**20)
+        registry.add(name, config, w, replace=True, mode=None, pinned=None)
 
 
 async def test_a_replacement_leaves_running_sequences_their_version(engine, sources):
     registry = engine.adapters
     old = await registry.acquire("a")
-    old_slot = registry.bind_slot(old)
-    old_weights = registry.host_weights(old)
+    old_slot = registry.cache.bind_slot(old)
+    old_weights = registry.cache.host_weights(old)
     replace(registry, "a", sources["b"])
     new = await registry.acquire("a")
     assert new != old and adapter_name(new) == adapter_name(old) == "a"
-    new_slot = registry.bind_slot(new)
-    assert new_slot != old_slot and registry.slots.holds(old) and registry.host_weights(old) is old_weights
+    new_slot = registry.cache.bind_slot(new)
+    assert new_slot != old_slot and old in registry.cache.resident() and registry.cache.host_weights(old) is old_weights
     assert registry.view("a").running == 2
-    registry.unbind_slot(old)
+    registry.cache.unbind_slot(old)
     registry.release(old)
-    assert not registry.slots.holds(old) and registry.host_weights(old) is None  # freed with its last user
-    assert registry.slots.holds(new)
-    registry.unbind_slot(new)
+    assert old not in registry.cache.resident() and registry.cache.host_weights(old) is None  # freed with its last user
+    assert new in registry.cache.resident()
+    registry.cache.unbind_slot(new)
     registry.release(new)
-    assert registry.slots.holds(new)  # the current version stays resident until evicted
+    assert new in registry.cache.resident()  # the current version stays resident until evicted
 
 
 async def test_a_deleted_adapter_serves_its_running_requests_then_goes(engine, store):
@@ -85,11 +85,11 @@ async def test_a_deleted_adapter_serves_its_running_requests_then_goes(engine, s
     assert not (store / "a").exists() and not registry.exists("a")
     with pytest.raises(NotFoundError):
         await registry.acquire("a")
-    slot = registry.bind_slot(key)  # a sequence admitted before the deletion still runs
-    assert slot >= 0 and registry.host_weights(key) is not None
-    registry.unbind_slot(key)
+    slot = registry.cache.bind_slot(key)  # a sequence admitted before the deletion still runs
+    assert slot >= 0 and registry.cache.host_weights(key) is not None
+    registry.cache.unbind_slot(key)
     registry.release(key)
-    assert registry.host_weights(key) is None and registry.slots.resident() == []
+    assert registry.cache.host_weights(key) is None and registry.cache.resident() == []
     assert [name for name, _ in registry.listing()] == ["b", "c", "d"]
 
 
@@ -97,20 +97,20 @@ async def test_a_pinned_adapter_is_never_evicted_and_holds_its_slot(engine):
     registry = engine.adapters
     registry.update("a", mode=None, pinned=True)
     pinned = await registry.acquire("a")
-    registry.bind_slot(pinned)
-    registry.unbind_slot(pinned)
+    registry.cache.bind_slot(pinned)
+    registry.cache.unbind_slot(pinned)
     registry.release(pinned)
     for name in ["b", "c", "d"]:
         key = await registry.acquire(name)
-        assert registry.fits(key, set()) and not registry.fits(key, {"x@1"})  # the pin leaves one slot
-        registry.bind_slot(key)
-        registry.unbind_slot(key)
+        assert registry.cache.fits(key, set()) and not registry.cache.fits(key, {"x@1"})  # the pin leaves one slot
+        registry.cache.bind_slot(key)
+        registry.cache.unbind_slot(key)
         registry.release(key)
-        assert registry.slots.holds(pinned) and registry.host_weights(pinned) is not None
+        assert pinned in registry.cache.resident() and registry.cache.host_weights(pinned) is not None
     registry.update("a", mode=None, pinned=False)
     key = await registry.acquire("b")
-    registry.bind_slot(key)
-    assert not registry.slots.holds(pinned)  # unpinned, it is evicted like any idle adapter
+    registry.cache.bind_slot(key)
+    assert pinned not in registry.cache.resident()  # unpinned, it is evicted like any idle adapter
 
 
 async def test_the_host_cache_evicts_least_recently_used(tiny_model_dir, store):
@@ -121,10 +121,28 @@ async def test_the_host_cache_evicts_least_recently_used(tiny_model_dir, store):
         for name in ["a", "b", "c"]:
             keys.append(await registry.acquire(name))
             registry.release(keys[-1])
-        assert [registry.host_weights(k) is not None for k in keys] == [False, True, True]
+        assert [registry.cache.host_weights(k) is not None for k in keys] == [False, True, True]
         assert registry.view("a").tier == "disk" and registry.view("c").tier == "host"
     finally:
         engine.shutdown()
+
+
+async def test_the_host_cache_is_bounded_in_bytes(engine, tiny_model_dir, store):
+    key = await engine.adapters.acquire("a")
+    size = engine.adapters.cache.host_weights(key).num_bytes  # every source adapter has the same shapes
+    engine.adapters.release(key)
+    bounded = start(tiny_model_dir, store, max_loras=1, max_cpu_loras=8, max_cpu_lora_bytes=size * 3 // 2)
+    try:
+        registry = bounded.adapters
+        keys = []
+        for name in ["a", "b", "c"]:
+            keys.append(await registry.acquire(name))
+        assert all(registry.cache.host_weights(k) is not None for k in keys)  # held ones stay, whatever the budget
+        for k in keys:
+            registry.release(k)
+        assert [registry.cache.host_weights(k) is not None for k in keys] == [False, False, True]
+    finally:
+        bounded.shutdown()
 
 
 async def test_folders_added_or_removed_by_hand_are_noticed(engine, store, sources):
@@ -187,7 +205,7 @@ async def test_a_caller_giving_up_does_not_cancel_a_shared_load(tiny_model_dir, 
         await asyncio.sleep(0.1)
         quitter.cancel()
         key = await stayer
-        assert registry.host_weights(key) is not None and registry.view("b").waiting == 1
+        assert registry.cache.host_weights(key) is not None and registry.view("b").waiting == 1
         registry.release(key)
         assert registry.view("b").waiting == 0
     finally:
@@ -201,8 +219,8 @@ async def test_a_sequence_whose_request_was_cancelled_gets_no_slot(tiny_model_di
         cancelled = await registry.acquire("a")
         registry.release(cancelled)  # the request hung up before the engine dropped its sequence
         other = await registry.acquire("b")  # pushes "a" out of the host cache
-        assert registry.bind_slot(cancelled) is None and registry.slots.resident() == []
-        assert registry.bind_slot(other) == 0
+        assert registry.cache.bind_slot(cancelled) is None and registry.cache.resident() == []
+        assert registry.cache.bind_slot(other) == 0
         assert registry.mode(cancelled) == registry.mode("a") == "unmerged"
     finally:
         engine.shutdown()
@@ -219,4 +237,4 @@ async def test_requests_wait_for_a_slot_next_to_a_pinned_adapter(engine):
     results = await asyncio.gather(*[run(name, i) for i, name in enumerate(["a", "b", "c", "d", "b", "a"])])
     assert all(outs[-1].finished and outs[-1].error is None for outs in results)
     assert sum(len(o.token_ids) for o in results[1]) == 6
-    assert len(registry.slots.resident()) == 2 and registry.view("a").tier == "device"
+    assert len(registry.cache.resident()) == 2 and registry.view("a").tier == "device"

@@ -16,6 +16,7 @@ from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.structured import GrammarSpec, check_grammar
 from server.errors import InvalidRequestError, NotFoundError, QueueFullError
 
 
@@ -41,12 +42,17 @@ class FakeEngine:
     queue_full: bool = False
     step_delay_s: float = 0.0
     fail_after: int | None = None  # report an engine error after this many tokens
+    problem: str | None = None  # what health_problem reports
     submitted: list[Submitted] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    compiled: list[GrammarSpec] = field(default_factory=list)
     shut_down: bool = False
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def health_problem(self) -> str | None:
+        return self.problem
 
     def list_models(self) -> list[ModelCard]:
         base = ModelCard(name=self.served_model_name, parent=None, created=1_700_000_000)
@@ -61,6 +67,10 @@ class FakeEngine:
 
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in prompt]
+
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        check_grammar(spec)
+        self.compiled.append(spec)
 
     def decode(self, token_ids: list[int]) -> str:
         return "".join(map(chr, token_ids))

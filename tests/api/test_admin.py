@@ -49,7 +49,8 @@ def store(tmp_path):
 
 @pytest.fixture
 async def served(tiny_model_dir, store) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    async with running_app(admin_settings(tiny_model_dir, store, max_adapter_bytes=200_000)) as served:
+    settings = admin_settings(tiny_model_dir, store, max_adapter_bytes=200_000, max_concurrent_uploads=10)
+    async with running_app(settings) as served:  # ten uploads at once: test_ten_concurrent_uploads
         yield served
 
 

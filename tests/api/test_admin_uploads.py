@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import pickle
+import shutil
 import struct
 from collections.abc import AsyncIterator, Callable
 
@@ -15,7 +17,7 @@ from admin_helpers import AUTH, admin_settings, files_of, running_app, store_ent
 from admin_helpers import upload as upload_to
 from safetensors.torch import load, save
 
-from server.adapters.records import MAX_CONFIG_BYTES
+from server.adapters.config import MAX_CONFIG_BYTES
 from tests.adapters.test_store import BAD_NAMES
 from tests.helpers import make_peft_adapter
 
@@ -70,6 +72,36 @@ def first_a(tensors: dict[str, torch.Tensor]) -> str:
     return next(name for name in sorted(tensors) if "lora_A" in name)
 
 
+def config_with(field: bytes) -> Callable[[Files], Files]:
+    """The config with `field` (raw JSON text, `"key": value`) added first, byte for byte."""
+    return lambda files: {**files, "config": ("adapter_config.json", b"{" + field + b"," + files["config"][1][1:])}
+
+
+def header_with(field: bytes) -> Callable[[Files], Files]:
+    """The weights with `field` (raw JSON text) added first to their safetensors header, tensors unchanged."""
+
+    def apply(files: Files) -> Files:
+        data = files["weights"][1]
+        length = struct.unpack("<Q", data[:8])[0]
+        header = b"{" + field + b"," + data[8 : 8 + length][1:]
+        return {**files, "weights": ("adapter_model.safetensors", struct.pack("<Q", len(header)) + header +
+                                     data[8 + length :])}  # fmt: skip
+
+    return apply
+
+
+DEEP = b'"x": ' + b"[" * 40_000 + b"]" * 40_000
+HUGE_INT = b'"x": 1' + b"0" * 5_000
+HOSTILE_JSON = {
+    "deep": (DEEP, "nested deeper"),
+    "huge-int": (HUGE_INT, "64-bit"),
+    "not-utf8": (b'"x": "\xff\xfe"', "UTF-8"),
+    "nan": (b'"x": NaN', "NaN"),
+    "infinity": (b'"x": -Infinity', "Infinity"),
+    "overflowing-float": (b'"x": 1e999', "infinity"),
+}
+
+
 BAD_UPLOADS = {
     "pickle": (weights_bytes(pickle.dumps({"w": [1.0]})), 415, "pickle"),
     "zip": (weights_bytes(torch_zip()), 415, "zip archive"),
@@ -85,6 +117,14 @@ BAD_UPLOADS = {
     "rank-mismatch": (config_changed(r=8), 422, "has shape"),
     "catastrophic-regex": (config_changed(target_modules="(.*.*)*z"), 422, "catastrophic"),
     "foreign-target": (config_changed(target_modules=["embed_tokens"]), 422, "target_modules"),
+    "lone-surrogate": (lambda f: {**f, "config": ("adapter_config.json", f["config"][1].replace(b'"v_proj"',
+                       b'"v_proj", "\\ud800"'))}, 422, "surrogate"),
+    "long-list": (config_changed(target_modules=["q_proj"] * 2000), 422, "more than 1024"),
+    "long-name": (config_changed(exclude_modules=["x" * 600]), 422, "longer than"),
+    "scale-overflow": (config_changed(lora_alpha=3e38), 422, "not finite"),
+    "long-tensor-name": (tensors_changed(lambda t: t.update({"x" * 600: torch.zeros(1)})), 422, "over 512 characters"),
+    **{f"config-{case}": (config_with(field), 422, reason) for case, (field, reason) in HOSTILE_JSON.items()},
+    **{f"header-{case}": (header_with(field), 422, reason) for case, (field, reason) in HOSTILE_JSON.items()},
 }  # fmt: skip
 
 
@@ -156,3 +196,40 @@ async def _chunked(files: Files) -> AsyncIterator[bytes]:
             yield content[start : start + 256 * 1024]
         yield b"\r\n"
     yield f"--{BOUNDARY}--\r\n".encode()
+
+
+async def test_uploads_over_the_concurrency_bound_get_429(tiny_model_dir, store, adapters):
+    release = asyncio.Event()
+    files = files_of(adapters["lora"])
+
+    async def stalled_body() -> AsyncIterator[bytes]:
+        chunks = [chunk async for chunk in _chunked(files)]
+        yield chunks[0]
+        await release.wait()  # the first upload holds its slot while its body trickles in
+        for chunk in chunks[1:]:
+            yield chunk
+
+    async with running_app(admin_settings(tiny_model_dir, store, max_concurrent_uploads=1)) as (client, _):
+        first = asyncio.create_task(client.post("/admin/adapters", content=stalled_body(), headers={**AUTH,
+                                                **_multipart()}))  # fmt: skip
+        await asyncio.sleep(0.3)
+        busy = await upload_to(client, "other", adapters["lora"])
+        assert busy.status_code == 429 and busy.headers["retry-after"].isdigit()
+        assert "--max-concurrent-uploads" in busy.json()["error"]["message"]
+        release.set()
+        assert (await first).status_code == 201
+        assert (await upload_to(client, "other", adapters["lora"])).status_code == 201
+    assert store_entries(store) == ["big", "other"]
+
+
+async def test_a_hostile_folder_dropped_in_by_hand_is_listed_with_its_error(tiny_model_dir, store, adapters):
+    store.mkdir()
+    folder = shutil.copytree(adapters["lora"], store / "hostile")
+    (folder / "adapter_config.json").write_bytes(b'{"peft_type": "LORA", "target_modules": ["\\ud800"], "r": 4}')
+    async with running_app(admin_settings(tiny_model_dir, store)) as (client, _):
+        listed = await client.get("/admin/adapters", headers=AUTH)
+        assert listed.status_code == 200
+        [record] = listed.json()["data"]
+        assert record["name"] == "hostile" and record["target_modules"] is None and "surrogate" in record["error"]
+        response = await client.post("/v1/completions", json={"model": "hostile", "prompt": "x", "max_tokens": 2})
+        assert response.status_code == 422

@@ -114,9 +114,10 @@ async def test_null_sampling_fields_take_defaults(client: httpx.AsyncClient, eng
     assert (params.temperature, params.top_p, params.top_k, params.stop) == (1.0, 1.0, 0, ())
 
 
-async def test_unknown_fields_are_ignored(client: httpx.AsyncClient) -> None:
-    response = await complete(client, prompt="abc", user="someone", some_vendor_field={"x": 1})
-    assert response.status_code == 200
+async def test_unknown_fields_are_refused_and_user_is_ignored(client: httpx.AsyncClient) -> None:
+    assert (await complete(client, prompt="abc", user="someone")).status_code == 200
+    response = await complete(client, prompt="abc", some_vendor_field={"x": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "some_vendor_field"
 
 
 async def test_neutral_values_of_unsupported_fields_pass(client: httpx.AsyncClient) -> None:

@@ -44,7 +44,8 @@ async def test_hang_up_without_streaming_cancels(
 async def test_hang_up_mid_stream_cancels(
     app: FastAPI, client: httpx.AsyncClient, slow_engine: FakeEngine, n: int
 ) -> None:
-    body = {**LONG, "messages": [{"role": "user", "content": "x"}], "n": n, "stream": True}
+    chat = {key: value for key, value in LONG.items() if key != "prompt"}
+    body = {**chat, "messages": [{"role": "user", "content": "x"}], "n": n, "stream": True}
     call = HangUpCall(app, "/v1/chat/completions", body)
     task = asyncio.create_task(call.run())
     await asyncio.wait_for(call.got_body.wait(), timeout=2)

@@ -11,6 +11,9 @@ from fake_engine import FakeEngine
 from fastapi import FastAPI
 
 from server import errors
+from server.api import create_app
+from server.api.errors import error_body, status_of
+from server.settings import Settings
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
@@ -31,9 +34,7 @@ def assert_error(response: httpx.Response, status: int, error_type: str, param: 
         ({"prompt": ["a", ""]}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": [1, -2]}, "prompt"),
-        ({"prompt": ["a", [1]]}, "prompt"),
-        ({"prompt": {"text": "a"}}, "prompt"),
-        ({"model": None}, "model"),
+        ({"prompt": [1, 2**31]}, "prompt"),
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0}, "top_p"),
@@ -61,15 +62,127 @@ def assert_error(response: httpx.Response, status: int, error_type: str, param: 
         ({"n": 0}, "n"),
         ({"stop": [""]}, "stop[0]"),
         ({"stop": ["x"] * 17}, "stop"),
-        ({"stop": 3}, "stop"),
-        ({"ignore_eos": "sometimes"}, "ignore_eos"),
+        ({"stop": ["x" * 257]}, "stop[0]"),
         ({"max_tokens": 100, "prompt": "a" * 100}, "max_tokens"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 2**63 - 1, "n": 2}, "seed"),
+        ({"top_k": 2**31}, "top_k"),
+        ({"max_tokens": 2**31}, "max_tokens"),
+        ({"n": 129}, "n"),
+        ({"prompt": ["a"] * 65}, "prompt"),
+        ({"prompt": ["a"] * 40, "n": 10}, "n"),
+        ({"colour": "red"}, "colour"),
+        ({"best_of_three": 1}, "best_of_three"),
+        ({"stream_options": {"include_usage": True, "extra": 1}}, "stream_options.extra"),
     ],
 )
 async def test_bad_completion_fields(client: httpx.AsyncClient, fields: dict, param: str) -> None:
     response = await client.post("/v1/completions", json={"model": "base-model", "prompt": "hi", **fields})
     error = assert_error(response, 400, "invalid_request_error", param)
     assert param.split("[")[0] in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"ignore_eos": "sometimes"}, "ignore_eos"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"n": "2"}, "n"),
+        ({"seed": True}, "seed"),
+        ({"stop": 3}, "stop"),
+        ({"model": None}, "model"),
+        ({"prompt": ["a", [1]]}, "prompt"),
+        ({"prompt": {"text": "a"}}, "prompt"),
+        ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ],
+)
+async def test_values_of_the_wrong_json_type_are_422(client: httpx.AsyncClient, fields: dict, param: str) -> None:
+    response = await client.post("/v1/completions", json={"model": "base-model", "prompt": "hi", **fields})
+    error = assert_error(response, 422, "invalid_request_error", param)
+    assert param.split("[")[0] in error["message"]
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 9e-6])
+async def test_temperatures_that_would_underflow_are_greedy(
+    client: httpx.AsyncClient, engine: FakeEngine, temperature: float
+) -> None:
+    response = await client.post(
+        "/v1/completions", json={"model": "base-model", "prompt": "hi", "temperature": temperature}
+    )
+    assert response.status_code == 200, response.text
+    assert engine.submitted[-1].params.temperature == 0.0
+
+
+async def test_the_body_may_not_hold_nan(client: httpx.AsyncClient) -> None:
+    body = b'{"model": "base-model", "prompt": "hi", "temperature": NaN}'
+    response = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_request_error", "temperature")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"model": "base-model", "prompt": "a\\\\ud800b"}', None),
+        (b'{"model": "base-model", "prompt": "a\ud800b"}', "prompt"),
+        (b'{"model": "base-model", "prompt": ["ok", "\udfff"]}', "prompt[1]"),
+        (b'{"model": "base-model", "prompt": "a", "stop": ["\ud83d"]}', "stop[0]"),
+        (b'{"model": "\ud800", "prompt": "a"}', "model"),
+        (b'{"model": "base-model", "prompt": "a", "\ud800": 1}', "\\ud800"),
+    ],
+)
+async def test_lone_surrogates_are_400_naming_the_field(client: httpx.AsyncClient, body: bytes, param: str) -> None:
+    response = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    if param is None:  # an escaped backslash: plain text
+        assert response.status_code == 200, response.text
+        return
+    error = assert_error(response, 400, "invalid_request_error", param)
+    assert "surrogate" in error["message"]
+
+
+async def test_chat_content_with_a_lone_surrogate_is_400(client: httpx.AsyncClient) -> None:
+    body = b'{"model": "base-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}'
+    response = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, "invalid_request_error", "messages[0].content[0].text")
+
+
+@pytest.mark.parametrize("depth", [33, 5000])
+async def test_deeply_nested_bodies_are_400(client: httpx.AsyncClient, depth: int) -> None:
+    body = '{"model": "base-model", "prompt": "a", "user": ' + "[" * depth + "]" * depth + "}"
+    response = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"] or "user").startswith("user") and "nested deeper than 32" in error["message"]
+
+
+async def test_bounds_follow_the_settings(engine: FakeEngine) -> None:
+    settings = Settings(max_prompts=2, max_stop_strings=1, max_messages=1, max_text_chars=3, max_stop_chars=2)
+    app = create_app(settings, lambda *_: engine)
+    async with app.router.lifespan_context(app), _client(app) as client:
+        await wait_until_healthy(client)
+        for fields, param in [
+            ({"prompt": ["a", "b", "c"]}, "prompt"),
+            ({"prompt": "abcd"}, "prompt"),
+            ({"stop": ["a", "b"]}, "stop"),
+            ({"stop": "abc"}, "stop[0]"),
+        ]:
+            response = await client.post("/v1/completions", json={"model": "base-model", "prompt": "hi", **fields})
+            assert_error(response, 400, "invalid_request_error", param)
+        two = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        response = await client.post("/v1/chat/completions", json={"model": "base-model", "messages": two})
+        error = assert_error(response, 400, "invalid_request_error", "messages")
+        assert "--max-messages" in error["message"]
+        long = [{"role": "user", "content": "abcd"}]
+        response = await client.post("/v1/chat/completions", json={"model": "base-model", "messages": long})
+        assert_error(response, 400, "invalid_request_error", "messages[0].content")
+        schema = (await client.get("/openapi.json")).json()["components"]["schemas"]
+        assert schema["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] == 1
+
+
+def _client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
 
 
 async def test_context_overflow_names_both_numbers(client: httpx.AsyncClient) -> None:
@@ -82,7 +195,6 @@ async def test_context_overflow_names_both_numbers(client: httpx.AsyncClient) ->
     "fields",
     [
         {"suffix": "end"},
-        {"response_format": {"type": "json_object"}},
     ],
 )
 async def test_unsupported_completion_fields(client: httpx.AsyncClient, fields: dict) -> None:
@@ -96,16 +208,18 @@ async def test_unsupported_completion_fields(client: httpx.AsyncClient, fields: 
     ("fields", "param"),
     [
         ({"messages": []}, "messages"),
-        ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
-        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": "x", "weight": 1}]}, "messages[0].weight"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache": 1}]}]},
+            "messages[0].content",
+        ),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"logprobs": "yes please"}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -117,9 +231,32 @@ async def test_bad_chat_fields(client: httpx.AsyncClient, fields: dict, param: s
     assert_error(response, 400, "invalid_request_error", param)
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"stream": 1}, "stream"),
+        ({"logprobs": "yes please"}, "logprobs"),
+    ],
+)
+async def test_chat_values_of_the_wrong_json_type_are_422(client: httpx.AsyncClient, fields: dict, param: str) -> None:
+    response = await client.post("/v1/chat/completions", json={"model": "base-model", "messages": USER_HI, **fields})
+    assert_error(response, 422, "invalid_request_error", param)
+
+
+async def test_ignored_fields_are_accepted(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    messages = [{"role": "user", "content": "hi", "name": "ann"}]
+    body = {"model": "base-model", "messages": messages, "user": "u-1"}
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    assert "ann" not in "".join(map(chr, engine.submitted[-1].prompt_token_ids))
+
+
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
 async def test_unknown_model_is_404(client: httpx.AsyncClient, route: str) -> None:
-    response = await client.post(route, json={"model": "nope", "prompt": "a", "messages": USER_HI})
+    body = {"model": "nope", "prompt": "a"} if route == "/v1/completions" else {"model": "nope", "messages": USER_HI}
+    response = await client.post(route, json=body)
     error = assert_error(response, 404, "not_found_error", "model")
     assert "nope" in error["message"]
 
@@ -141,7 +278,7 @@ async def test_malformed_json(client: httpx.AsyncClient) -> None:
 
 async def test_body_that_is_not_an_object(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/completions", json=["a"])
-    error = assert_error(response, 400, "invalid_request_error", None)
+    error = assert_error(response, 422, "invalid_request_error", None)
     assert "JSON object" in error["message"]
 
 
@@ -226,6 +363,22 @@ async def test_every_loraplex_error_maps_to_its_status(
 
     engine.resolve_adapter = refuse  # type: ignore[method-assign]
     response = await client.post("/v1/completions", json={"model": "base-model", "prompt": "a"})
-    assert response.status_code == error.status_code
-    assert response.json() == error.to_dict()
+    assert response.status_code == status_of(type(error))
+    assert response.json() == error_body(error)
     assert "retry-after" not in response.headers
+
+
+async def test_integral_numbers_are_integers_as_in_json_schema(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    body = {"model": "base-model", "prompt": [104.0, 105], "n": 2.0, "max_tokens": 3.0, "seed": 7.0}
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [(s.prompt_token_ids, s.params.seed, s.params.max_tokens) for s in engine.submitted] == [
+        ([104, 105], 7, 3),
+        ([104, 105], 8, 3),
+    ]
+
+
+async def test_405_allows_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    response = await client.put("/admin/adapters/x")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET, PATCH"

@@ -216,3 +216,17 @@ def test_matcher_holds_only_possible_stop_prefixes() -> None:
 def test_empty_stop_string_is_rejected() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         StopStringMatcher(("ok", ""))
+
+
+def test_matcher_memory_is_linear_in_the_stop_strings() -> None:
+    # Holding every prefix of a 200k-character stop string as its own string would take ~20 GB.
+    long = "ab" * 100_000
+    matcher = StopStringMatcher((long, "abc"))
+    assert matcher.feed(long[:-1]) == ("", False)
+    assert matcher.feed("bab") == ("", True)
+
+
+def test_matcher_finds_overlapping_prefixes() -> None:
+    matcher = StopStringMatcher(("aab",))
+    assert matcher.feed("aaa") == ("a", False)
+    assert matcher.feed("ab!") == ("a", True)  # "aaaab!" cut before "aab"

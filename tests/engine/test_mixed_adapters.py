@@ -67,8 +67,7 @@ def test_concurrent_burst_matches_peft_per_adapter(engine, tiny_model_dir, store
     for (adapter, prompt), got in zip(jobs, results, strict=True):
         want = peft_greedy(tiny_model_dir, store / adapter if adapter else None, prompt, 10)
         assert got == want, adapter
-    slots = engine.adapters.slots
-    assert len(slots.resident()) <= 6
+    assert len(engine.adapters.cache.resident()) <= 6
     assert engine.core.scheduler.block_manager.num_used_blocks == 0
 
 
@@ -85,7 +84,7 @@ def test_mixed_prefill_logits_match_peft(engine, tiny_model_dir, store):
         seq = Sequence(f"l{i}", _prompt(30 + i), SamplingParams())
         seq.block_table = list(range(8 * i, 8 * i + 8))
         seqs.append(seq)
-        slots.append(adapters.bind_slot(key) if key else BASE_SLOT)
+        slots.append(adapters.cache.bind_slot(key) if key else BASE_SLOT)
     order = sorted(range(len(seqs)), key=lambda i: slots[i])
     batch = build_forward_batch([(seqs[i], len(seqs[i])) for i in order], 4, torch.device("cpu"),
                                 [slots[i] for i in order])  # fmt: skip
@@ -98,7 +97,7 @@ def test_mixed_prefill_logits_match_peft(engine, tiny_model_dir, store):
         want = peft_logits(tiny_model_dir, store / name if name else None, seqs[i].prompt_token_ids)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for key in keys:
-        adapters.unbind_slot(key)
+        adapters.cache.unbind_slot(key)
         adapters.release(key)
 
 

@@ -73,11 +73,11 @@ class Driver:
             self._order.append(seq.request_id)
             return row_of(seq)
 
-        def recording_sample(logits, rows):
+        def recording_sample(logits, rows, masks=None):
             for request_id, row in zip(self._order, logits, strict=True):
                 self.logits[request_id].append(row.clone())
             self._order.clear()
-            return sample(logits, rows)
+            return sample(logits, rows, masks)
 
         self.core._sampling_row = recording_row
         self.core.runner.sampler.sample = recording_sample
@@ -143,8 +143,7 @@ def test_replaced_adapter_never_gets_the_old_versions_blocks(engine_factory, tin
     driver.add("old", "lora", prompt)
     driver.finish()
     with open(new / "adapter_config.json", "rb") as config, open(new / "adapter_model.safetensors", "rb") as weights:
-        driver.engine.adapters.add("lora", config, weights, replace=True, mode=None, pinned=None,
-                                   max_adapter_bytes=2**30)  # fmt: skip
+        driver.engine.adapters.add("lora", config, weights, replace=True, mode=None, pinned=None)
     driver.add("new", "lora", prompt)
     driver.finish()
     driver.add("new-again", "lora", prompt)

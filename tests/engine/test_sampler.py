@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from server.engine.sampler import GeneratorFactory, Sampler, SamplingRow, apply_top_k_top_p, inverse_cdf
+from server.engine.sampler import (
+    INVALID_TOKEN,
+    GeneratorFactory,
+    Sampler,
+    SamplingRow,
+    apply_top_k_top_p,
+    inverse_cdf,
+)
 from server.engine.sequence import SamplingParams
 
 EOS = (2, 5)
@@ -163,8 +170,46 @@ def test_generator_factory_is_reproducible_per_server_seed() -> None:
 
 
 def test_invalid_calls_raise() -> None:
-    sampler = Sampler(EOS)
-    with pytest.raises(ValueError, match="generator"):
-        sampler.sample(torch.zeros(1, 10), [row(seed=None, temperature=1.0)])
     with pytest.raises(ValueError, match="rows"):
-        sampler.sample(torch.zeros(2, 10), [row()])
+        Sampler(EOS).sample(torch.zeros(2, 10), [row()])
+
+
+def _mixed_rows(seed: int = 0) -> list[SamplingRow]:
+    return [
+        row(seed=seed + i, temperature=t, top_k=k) for i, (t, k) in enumerate([(0.0, 0), (1.0, 5), (0.7, 0), (1.2, 0)])
+    ]
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0, 1])
+def test_a_row_of_non_finite_logits_fails_alone(poison: float, bad: int) -> None:
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(4))
+    clean = Sampler(EOS).sample(logits, _mixed_rows())
+    poisoned = logits.clone()
+    poisoned[bad, 7] = poison
+    tokens = Sampler(EOS).sample(poisoned, _mixed_rows())
+    assert tokens[bad] == INVALID_TOKEN
+    assert [t for i, t in enumerate(tokens) if i != bad] == [t for i, t in enumerate(clean) if i != bad]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_with_no_finite_logit_or_overflowing_temperature_fail(temperature: float) -> None:
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(5))
+    logits[0] = float("-inf")
+    rows = [row(temperature=temperature), row(temperature=temperature), row(temperature=temperature)]
+    tokens = Sampler(EOS).sample(logits, rows)
+    assert tokens[0] == INVALID_TOKEN and all(0 <= t < 30 for t in tokens[1:])
+    hot = torch.full((1, 30), 1e30)
+    hot[0, 3] = 3e38  # / 1e-10 overflows to +inf: NaN probabilities, which must never index the vocabulary
+    assert Sampler(EOS).sample(hot, [row(temperature=1e-10)]) == [INVALID_TOKEN]
+
+
+@pytest.mark.parametrize("generator", [None, "not a generator"])
+def test_a_failing_generator_fails_its_row_alone_and_costs_no_other_row_a_draw(generator) -> None:
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(6))
+    clean = Sampler(EOS).sample(logits, _mixed_rows(seed=10))
+    rows = _mixed_rows(seed=10)
+    rows[2] = SamplingRow(rows[2].params, generator, 0, request_id="broken")
+    tokens = Sampler(EOS).sample(logits, rows)
+    assert tokens[2] == INVALID_TOKEN
+    assert [tokens[i] for i in (0, 1, 3)] == [clean[i] for i in (0, 1, 3)]
