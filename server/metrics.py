@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +24,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 
 # `*_created` series would double the series count, and neither the dashboard nor the gateway reads them.
 disable_created_metrics()
@@ -78,6 +79,20 @@ class AdapterLabels:
                 self._named.add(name)
                 return name
         return OTHER
+
+
+class LabelledCollector:
+    """The metric families of `source` with constant `labels` added to every sample."""
+
+    def __init__(self, source: CollectorRegistry, labels: Mapping[str, str]) -> None:
+        self.source = source
+        self.labels = dict(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, **self.labels}) for s in family.samples]
+            yield labelled
 
 
 @dataclass
@@ -218,9 +233,12 @@ class Metrics:
         self.adapter_labels.reserve(name)
         self._set_merged(name)
 
-    def render(self) -> bytes:
-        """The exposition text of every collector (serve with CONTENT_TYPE)."""
-        return generate_latest(self.registry)
+    def render(self, labels: Mapping[str, str] | None = None) -> bytes:
+        """The exposition text of every collector (serve with CONTENT_TYPE), each sample with `labels` added.
+
+        A replica of a Ray Serve deployment passes `{"replica": its id}`, so the series of all replicas merge.
+        """
+        return generate_latest(LabelledCollector(self.registry, labels) if labels else self.registry)
 
     def record_request(self, adapter: str, trace: RequestTrace) -> None:
         """Record a request that ended; `adapter` is the resolved adapter name or the base model's served name."""
