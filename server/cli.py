@@ -12,11 +12,17 @@ from typing import Any
 import pydantic
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
 from server.adapters.cli import add_adapters_parser
-from server.settings import Settings
+from server.settings import ClusterSettings, Settings
+from server.tenants.cli import add_keys_parser
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Shorter spellings of some flags, besides the one named after the field.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"api_keys_file": ("--api-keys",)}
 
 
 def flag_name(field: str) -> str:
@@ -27,12 +33,13 @@ def env_name(field: str) -> str:
     return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field; only flags given on the command line reach Settings, which reads the rest."""
-    for name, field in Settings.model_fields.items():
+def add_settings_arguments(parser: argparse.ArgumentParser, settings: type[BaseSettings] = Settings) -> None:
+    """One flag per field of `settings`; only flags given on the command line reach it, which reads the rest."""
+    for name, field in settings.model_fields.items():
         parser.add_argument(
-            flag_name(name), dest=name, default=argparse.SUPPRESS, help=_help(name, field), **_kind(field)
-        )
+            flag_name(name), *FLAG_ALIASES.get(name, ()), dest=name, default=argparse.SUPPRESS,
+            help=_help(name, field), **_kind(field),
+        )  # fmt: skip
 
 
 def _help(name: str, field: FieldInfo) -> str:
@@ -66,9 +73,19 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error(f"invalid settings: {problems}")
 
 
+def cluster_settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ClusterSettings:
+    """The serve-ray options, with the same precedence and errors as `settings_from_args`."""
+    overrides = {name: value for name, value in vars(args).items() if name in ClusterSettings.model_fields}
+    try:
+        return ClusterSettings(**overrides)
+    except pydantic.ValidationError as exc:
+        parser.error(f"invalid settings: {'; '.join(_describe(error) for error in exc.errors())}")
+
+
 def _describe(error: Any) -> str:
     name = str(error["loc"][0]) if error["loc"] else ""
-    where = f"{flag_name(name)} / {env_name(name)}" if name in Settings.model_fields else name
+    known = name in Settings.model_fields or name in ClusterSettings.model_fields
+    where = f"{flag_name(name)} / {env_name(name)}" if known else name
     return f"{where}: {error['msg']}"
 
 
@@ -94,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(serve_parser)
     serve_parser.set_defaults(run=lambda args: serve(settings_from_args(args, serve_parser)))
+    add_serve_ray_parser(commands)
     prepare_parser = commands.add_parser(
         "prepare-model",
         help="convert the bundled SmolLM2 GGUF into the cached safetensors checkpoint",
@@ -101,7 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare_parser.set_defaults(run=lambda args: prepare_model())
     add_adapters_parser(commands)
+    add_keys_parser(commands)
     return parser
+
+
+def add_serve_ray_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve-ray",
+        help="run the server as a Ray Serve application of several engine replicas",
+        description="Serve the same API from --replicas engines on Ray Serve: on a local Ray head, or on the "
+        "cluster RAY_ADDRESS names. Every serve flag applies to each replica. Needs `pip install 'loraplex[ray]'`.",
+    )
+    add_settings_arguments(parser)
+    add_settings_arguments(parser, ClusterSettings)
+    parser.set_defaults(run=lambda args: serve_ray(args, parser))
+
+
+def serve_ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Deploy the Ray Serve application and serve until interrupted; Ray is imported only here."""
+    settings = settings_from_args(args, parser)
+    cluster = cluster_settings_from_args(args, parser)
+    try:
+        from server.cluster.launch import run_cluster
+    except ImportError as exc:
+        parser.error(f"serve-ray needs Ray Serve ({exc}); install it with: pip install 'loraplex[ray]'")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    run_cluster(settings, cluster)
 
 
 def prepare_model() -> None:

@@ -85,9 +85,31 @@ class Settings(BaseSettings):
     metrics_max_adapters: int = Field(
         100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="TOML or JSON file of tenants and their hashed API keys; with it, /v1 needs a tenant's key "
+        "(re-read on SIGHUP and by POST /admin/keys/reload)",
+    )
+    metrics_max_tenants: int = Field(
+        100, gt=0, description="Distinct tenant names in metric labels; further tenants are reported as 'other'"
+    )
 
     @model_validator(mode="after")
     def _merge_shares_ordered(self) -> Settings:
         if self.unmerge_share > self.merge_share:
             raise ValueError(f"unmerge_share {self.unmerge_share} is above merge_share {self.merge_share}")
         return self
+
+
+class ClusterSettings(BaseSettings):
+    """Options of `loraplex serve-ray` beyond `serve`'s, which apply to every replica."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    replicas: int = Field(1, gt=0, description="Engine replicas, each a whole loraplex engine with its own device")
+    num_cpus_per_replica: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica")
+    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica")
+    max_ongoing_requests: int | None = Field(
+        None, gt=0, description="Requests Ray Serve sends one replica at once (default: --max-num-seqs)"
+    )
+    app_name: str = Field("loraplex", description="Name of the Ray Serve application")

@@ -126,3 +126,50 @@ def test_uncompilable_schema_is_a_400(client) -> None:
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}}}
     with pytest.raises(openai.BadRequestError, match=r"response_format\.json_schema\.schema"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], response_format=bad)
+
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer",
+           "minimum": 1, "maximum": 7}}, "required": ["city", "days"], "additionalProperties": False}  # fmt: skip
+TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}  # fmt: skip
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "now", "parameters": TIME}}]  # fmt: skip
+ASK = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_and_required_tool_calls(client, stream) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice, seed in ((named, 1), ("required", 2), ("required", 3)):
+        # A random model would keep adding calls: one call at most here.
+        reply = client.chat.completions.create(model="dora", messages=ASK, tools=TOOLS, tool_choice=choice, seed=seed,
+                                               max_tokens=80, stream=stream, parallel_tool_calls=False)  # fmt: skip
+        if stream:
+            chunks = [c for c in reply if c.choices]
+            finish = chunks[-1].choices[0].finish_reason
+            calls = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+        else:
+            finish, calls = reply.choices[0].finish_reason, reply.choices[0].message.tool_calls or []
+            assert reply.choices[0].message.content is None
+        assert finish == "tool_calls" and calls
+        for call in calls:
+            assert call.id.startswith("call_") and call.type == "function"
+            jsonschema.validate(json.loads(call.function.arguments), {"get_weather": WEATHER, "get_time": TIME}[
+                call.function.name])  # fmt: skip
+        if choice is named:
+            assert [call.function.name for call in calls] == ["get_time"]
+
+
+def test_tool_results_flow_back_through_the_template(client) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]  # fmt: skip
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="none",
+                                           max_tokens=4, temperature=0)  # fmt: skip
+    assert reply.choices[0].message.content is not None and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > len("sunny, 21 C")
+
+
+def test_tool_choice_auto_is_refused(client) -> None:
+    with pytest.raises(openai.BadRequestError, match="auto"):
+        client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)

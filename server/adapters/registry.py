@@ -205,6 +205,16 @@ class AdapterRegistry:
         self.store.purge(hidden)  # a hidden folder of its own: no other change waits for its deletion
         log.info("removed adapter %s", name)
 
+    def refresh(self, name: str) -> None:
+        """Serve `name` as the store holds it now, as a new version: another process sharing the store changed it,
+        or this one unloads it. Requests running keep the version they hold; the old one is freed when they end.
+        """
+        with self._admin:
+            with self._lock:
+                self._drop(name)
+            if self.store.exists(name):
+                self._register(name)
+
     # --- internals ----------------------------------------------------------------------------------------------
     def _install(self, name: str, staged: StagedAdapter, replace: bool, mode: Mode | None, pinned: bool | None) -> None:
         """Commit a staged adapter as `name` and make it the current version, retiring the one it replaces."""

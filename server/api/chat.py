@@ -25,6 +25,10 @@ from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.api.structured import compiled_grammar
+from server.api.tool_schemas import ToolCallDelta
+from server.api.tools import forces_tool_call, tool_calls
+from server.engine.outputs import RequestOutput
+from server.engine.sequence import FinishReason
 
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
@@ -37,7 +41,9 @@ async def create_chat_completion(
     check_fits(1, body.samples_per_prompt(), request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
     structured = await compiled_grammar(engine, body)
-    messages = [message.model_dump(include={"role", "content"}) for message in body.messages]  # name is ignored
+    # `name` is ignored; tool calls and tool results go to the template as they are.
+    fields = {"role", "content", "tool_calls", "tool_call_id"}
+    messages = [message.model_dump(include=fields, exclude_none=True) for message in body.messages]
     prompt = await run_in_threadpool(engine.encode_chat, messages)
     generation = Generation(
         engine=engine,
@@ -48,16 +54,17 @@ async def create_chat_completion(
         num_prompt_tokens=len(prompt),
     )
     decode = engine.decode_tokens if body.logprobs else None
+    calls = body if forces_tool_call(body) else None
     if body.stream:
         outputs = await start(request, generation)
-        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode))
+        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode, calls))
     results = await collect(request, generation)
     choices = [
         ChatChoice(
             index=index,
-            message=AssistantMessage(content=result.text),
+            message=_message(result.text, result.finish_reason, calls),
             logprobs=chat_logprobs(result.logprobs, decode) if decode else None,
-            finish_reason=result.finish_reason,
+            finish_reason="tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason,
         )
         for index, result in sorted(results.items())
     ]
@@ -72,6 +79,25 @@ async def create_chat_completion(
     )
 
 
+def _message(text: str, finish_reason: str | None, calls: ChatCompletionRequest | None) -> AssistantMessage:
+    """The reply: text, or the tool calls of a complete forced call (one cut by max_tokens stays text)."""
+    if calls is None or finish_reason != "stop":
+        return AssistantMessage(content=text)
+    return AssistantMessage(content=None, tool_calls=tool_calls(calls, text))
+
+
+def _held_tool_call(
+    generation: Generation, index: int, last: RequestOutput, text: str, body: ChatCompletionRequest
+) -> ChatCompletionChunk:
+    """A forced tool call's one chunk: its whole calls once complete, or (cut by max_tokens) its text."""
+    if last.finish_reason is not FinishReason.STOP:
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish_reason_name(last))
+        return _chunk(generation, [choice])
+    deltas = [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(tool_calls(body, text))]
+    choice = ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas), finish_reason="tool_calls")
+    return _chunk(generation, [choice])
+
+
 def _chunk(generation: Generation, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
     return ChatCompletionChunk(
         id=generation.request_id, created=generation.created, model=generation.model, choices=choices, usage=usage
@@ -79,17 +105,27 @@ def _chunk(generation: Generation, choices: list[ChatChunkChoice], usage: Usage 
 
 
 async def _chunks(
-    generation: Generation, outputs: AsyncGenerator[Indexed, None], include_usage: bool, decode: Decode | None
+    generation: Generation,
+    outputs: AsyncGenerator[Indexed, None],
+    include_usage: bool,
+    decode: Decode | None,
+    calls: ChatCompletionRequest | None,
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
     # As OpenAI does: each choice opens with the role and empty content, then content deltas, then the finish reason.
     completion_tokens: dict[int, int] = {}
     cached_tokens: dict[int, int] = {}
+    held: dict[int, str] = {}  # a forced tool call's text, sent as whole calls once complete
     async with aclosing(outputs):
         for index in generation.indices:
             yield _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
         async for index, output in outputs:
             completion_tokens[index] = output.num_output_tokens
             cached_tokens[index] = output.num_cached_tokens
+            if calls is not None:
+                held[index] = held.get(index, "") + output.text
+                if output.finished:
+                    yield _held_tool_call(generation, index, output, held[index], calls)
+                continue
             if output.text or output.finished or (decode and output.token_ids):
                 delta = ChatDelta(content=output.text or None)
                 logprobs = chat_logprobs(output.logprobs or [], decode) if decode else None

@@ -7,8 +7,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from server.api.logprobs import ChatLogprobs, CompletionLogprobs
+from server.api.tool_schemas import ToolCall, ToolCallDelta
 
-FinishReasonName = Literal["stop", "length"] | None
+FinishReasonName = Literal["stop", "length", "tool_calls"] | None
 
 
 class PromptTokensDetails(BaseModel):
@@ -59,7 +60,12 @@ class AssistantMessage(BaseModel):
     """The generated message of a chat choice."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if key != "tool_calls" or value is not None}
 
 
 class ChatChoice(BaseModel):
@@ -87,6 +93,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

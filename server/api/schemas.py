@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from server.api.fields import (
-    MAX_INT32,
     Count,
     MinTokens,
     Seed,
@@ -19,8 +17,10 @@ from server.api.fields import (
     TopLogprobs,
     tolerated,
 )
-from server.api.limits import LIMIT_KEY, Bounded, bound, flag
+from server.api.limits import Bounded
+from server.api.prompts import ChatContent, PromptList, StopList
 from server.api.structured_schemas import ResponseFormat, StructuredOutputs
+from server.api.tool_schemas import MAX_TOOLS, ChatTool, ToolChoice
 
 NOT_SUPPORTED = "not supported by this server"
 MAX_LOGIT_BIAS = 1024
@@ -29,82 +29,6 @@ MAX_STOP_TOKEN_IDS = 64
 # Strict JSON types (no "yes" for true, no "3" for 3), no NaN or infinity, and every field declared: a field the
 # server does not know is refused with a 400 naming it rather than silently ignored.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-def _as_stop_list(value: object) -> object:
-    return [value] if isinstance(value, str) else value
-
-
-def _is_token_id(value: object) -> bool:
-    # JSON Schema's integers include 3.0; they are taken as 3
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-
-
-def _is_token_ids(value: object) -> bool:
-    return isinstance(value, list) and all(map(_is_token_id, value))
-
-
-def _is_prompt_batch(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and (all(isinstance(p, str) for p in value) or all(map(_is_token_ids, value)))
-    )
-
-
-def _as_prompt_list(value: object) -> list[str] | list[list[int]]:
-    """Normalise the four OpenAI prompt forms to a list of prompts, one per choice index."""
-    if isinstance(value, str) or _is_token_ids(value):
-        prompts: list = [value]
-    elif _is_prompt_batch(value):
-        prompts = value
-    else:
-        raise PydanticCustomError(
-            "prompt_type", "must be a string, a list of strings, a list of token ids or a list of token-id lists"
-        )
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("must not be empty")
-    if any(not 0 <= t <= MAX_INT32 for p in prompts if isinstance(p, list) for t in p):
-        raise ValueError(f"token ids must be between 0 and {MAX_INT32}")
-    if isinstance(prompts[0], list):
-        prompts = [[int(t) for t in p] for p in prompts]
-    longest = max(len(p) for p in prompts if isinstance(p, str)) if isinstance(prompts[0], str) else 0
-    if longest > bound("max_text_chars"):
-        raise ValueError(
-            f"a prompt of {longest} characters is over the limit of {bound('max_text_chars')} "
-            f"(the server's {flag('max_text_chars')})"
-        )
-    return prompts
-
-
-def _join_text_parts(value: object) -> object:
-    """Chat content may be a list of `{"type": "text", "text": ...}` parts; join them like vLLM does."""
-    if not isinstance(value, list):
-        return value
-    if not all(isinstance(p, dict) and p.keys() == {"type", "text"} and p["type"] == "text" for p in value):
-        raise ValueError("content parts must be objects with only type 'text' and a 'text' string")
-    if not all(isinstance(p["text"], str) for p in value):
-        raise PydanticCustomError("string_type", "the 'text' of a content part must be a string")
-    return "\n".join(p["text"] for p in value)
-
-
-StopList = Annotated[
-    list[Annotated[str, Field(min_length=1), Bounded("max_stop_chars")]],
-    BeforeValidator(_as_stop_list),
-    Bounded("max_stop_strings"),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
-                {
-                    "type": "array",
-                    "items": {"type": "string", "minLength": 1, LIMIT_KEY: "max_stop_chars"},
-                    LIMIT_KEY: "max_stop_strings",
-                },
-            ]
-        }
-    ),
-]
 
 
 EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
@@ -144,7 +68,9 @@ class GenerationRequest(BaseModel):
     # Sampling controls (server.engine.penalties).
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM semantics; 1 = off")
+    repetition_penalty: float | None = Field(  # dividing a logit by less than 0.01 can overflow to infinity
+        None, ge=0.01, le=10.0, description="vLLM semantics; 1 = off"
+    )
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit"
     )
@@ -186,29 +112,12 @@ class GenerationRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": MAX_INT32}}
-_TEXT = {"type": "string", "minLength": 1, LIMIT_KEY: "max_text_chars"}
-PROMPT_SCHEMA = {  # the four OpenAI forms, which the validator normalises to a list of prompts
-    "anyOf": [
-        _TEXT,
-        {"type": "array", "minItems": 1, "items": _TEXT, LIMIT_KEY: "max_prompts"},
-        _TOKEN_IDS,
-        {"type": "array", "minItems": 1, "items": _TOKEN_IDS, LIMIT_KEY: "max_prompts"},
-    ]
-}
-
-
 class CompletionRequest(GenerationRequest):
     """Body of `POST /v1/completions`."""
 
     default_max_tokens: ClassVar[int | None] = 16  # OpenAI's default for legacy completions
 
-    prompt: Annotated[
-        list[str] | list[list[int]],
-        BeforeValidator(_as_prompt_list),
-        Bounded("max_prompts"),
-        WithJsonSchema(PROMPT_SCHEMA),
-    ]
+    prompt: PromptList
     suffix: Annotated[str | None, tolerated("", None)] = None
 
     @field_validator("suffix")
@@ -255,30 +164,27 @@ class CompletionRequest(GenerationRequest):
         return self.best_of or self.n or 1
 
 
-_TEXT_PART = {
-    "type": "object",
-    "required": ["type", "text"],
-    "properties": {"type": {"const": "text"}, "text": {"type": "string", LIMIT_KEY: "max_text_chars"}},
-    "additionalProperties": False,
-}
-CONTENT_SCHEMA = {  # a string, or text parts joined with newlines
-    "anyOf": [{"type": "string", LIMIT_KEY: "max_text_chars"}, {"type": "array", "items": _TEXT_PART}]
-}
-
-
 class ChatMessage(BaseModel):
     """One message of a chat; `name` is accepted and ignored, other fields are refused."""
 
     model_config = REQUEST_CONFIG
 
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[
-        str,
-        BeforeValidator(_join_text_parts),
-        Bounded("max_text_chars"),
-        WithJsonSchema(CONTENT_SCHEMA),
-    ]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: ChatContent | None = Field(
+        None, validate_default=True, description="null or left out only in an assistant message that calls tools"
+    )
     name: str | None = Field(None, description="accepted and ignored")
+
+    # Tool calls and their results, passed to the chat template.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calling_tools(cls, value: str | None, info: ValidationInfo) -> str:
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError("must be a string; only an assistant message that calls tools may leave it out")
+        return value or ""
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -286,9 +192,7 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1), Bounded("max_messages")]
     max_completion_tokens: TokenCount | None = None
-    tools: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
     functions: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
-    tool_choice: Annotated[Any, tolerated("none", None)] = None
     function_call: Annotated[Any, tolerated("none", None)] = None
 
     # Log-probabilities.
@@ -305,19 +209,24 @@ class ChatCompletionRequest(GenerationRequest):
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _reject_chat_when_set(cls, value: object) -> object:
+    def _reject_functions(cls, value: object) -> object:
         if value:
-            raise ValueError(NOT_SUPPORTED)
+            raise ValueError(f"{NOT_SUPPORTED}; send tools")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _reject_tool_choice(cls, value: object) -> object:
+    def _reject_function_call(cls, value: object) -> object:
         if value not in (None, "none"):
-            raise ValueError(NOT_SUPPORTED)
+            raise ValueError(f"{NOT_SUPPORTED}; send tool_choice")
         return value
+
+    # Tools (server.api.tools).
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description='false: "required" makes exactly one call')
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens

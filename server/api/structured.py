@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from starlette.concurrency import run_in_threadpool
 
 from server.api.schemas import GenerationRequest
+from server.api.tools import tool_schema
 from server.engine.structured import GrammarSpec, spec_of_choices, spec_of_schema
 from server.errors import InvalidRequestError
 
@@ -26,14 +27,15 @@ async def compiled_grammar(engine: AsyncEngine, body: GenerationRequest) -> Gram
 
 def grammar_spec(body: GenerationRequest) -> GrammarSpec | None:
     """The request's output constraint, or None; a 400 for contradictory or incomplete ones."""
-    specs = [spec for spec in (_from_response_format(body.response_format), _from_extras(body.structured_outputs))
-             if spec is not None]  # fmt: skip
+    tools = tool_schema(body)
+    candidates = (_from_response_format(body.response_format), _from_extras(body.structured_outputs),
+                  None if tools is None else spec_of_schema(tools, "tools"))  # fmt: skip
+    specs = [spec for spec in candidates if spec is not None]
     if not specs:
         return None
     if len(specs) > 1:
-        raise InvalidRequestError(
-            "send either response_format or structured_outputs, not both", param="response_format"
-        )
+        raise InvalidRequestError("send only one of response_format, structured_outputs and a forced tool_choice",
+                                  param=specs[0].param.split(".")[0])  # fmt: skip
     (spec,) = specs
     if body.min_tokens or body.ignore_eos:
         field = "min_tokens" if body.min_tokens else "ignore_eos"

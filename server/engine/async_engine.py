@@ -11,19 +11,25 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import Mode
 from server.adapters.versions import AdapterView, adapter_name
 from server.engine.health import EngineHealth, HealthLimits
+from server.engine.inbox import Abort, Call, Submit, hand_over
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput, engine_error
 from server.engine.penalties import validate_token_ids
-from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.sequence import SamplingParams
 from server.engine.structured import GrammarSpec
-from server.errors import InvalidRequestError, LoraplexError, NotFoundError, QueueFullError, ServiceUnavailableError
+from server.errors import (
+    InvalidRequestError,
+    LoraplexError,
+    QueueFullError,
+    ServiceUnavailableError,
+    model_not_found,
+)
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
 from server.threads import single_threaded, use_engine_threads
@@ -32,33 +38,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 Build = Callable[[], tuple[LLMEngine, AdapterRegistry, str]]  # the engine core, its adapters, the base model's name
-
-
-@dataclass
-class _Submit:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    adapter: str | None  # adapter key (name@version), see server.adapters.versions
-    loop: asyncio.AbstractEventLoop  # the caller's loop; outputs are handed over on it
-    put: Callable[[RequestOutput], None]
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    future: Future
-
-    def run(self, core: LLMEngine) -> None:
-        try:
-            self.future.set_result(self.fn(core))
-        except Exception as exc:
-            self.future.set_exception(exc)
 
 
 class AsyncEngine:
@@ -74,8 +53,8 @@ class AsyncEngine:
         self.max_queue = settings.max_queue
         self.max_num_seqs = settings.max_num_seqs
         self.created = int(time.time())
-        self._inbox: queue.SimpleQueue[_Submit | _Abort | _Call | None] = queue.SimpleQueue()
-        self._subscribers: dict[str, _Submit] = {}
+        self._inbox: queue.SimpleQueue[Submit | Abort | Call | None] = queue.SimpleQueue()
+        self._subscribers: dict[str, Submit] = {}
         self._in_flight = 0  # submitted and not yet finished; changed on the event loop only
         self._stopped = threading.Event()
         self.health = EngineHealth(HealthLimits.from_settings(settings))
@@ -108,7 +87,7 @@ class AsyncEngine:
             return None
         if self.adapters.exists(model):
             return model
-        raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
+        raise model_not_found(model)
 
     # --- adapter administration: what the /admin routes do, through the registry ------------------------------
     def upload_slot(self) -> AbstractContextManager[None]:
@@ -190,7 +169,7 @@ class AsyncEngine:
         try:
             if adapter is not None:
                 key = await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
-            self._post(_Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
+            self._post(Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
             submitted = True
             while not finished:
                 out = await outputs.get()
@@ -202,7 +181,7 @@ class AsyncEngine:
         finally:
             self._in_flight -= 1
             if not finished:
-                self._inbox.put(_Abort(request_id))
+                self._inbox.put(Abort(request_id))
             if key is not None:
                 self.adapters.release(key)
             if submitted:
@@ -238,10 +217,10 @@ class AsyncEngine:
         The way to touch the model from outside, e.g. for a tool or a benchmark that times work where it runs.
         """
         future: Future[_T] = Future()
-        self._post(_Call(fn, future))
+        self._post(Call(fn, future))
         return await asyncio.wrap_future(future)
 
-    def _post(self, command: _Submit | _Call) -> None:
+    def _post(self, command: Submit | Call) -> None:
         """Hand work to the engine thread, or refuse it once the thread has stopped (it would never be answered)."""
         with self._inbox_lock:
             if self.health.stopped is not None:
@@ -271,12 +250,12 @@ class AsyncEngine:
             self.health.stop(reason)
         while not self._inbox.empty():  # nothing enters it any more
             command = self._inbox.get()
-            if isinstance(command, _Call):
+            if isinstance(command, Call):
                 command.future.set_exception(ServiceUnavailableError(reason))
-            elif isinstance(command, _Submit):
+            elif isinstance(command, Submit):
                 self._subscribers[command.request_id] = command
         for sub in self._subscribers.values():
-            _hand_over(sub.loop, [(sub.put, _error_output(sub, f"request {sub.request_id} ended: {reason}"))])
+            hand_over(sub.loop, [(sub.put, sub.error(f"request {sub.request_id} ended: {reason}"))])
         self._subscribers.clear()
 
     def _loop(self) -> None:
@@ -306,11 +285,11 @@ class AsyncEngine:
             block = False
             if command is None:
                 return False
-            if isinstance(command, _Abort):
+            if isinstance(command, Abort):
                 self.core.abort(command.request_id)
                 self._subscribers.pop(command.request_id, None)
                 continue
-            if isinstance(command, _Call):
+            if isinstance(command, Call):
                 command.run(self.core)
                 continue
             try:
@@ -319,7 +298,7 @@ class AsyncEngine:
                 log.exception("request %s failed: it could not be added", command.request_id)
                 self.metrics.record_request_failures(1)
                 message = exc.message if isinstance(exc, LoraplexError) else engine_error(command.request_id)
-                _hand_over(command.loop, [(command.put, _error_output(command, message))])
+                hand_over(command.loop, [(command.put, command.error(message))])
                 continue
             self._subscribers[command.request_id] = command
 
@@ -347,7 +326,7 @@ class AsyncEngine:
             if sub is not None:
                 batches.setdefault(sub.loop, []).append((sub.put, out))
         for loop, items in batches.items():
-            _hand_over(loop, items)
+            hand_over(loop, items)
 
     def _record_state(self) -> None:
         scheduler = self.core.scheduler
@@ -359,21 +338,3 @@ class AsyncEngine:
             {adapter_name(key) for key in scheduler.waiting_adapters},
         )
         self.metrics.set_adapter_slot_users(self.adapters.cache.slot_users())
-
-
-def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]):
-    try:
-        loop.call_soon_threadsafe(_put_all, items)
-    except RuntimeError:  # the caller's loop has closed: nobody is left to read these outputs
-        return
-
-
-def _put_all(items: list[tuple[Callable[[RequestOutput], None], RequestOutput]]) -> None:
-    for put, out in items:
-        put(out)
-
-
-def _error_output(command: _Submit, message: str) -> RequestOutput:
-    return RequestOutput(
-        command.request_id, "", [], len(command.prompt_token_ids), 0, True, FinishReason.ERROR, message
-    )

@@ -108,7 +108,7 @@ class LLMEngine:
             return self.fail_all("the engine step failed")
 
     def _step(self) -> list[RequestOutput]:
-        self.merger.update(self.scheduler)  # merged-mode swaps happen here, between steps
+        self._update_merge()
         plan = self.scheduler.schedule()
         self.last_step_tokens = plan.num_batched_tokens
         for seq in plan.preempted:
@@ -124,6 +124,16 @@ class LLMEngine:
             return outputs + [out for item in plan.scheduled for out in self._fail(item.seq, "its step failed")]
         self.scheduler.advance(plan)
         return outputs + self._postprocess(step)
+
+    def _update_merge(self) -> None:
+        """Merged-mode swaps happen here, between steps. One that fails (out of memory for the merged weights, say)
+        leaves the base weights serving and every adapter unmerged, which is slower but exact."""
+        try:
+            self.merger.update(self.scheduler)
+        except Exception:
+            log.exception("a merged-mode swap failed; serving every adapter unmerged")
+            self.merger.weight_merger.unmerge()
+            self.merger.merged = None
 
     def _prepare(self, plan: SchedulerOutput) -> list[RequestOutput]:
         """Stamp first scheduling and bind adapter slots; a sequence that cannot run leaves the step, failed."""

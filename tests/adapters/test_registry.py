@@ -155,6 +155,31 @@ async def test_folders_added_or_removed_by_hand_are_noticed(engine, store, sourc
         engine.resolve_adapter("late")
 
 
+async def test_refresh_serves_what_another_process_wrote_to_the_store(tiny_model_dir, engine, store, sources):
+    other = start(tiny_model_dir, store)  # a second server on the same store, as Ray Serve replicas share one
+    try:
+        old = await engine.adapters.acquire("a")  # running on the old weights, warm in host memory
+        replace(other.adapters, "a", sources["b"])
+        other.adapters.update("a", mode="merged", pinned=None)
+        assert (await engine.adapters.acquire("a")) == old  # nothing told this one yet
+        engine.adapters.release(old)
+        engine.adapters.refresh("a")
+        new = await engine.adapters.acquire("a")
+        assert new != old and engine.adapters.view("a").meta.mode == "merged"
+        assert engine.adapters.view("a").record.sha256 == other.adapters.view("a").record.sha256
+        assert engine.adapters.cache.host_weights(old) is not None  # its running request keeps the old version
+        engine.adapters.release(old)
+        assert engine.adapters.cache.host_weights(old) is None
+        engine.adapters.release(new)
+        other.adapters.remove("a")
+        engine.adapters.refresh("a")
+        assert engine.adapters.cache.host_weights(new) is None
+        with pytest.raises(NotFoundError):
+            engine.adapters.view("a")
+    finally:
+        other.shutdown()
+
+
 @pytest.fixture
 def slow_loads(monkeypatch):
     real = validation.validate_adapter_dir

@@ -262,3 +262,21 @@ def test_a_sequence_without_a_request_is_dropped_not_run_forever(core: LLMEngine
     assert "orphan" not in outputs and core.num_request_failures == 1
     assert all(summary(outputs[job.request_id]) == summary(clean[job.request_id]) for job in NORMAL)
     assert_clean(core)
+
+
+def test_a_failing_merge_leaves_every_adapter_served_unmerged(core: LLMEngine, monkeypatch) -> None:
+    clean = run(core, NORMAL)
+    fill = core.merger.weight_merger.merge
+    calls = []
+
+    def merge_then_fail(weights):
+        calls.append(1)
+        fill(weights)  # every layer switched to the merged weights, then the failure
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(core.merger.weight_merger, "merge", merge_then_fail)
+    monkeypatch.setattr(core.merger.policy, "decide", lambda demand, merged, now: next(iter(demand.per_adapter), None))
+    outputs = run(core, NORMAL)
+    assert calls and core.merger.merged is None and not core.merger.weight_merger.is_merged
+    assert all(summary(outputs[job.request_id]) == summary(clean[job.request_id]) for job in NORMAL)
+    assert_clean(core)

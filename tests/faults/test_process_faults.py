@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import make_adapter_store, make_peft_adapter
+from tests.helpers import make_adapter_store, make_peft_adapter, make_tiny_checkpoint
 from tests.test_server_e2e import start_server
 
 pytestmark = pytest.mark.slow  # two server processes, about 40 s on 2 cores
@@ -31,18 +31,24 @@ STORM_CONNECTIONS = 48
 
 
 @pytest.fixture(scope="module")
-def store(tiny_model_dir, tmp_path_factory) -> Path:
-    return make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("fault-store"), {
+def model_dir(tmp_path_factory) -> Path:
+    # A long context: the generation that gets killed is still running whatever the machine's speed.
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-long"), max_position_embeddings=8192)
+
+
+@pytest.fixture(scope="module")
+def store(model_dir, tmp_path_factory) -> Path:
+    return make_adapter_store(model_dir, tmp_path_factory.mktemp("fault-store"), {
         "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "b": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     })  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def big_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+def big_adapter(model_dir, tmp_path_factory) -> Path:
     """The largest adapter the tiny model takes (rank 64 on every projection): the upload that gets cut."""
     root = tmp_path_factory.mktemp("upload")
-    return make_peft_adapter(tiny_model_dir, root / "big", r=64, lora_alpha=64, target_modules="all-linear")
+    return make_peft_adapter(model_dir, root / "big", r=64, lora_alpha=64, target_modules="all-linear")
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +58,13 @@ def flags(store) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, flags) -> Iterator[dict]:
+def server(model_dir, flags) -> Iterator[dict]:
     """The first server process; the SIGKILL test kills it, so it is shared in file order."""
-    proc, url = start_server(tiny_model_dir, *flags)
-    yield {"proc": proc, "url": url}
-    proc.kill()
-    proc.wait(timeout=30)
+    proc, url = start_server(model_dir, *flags)
+    live = {"proc": proc, "url": url}
+    yield live
+    live["proc"].kill()  # the restarted process, when the SIGKILL test ran
+    live["proc"].wait(timeout=30)
 
 
 def greedy_text(url: str, model: str) -> str:
@@ -165,13 +172,13 @@ def listing(url: str) -> list[tuple[str, str]]:
     return [(a["name"], a["sha256"]) for a in response.json()["data"]]
 
 
-def test_sigkill_mid_generation_and_mid_upload_then_restart(server, tiny_model_dir, flags, store, big_adapter):
+def test_sigkill_mid_generation_and_mid_upload_then_restart(server, model_dir, flags, store, big_adapter):
     url = server["url"]
     texts = {model: greedy_text(url, model) for model in MODELS}
     adapters, snapshot = listing(url), store_snapshot(store)
     sent = threading.Event()
     headers = {**AUTH, "content-type": f"multipart/form-data; boundary={BOUNDARY}"}
-    long_stream = {"model": "a", "prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True, "stream": True}
+    long_stream = {"model": "a", "prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as http, ThreadPoolExecutor(1) as pool:
         upload = pool.submit(http.post, f"{url}/admin/adapters", content=slow_upload(big_adapter, "big", sent),
                              headers=headers)  # fmt: skip
@@ -186,7 +193,7 @@ def test_sigkill_mid_generation_and_mid_upload_then_restart(server, tiny_model_d
                     pass
         with pytest.raises(httpx.TransportError):
             upload.result(timeout=60)
-    proc, url = start_server(tiny_model_dir, *flags)
+    proc, url = start_server(model_dir, *flags)
     server.update(proc=proc, url=url)
     assert store_snapshot(store) == snapshot  # the half-received upload left nothing, not even a staging folder
     assert listing(url) == adapters

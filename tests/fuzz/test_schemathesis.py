@@ -1,6 +1,6 @@
 """schemathesis (`run --checks all`) against the real server process on a tiny model: every check passes.
 
-The generation and admin routes are fuzzed from /openapi.json, with the admin token, in positive and negative
+The generation, tokenizer and admin routes are fuzzed from /openapi.json, with the admin token, in positive and negative
 modes and as stateful sequences; no answer may be a 5xx, undocumented, off its declared schema or headers, or
 accept data the schema forbids. Bounds are set small so that schema-valid requests finish fast on 2 cores.
 """
@@ -44,8 +44,9 @@ def test_schemathesis_finds_no_failure(fuzzed_server: str, tmp_path: Path) -> No
     command = [
         str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(CONFIG), "run",
         f"{fuzzed_server}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {TOKEN}",
-        "--include-path-regex", "^/(v1|admin)/", "--max-examples", str(EXAMPLES_PER_OPERATION), "--workers", "1",
-        "--seed", "20261125", "--request-timeout", "60", "--generation-database", "none", "--no-color",
+        "--include-path-regex", "^/(v1/|admin/|tokenize|detokenize)", "--max-examples", str(EXAMPLES_PER_OPERATION),
+        "--workers", "1", "--seed", "20261125", "--request-timeout", "60", "--generation-database", "none",
+        "--no-color",
     ]  # fmt: skip
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-20_000:] + run.stderr[-5_000:]

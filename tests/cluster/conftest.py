@@ -1,0 +1,88 @@
+"""One local Ray cluster (2 CPUs, loopback, no dashboard) and one deployed application for every Ray test."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.settings import ClusterSettings, Settings
+from tests.helpers import make_adapter_store, make_tiny_checkpoint
+from tests.test_server_e2e import _free_port
+
+if importlib.util.find_spec("ray") is None:  # the optional `ray` extra is not installed: nothing here can run
+    collect_ignore_glob = ["test_*.py"]
+
+APP = "loraplex-test"
+TOKEN = "test-admin-token"
+ADAPTERS = {"qv": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "dora": {"r": 4, "lora_alpha": 8, "target_modules": ["o_proj", "down_proj"], "use_dora": True},
+            "sticky": {"r": 2, "lora_alpha": 4, "target_modules": ["k_proj"]}}  # fmt: skip
+
+
+@dataclass
+class Deployed:
+    """The application under test: its URL, the settings every replica runs with, and the files behind them."""
+
+    url: str
+    settings: Settings
+    model_dir: Path
+    sources: Path  # a copy of the initial adapters, to upload from
+
+
+@pytest.fixture(scope="package")  # one cluster for every Ray test: starting one takes ~30 s on 2 cores
+def deployed(tmp_path_factory) -> Iterator[Deployed]:
+    model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ray"), max_position_embeddings=4096)
+    store = make_adapter_store(model_dir, tmp_path_factory.mktemp("store"), ADAPTERS)
+    sources = make_adapter_store(model_dir, tmp_path_factory.mktemp("sources"), ADAPTERS)
+    settings = Settings(
+        model=model_dir, adapters_store=store, served_model_name="tiny", kv_cache_bytes=2**24, max_loras=4,
+        admin_token=TOKEN, host="127.0.0.1", port=_free_port(),
+    )  # fmt: skip
+    import ray
+    from ray import serve
+
+    from server.cluster.launch import build_application
+
+    os.environ.pop("RAY_ADDRESS", None)  # a cluster of its own, never one the environment points at
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        cluster = ClusterSettings(replicas=2, num_cpus_per_replica=1, app_name=APP)
+        serve.run(build_application(settings, cluster), name=APP, route_prefix="/")
+        url = f"http://{settings.host}:{settings.port}"
+        wait_healthy(url)
+        yield Deployed(url, settings, model_dir, sources)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_healthy(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the Ray Serve application did not become healthy")
+
+
+def samples(text: str, name: str, **labels: str) -> dict[str, float]:
+    """Per replica, the sum of the samples of `name` whose labels include `labels`."""
+    per_replica: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                replica = sample.labels["replica"]
+                per_replica[replica] = per_replica.get(replica, 0) + sample.value
+    return per_replica
