@@ -16,8 +16,13 @@ from pydantic_settings import BaseSettings
 
 from server.adapters.cli import add_adapters_parser
 from server.settings import ClusterSettings, Settings
+from server.tenants.cli import add_keys_parser
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Shorter spellings of some flags, besides the one named after the field.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"api_keys_file": ("--api-keys",)}
 
 
 def flag_name(field: str) -> str:
@@ -32,8 +37,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings: type[BaseS
     """One flag per field of `settings`; only flags given on the command line reach it, which reads the rest."""
     for name, field in settings.model_fields.items():
         parser.add_argument(
-            flag_name(name), dest=name, default=argparse.SUPPRESS, help=_help(name, field), **_kind(field)
-        )
+            flag_name(name), *FLAG_ALIASES.get(name, ()), dest=name, default=argparse.SUPPRESS,
+            help=_help(name, field), **_kind(field),
+        )  # fmt: skip
 
 
 def _help(name: str, field: FieldInfo) -> str:
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare_parser.set_defaults(run=lambda args: prepare_model())
     add_adapters_parser(commands)
+    add_keys_parser(commands)
     return parser
 
 

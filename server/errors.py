@@ -71,3 +71,21 @@ class ServiceUnavailableError(LoraplexError):
 
 class AdapterError(ValidationError):
     """An adapter's config or tensors cannot be served on this base model."""
+
+
+class QuotaExceededError(QueueFullError):
+    """A tenant is over one of its limits (requests or tokens per minute, concurrent requests); answered as a full
+    queue is (429 with Retry-After)."""
+
+
+class KeyFileError(ValidationError):
+    """The API keys file cannot be read or does not describe valid tenants (422 when a reload finds it)."""
+
+
+def model_not_found(model: str) -> NotFoundError:
+    """The one answer for a model that is not served, or not served to this client: nothing tells the two apart."""
+    return NotFoundError(
+        f"the model {model!r} does not exist; GET /v1/models lists what is served",
+        param="model",
+        code="model_not_found",
+    )

@@ -4,7 +4,8 @@ The collectors live on a `CollectorRegistry` owned by one `Metrics` object per a
 prometheus_client's global registry, so several apps can share a process. Names follow Prometheus' rules (the
 `loraplex_` prefix, base units, `_total` counters); histogram buckets are vLLM's, so dashboards and SLOs carry
 over. The `adapter` label takes at most `max_adapters` distinct values (see `AdapterLabels`), and callers pass
-only names the server resolved (an adapter it serves, or the base model's served name), never request text.
+only names the server resolved (an adapter it serves, or the base model's served name), never request text. The
+`tenant` label works the same way with `max_tenants`: names come from the key file, never from a request.
 """
 
 from __future__ import annotations
@@ -134,9 +135,10 @@ def _histogram(name: str, doc: str, registry: CollectorRegistry, buckets: Iterab
 class Metrics:
     """All collectors of one server, on its own registry, and the methods that record them."""
 
-    def __init__(self, max_adapters: int, max_loras: int) -> None:
+    def __init__(self, max_adapters: int, max_loras: int, max_tenants: int = 100) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.adapter_labels = AdapterLabels(max_adapters)
+        self.tenant_labels = AdapterLabels(max_tenants)
         self.max_loras = max_loras
         self._base_model: str | None = None
         self._lora_info: tuple[str, str, str] | None = None
@@ -144,6 +146,7 @@ class Metrics:
         self._define_request_collectors(PREFIX)
         self._define_engine_collectors(PREFIX)
         self._define_adapter_collectors(PREFIX)
+        self._define_tenant_collectors(PREFIX)
 
     def _define_request_collectors(self, p: str) -> None:
         r = self.registry
@@ -227,6 +230,19 @@ class Metrics:
         for op in MERGE_OPS:
             self.merge_seconds.labels(op)
 
+    def _define_tenant_collectors(self, p: str) -> None:
+        r = self.registry
+        self.tenant_requests = Counter(
+            f"{p}tenant_requests", "Generation requests admitted, by tenant.", ["tenant"], registry=r
+        )
+        self.tenant_generation_tokens = Counter(
+            f"{p}tenant_generation_tokens", "Tokens generated, by tenant.", ["tenant"], registry=r
+        )
+        self.tenant_refusals = Counter(
+            f"{p}tenant_refusals", "Requests refused with 401, 404 or 429, by tenant ('' for 401).",
+            ["tenant", "status"], registry=r,
+        )  # fmt: skip
+
     def set_base_model(self, name: str) -> None:
         """Name the base model: its own `adapter` label value, and the merged one until an adapter is merged."""
         self._base_model = name
@@ -293,6 +309,17 @@ class Metrics:
         if self._lora_info is not None and self._lora_info != info:
             self.lora_info.remove(*self._lora_info)  # one series at a time: the label sets are unbounded
         self._lora_info = info
+
+    def record_tenant_request(self, tenant: str) -> None:
+        self.tenant_requests.labels(self.tenant_labels(tenant)).inc()
+
+    def record_tenant_tokens(self, tenant: str, count: int) -> None:
+        self.tenant_generation_tokens.labels(self.tenant_labels(tenant)).inc(count)
+
+    def record_tenant_refusal(self, tenant: str | None, status: str) -> None:
+        """Count a refusal (`status` "401", "404" or "429") of `tenant`'s request; None when no key was valid."""
+        label = "" if tenant is None else self.tenant_labels(tenant)
+        self.tenant_refusals.labels(label, status).inc()
 
     def record_http_error(self, status: int) -> None:
         self.errors.labels(str(status)).inc()

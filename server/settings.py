@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="Waiting requests allowed before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weight dtype (auto: float32 on CPU, bfloat16 on CUDA)"
+        "auto",
+        description="Serving dtype of weights, adapters and KV cache (auto: bfloat16 on CUDA and on CPUs with "
+        "avx512_bf16 or AMX, float32 elsewhere; float32 is the exact mode)",
     )
     max_loras: int = Field(32, gt=0, description="Adapters resident on the device at once")
     max_cpu_loras: int = Field(64, gt=0, description="Adapters cached in host memory (at least --max-loras)")
@@ -82,6 +84,14 @@ class Settings(BaseSettings):
     )
     metrics_max_adapters: int = Field(
         100, gt=0, description="Distinct adapter names in metric labels; further adapters are reported as 'other'"
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="TOML or JSON file of tenants and their hashed API keys; with it, /v1 needs a tenant's key "
+        "(re-read on SIGHUP and by POST /admin/keys/reload)",
+    )
+    metrics_max_tenants: int = Field(
+        100, gt=0, description="Distinct tenant names in metric labels; further tenants are reported as 'other'"
     )
 
     @model_validator(mode="after")

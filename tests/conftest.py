@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,15 @@ def default_model_dir() -> Path:
     from server.model.default_model import default_model_dir as prepared
 
     return prepared()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _exact_dtype() -> Iterator[None]:
+    """The suite serves in float32, the exact mode its transformers/PEFT comparisons hold in, whatever `--dtype auto`
+    picks on this CPU (servers started as subprocesses inherit it); a test of another dtype passes `dtype` itself."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORAPLEX_DTYPE", "float32")
+        yield
 
 
 @pytest.fixture(autouse=True)

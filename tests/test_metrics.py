@@ -64,6 +64,9 @@ def test_collectors_have_prometheus_names_and_types(metrics):
         "loraplex_adapter_merge_swaps": "counter",
         "loraplex_adapter_load_seconds": "histogram",
         "loraplex_adapter_merge_seconds": "histogram",
+        "loraplex_tenant_requests": "counter",
+        "loraplex_tenant_generation_tokens": "counter",
+        "loraplex_tenant_refusals": "counter",
     }
     assert families(metrics) == expected
     assert "loraplex_requests_total{" in metrics.render().decode()

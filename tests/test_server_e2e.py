@@ -70,6 +70,7 @@ def server(server_model_dir, store) -> Iterator[str]:
     proc, url = start_server(
         server_model_dir, "--adapters-store", str(store), "--served-model-name", "tiny",
         "--kv-cache-bytes", str(2**24), "--max-num-seqs", "2", "--max-queue", "1", "--max-request-bytes", "20000",
+        "--dtype", "float32",
     )  # fmt: skip
     yield url
     proc.terminate()

@@ -24,6 +24,7 @@ from server.api.auth import require_admin
 from server.api.deps import EngineDep
 from server.api.openapi import ENGINE_ERRORS, JSON_BODY_ERRORS, error_responses
 from server.api.routing import BoundedRoute
+from server.api.tenancy import KeysReloaded, reload_keys
 from server.settings import Settings
 
 UPLOAD_PATH = "/admin/adapters"
@@ -89,3 +90,13 @@ def update_adapter(name: str, body: AdapterPatch, engine: EngineDep) -> AdapterO
 def delete_adapter(name: str, engine: EngineDep) -> AdapterDeleted:
     engine.remove_adapter(name)
     return AdapterDeleted(name=name)
+
+
+@router.post(
+    "/keys/reload",
+    responses=error_responses(errors.AuthenticationError, errors.PermissionDeniedError, errors.ConflictError,
+                              errors.KeyFileError),
+)  # fmt: skip
+def reload_api_keys(request: Request) -> KeysReloaded:
+    """Re-read the API keys file; running requests carry on, an invalid file keeps the old keys (422 says why)."""
+    return reload_keys(request)

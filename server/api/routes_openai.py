@@ -6,14 +6,14 @@ from fastapi import APIRouter, Request
 
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
-from server.api.deps import EngineDep
 from server.api.openapi import ENGINE_ERRORS, EVENT_STREAM, GENERATION_ERRORS, error_responses
 from server.api.responses import ChatCompletionResponse, CompletionResponse, ModelList, ModelObject
 from server.api.routing import BoundedRoute
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.streaming import EventStreamResponse
+from server.api.tenancy import AdmittedEngineDep, ScopedEngineDep
 from server.engine.outputs import ModelCard
-from server.errors import NotFoundError
+from server.errors import NotFoundError, model_not_found
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=BoundedRoute)
 GENERATION_RESPONSES = {**EVENT_STREAM, **error_responses(*GENERATION_ERRORS)}
@@ -21,29 +21,29 @@ GENERATION_RESPONSES = {**EVENT_STREAM, **error_responses(*GENERATION_ERRORS)}
 
 @router.post("/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep
+    body: CompletionRequest, request: Request, engine: AdmittedEngineDep
 ) -> CompletionResponse | EventStreamResponse:
     return await create_completion(engine, body, request)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep
+    body: ChatCompletionRequest, request: Request, engine: AdmittedEngineDep
 ) -> ChatCompletionResponse | EventStreamResponse:
     return await create_chat_completion(engine, body, request)
 
 
 @router.get("/models", responses=error_responses(*ENGINE_ERRORS))
-def list_models(engine: EngineDep) -> ModelList:
+def list_models(engine: ScopedEngineDep) -> ModelList:
     return ModelList(data=[_model_object(card) for card in engine.list_models()])
 
 
 @router.get("/models/{model}", responses=error_responses(*ENGINE_ERRORS, NotFoundError))
-def retrieve_model(model: str, engine: EngineDep) -> ModelObject:
+def retrieve_model(model: str, engine: ScopedEngineDep) -> ModelObject:
     for card in engine.list_models():
         if card.name == model:
             return _model_object(card)
-    raise NotFoundError(f"model '{model}' does not exist", param="model", code="model_not_found")
+    raise model_not_found(model)
 
 
 def _model_object(card: ModelCard) -> ModelObject:

@@ -1,7 +1,8 @@
 """vLLM's `POST /tokenize` and `POST /detokenize`, for the base model or any adapter by name.
 
-Adapters share the base model's tokenizer, so an adapter name only has to exist (404 otherwise). The routes are
-plain `def`: FastAPI runs them in its thread pool, off the event loop, since tokenizing a long prompt blocks.
+Adapters share the base model's tokenizer, so an adapter name only has to exist (404 otherwise; with API keys, it must
+be in the caller's scope). The routes are plain `def`: FastAPI runs them in its thread pool, off the event loop, since
+tokenizing a long prompt blocks.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 
-from server.api.deps import EngineDep
 from server.api.openapi import ENGINE_ERRORS, JSON_BODY_ERRORS, error_responses
 from server.api.routing import BoundedRoute
+from server.api.tenancy import ScopedEngineDep
 from server.api.tokenize_schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.errors import InvalidRequestError, NotFoundError
 
@@ -24,7 +25,7 @@ RESPONSES = error_responses(*JSON_BODY_ERRORS, *ENGINE_ERRORS, NotFoundError)
 
 
 @router.post("/tokenize", responses=RESPONSES)
-def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
+def tokenize(body: TokenizeRequest, engine: ScopedEngineDep) -> TokenizeResponse:
     _resolve(engine, body.model)
     if body.messages is not None:
         messages = [message.model_dump() for message in body.messages]
@@ -36,7 +37,7 @@ def tokenize(body: TokenizeRequest, engine: EngineDep) -> TokenizeResponse:
 
 
 @router.post("/detokenize", responses=RESPONSES)
-def detokenize(body: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
+def detokenize(body: DetokenizeRequest, engine: ScopedEngineDep) -> DetokenizeResponse:
     _resolve(engine, body.model)
     bad = next((t for t in body.tokens if t >= engine.vocab_size), None)
     if bad is not None:

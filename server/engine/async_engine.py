@@ -23,7 +23,13 @@ from server.engine.outputs import ModelCard, RequestOutput, engine_error
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import SamplingParams
 from server.engine.structured import GrammarSpec
-from server.errors import InvalidRequestError, LoraplexError, NotFoundError, QueueFullError, ServiceUnavailableError
+from server.errors import (
+    InvalidRequestError,
+    LoraplexError,
+    QueueFullError,
+    ServiceUnavailableError,
+    model_not_found,
+)
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
 from server.threads import single_threaded, use_engine_threads
@@ -81,7 +87,7 @@ class AsyncEngine:
             return None
         if self.adapters.exists(model):
             return model
-        raise NotFoundError(f"the model {model!r} does not exist; GET /v1/models lists what is served", param="model")
+        raise model_not_found(model)
 
     # --- adapter administration: what the /admin routes do, through the registry ------------------------------
     def upload_slot(self) -> AbstractContextManager[None]:

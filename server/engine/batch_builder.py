@@ -24,7 +24,10 @@ def build_forward_batch(
     ids, positions, kv_slots, token_adapter_slots = [], [], [], []
     query_start, context_lens, logits_indices = [0], [], []
     max_blocks = max(len(seq.block_table) for seq, _ in work)
-    tables = torch.zeros(len(work), max_blocks, dtype=torch.int64)
+    # One tensor for all tables: a tensor per sequence cost ~10 µs each, the biggest part of a decode step's packing.
+    tables = torch.tensor(
+        [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in work], dtype=torch.int64
+    )  # [S, max_blocks]
     for i, (seq, n) in enumerate(work):
         start = seq.num_computed_tokens
         end = start + n
@@ -32,7 +35,6 @@ def build_forward_batch(
         positions.extend(range(start, end))
         table = seq.block_table
         kv_slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int64)
         query_start.append(query_start[-1] + n)
         context_lens.append(end)
         if end == len(seq):

@@ -20,7 +20,8 @@ from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from server.model.kv_cache import KVCache
-from server.model.loader import load_model, resolve_device, resolve_dtype
+from server.model.loader import load_model, resolve_device
+from server.model.precision import resolve_dtype
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,12 @@
 """Attention over the paged KV cache, planned once per step and reused by every layer.
 
-Decode rows (one query token each) are gathered into one padded batch and served by a single
-`scaled_dot_product_attention` call; each prefill (or prefill chunk) runs its own causal call.
+Decode rows (one query token each) read the cache in place: two `embedding_bag` reductions, one for the scores
+(each bag is one query head against one cached block: `head_dim` key rows of `block_size` positions, weighted by
+the query's features) and one for the output (each bag sums a head's value rows weighted by its probabilities).
+Nothing is copied per layer but the query and the scores; the index tensors are built once per step. Gathering
+each sequence's K/V into a padded tensor for `scaled_dot_product_attention` instead cost 2.5-3x as much per layer
+(bench/bench_attention.py). Each prefill (or prefill chunk) runs its own causal SDPA call; a chunk after cached
+blocks gathers those blocks first.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.model.architecture import ModelSpec
 from server.model.batch import ForwardBatch
 
 
@@ -21,51 +27,82 @@ class PrefillSpan:
     start: int  # first token of the sequence in the packed batch
     end: int
     context_len: int  # keys after this step (cached + new)
-    slots: torch.Tensor | None  # [context_len] flat KV slots to read; None = nothing cached, use fresh K/V
+    blocks: torch.Tensor | None  # [ceil(context_len / block_size)] cache blocks to read; None = use fresh K/V
+
+
+@dataclass
+class DecodePlan:
+    """Indices of the in-place decode reductions for D rows, H query heads, contexts padded to L = n · block_size.
+
+    Bags are given as flat indices and offsets (fixed-width bags given as 2-D indices make `embedding_bag` build
+    their offsets on every call).
+    """
+
+    tokens: torch.Tensor  # [D] packed index of each decode token
+    blocks: int  # n, blocks read per row
+    score_index: torch.Tensor  # [D * H * n * head_dim] rows of `k_cache.view(-1, block_size)`, padding reads block 0
+    score_offsets: torch.Tensor  # [D * H * n] start of each (row, head, block) bag
+    value_index: torch.Tensor  # [D * H * L] rows of `v_cache.view(-1, head_dim)`, padding reads the row's first
+    value_offsets: torch.Tensor  # [D * H] start of each (row, head) bag
+    pad: torch.Tensor  # [D, 1, L] True where the position is past the row's context
 
 
 @dataclass
 class AttentionPlan:
     """Index tensors derived from the batch once per step, shared by all layers."""
 
-    decode_tokens: torch.Tensor | None  # [D] packed index of each decode token
-    decode_slots: torch.Tensor | None  # [D * L] flat KV slots, padding points at the row's first slot
-    decode_mask: torch.Tensor | None  # [D, 1, 1, L] True where the key is inside the context
-    decode_len: int  # L, the longest decode context
+    write_blocks: torch.Tensor  # [T] cache block each token's K/V go to
+    write_offsets: torch.Tensor  # [T] position inside that block
+    decode: DecodePlan | None
     prefills: list[PrefillSpan]
 
     @classmethod
-    def build(cls, batch: ForwardBatch, block_size: int) -> AttentionPlan:
+    def build(cls, batch: ForwardBatch, block_size: int, spec: ModelSpec) -> AttentionPlan:
         starts = batch.query_start.tolist()
         ctx = batch.context_lens.tolist()
-        device = batch.input_ids.device
         decode_rows, prefills = [], []
         for i, c in enumerate(ctx):
             q_len = starts[i + 1] - starts[i]
             if q_len == 1 and c > 1:
                 decode_rows.append(i)
             else:
-                slots = None if q_len == c else _slots(batch.block_tables[i], c, block_size)
-                prefills.append(PrefillSpan(starts[i], starts[i + 1], c, slots))
-        if not decode_rows:
-            return cls(None, None, None, 0, prefills)
-        rows = torch.tensor(decode_rows, device=device)
-        lens = batch.context_lens.to(device)[rows]  # [D]
-        max_len = max(ctx[i] for i in decode_rows)
-        positions = torch.arange(max_len, device=device)  # [L]
-        tables = batch.block_tables.to(device)[rows]  # [D, max_blocks]
-        slots = tables[:, positions // block_size] * block_size + positions % block_size  # [D, L]
-        mask = positions.unsqueeze(0) < lens.unsqueeze(1)  # [D, L]
-        # Padding reads the row's own first slot, never another sequence's: masked keys still enter the matmuls,
-        # and a NaN there (a request whose adapter overflowed) would poison every row that reads it.
-        slots = torch.where(mask, slots, slots[:, :1])
-        tokens = batch.query_start[:-1].to(device)[rows]
-        return cls(tokens, slots.reshape(-1), mask[:, None, None, :], max_len, prefills)
+                blocks = None if q_len == c else batch.block_tables[i, : -(-c // block_size)]
+                prefills.append(PrefillSpan(starts[i], starts[i + 1], c, blocks))
+        decode = _decode_plan(batch, decode_rows, block_size, spec) if decode_rows else None
+        slots = batch.kv_slots
+        return cls(slots // block_size, slots % block_size, decode, prefills)
 
 
-def _slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    positions = torch.arange(length, device=block_table.device)
-    return block_table[positions // block_size] * block_size + positions % block_size
+def _decode_plan(batch: ForwardBatch, rows: list[int], block_size: int, spec: ModelSpec) -> DecodePlan:
+    device = batch.input_ids.device
+    num_blocks = -(-max(int(batch.context_lens[i]) for i in rows) // block_size)
+    index = torch.tensor(rows, device=device)
+    tables = batch.block_tables.to(device)[index, :num_blocks]  # [D, n]
+    group = spec.num_heads // spec.num_kv_heads
+    kv_head = torch.arange(spec.num_heads, device=device) // group  # [H] KV head each query head reads
+    head_rows = tables[:, None, :] * spec.num_kv_heads + kv_head[None, :, None]  # [D, H, n] (block, kv head) rows
+    features = torch.arange(spec.head_dim, device=device)
+    score_index = (head_rows[..., None] * spec.head_dim + features).flatten()
+    positions = torch.arange(num_blocks * block_size, device=device)  # [L]
+    value_index = head_rows[:, :, positions // block_size] * block_size + positions % block_size  # [D, H, L]
+    lens = batch.context_lens.to(device)[index]  # [D]
+    pad = (positions[None, :] >= lens[:, None]).unsqueeze(1)  # [D, 1, L]
+    # Padding reads the row's own first position, never stale or foreign values: a probability of 0 times a NaN
+    # left there (a request whose adapter overflowed) would poison the sum. Padded scores are overwritten by -inf.
+    value_index = torch.where(pad, value_index[:, :, :1], value_index).flatten()
+    tokens = batch.query_start[:-1].to(device)[index]
+    return DecodePlan(
+        tokens, num_blocks,
+        score_index, torch.arange(0, score_index.numel(), spec.head_dim, device=device),
+        value_index, torch.arange(0, value_index.numel(), positions.numel(), device=device),
+        pad,
+    )  # fmt: skip
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, k: torch.Tensor, v: torch.Tensor):
+    """Store this step's K/V. k, v: [T, kv_heads, head_dim]; caches as in `server.model.kv_cache.KVCache`."""
+    k_cache[plan.write_blocks, :, :, plan.write_offsets] = k
+    v_cache[plan.write_blocks, :, plan.write_offsets] = v
 
 
 def paged_attention(
@@ -73,34 +110,54 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attend each token to its sequence's cached and fresh keys. Fresh K/V must already be in the cache.
 
-    q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's); caches: [slots, kv_heads, head_dim].
+    q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's); caches: one layer of `KVCache`.
     Returns [T, heads * head_dim].
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv = k.shape[1]
-    out = torch.empty_like(q)
+    if plan.decode is not None and not plan.prefills:  # a decode-only step: the rows are the tokens, in order
+        return _decode_attention(q, k_cache, v_cache, plan.decode).view(num_tokens, num_heads * head_dim)
+    out = q.new_empty(q.shape)  # q may be a view of the fused q,k rows
     for span in plan.prefills:
         q_i = q[span.start : span.end].transpose(0, 1)  # [heads, q_len, head_dim]
-        if span.slots is None:
-            k_i, v_i = k[span.start : span.end], v[span.start : span.end]
-            o = F.scaled_dot_product_attention(
-                q_i, k_i.transpose(0, 1), v_i.transpose(0, 1), is_causal=True, enable_gqa=True
-            )
+        if span.blocks is None:
+            k_i, v_i = k[span.start : span.end].transpose(0, 1), v[span.start : span.end].transpose(0, 1)
+            o = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=True)
         else:
-            k_i = k_cache.index_select(0, span.slots).transpose(0, 1)  # [kv_heads, ctx, head_dim]
-            v_i = v_cache.index_select(0, span.slots).transpose(0, 1)
+            k_i, v_i = _gather_context(k_cache, v_cache, span)
             o = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=_chunk_mask(span, q.device), enable_gqa=True)
         out[span.start : span.end] = o.transpose(0, 1)
-    if plan.decode_tokens is not None:
-        d, length = plan.decode_tokens.shape[0], plan.decode_len
-        group = num_heads // num_kv
-        # Query heads of one KV head stand in for query positions: one SDPA call with no KV repeat.
-        q_d = q.index_select(0, plan.decode_tokens).view(d, num_kv, group, head_dim)
-        k_d = k_cache.index_select(0, plan.decode_slots).view(d, length, num_kv, head_dim).transpose(1, 2)
-        v_d = v_cache.index_select(0, plan.decode_slots).view(d, length, num_kv, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q_d, k_d, v_d, attn_mask=plan.decode_mask)  # [D, kv, group, hd]
-        out[plan.decode_tokens] = o.reshape(d, num_heads, head_dim)
+    if plan.decode is not None:
+        out[plan.decode.tokens] = _decode_attention(q, k_cache, v_cache, plan.decode)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+    """softmax(q·Kᵀ/√d)·V for every decode row, reduced straight out of the pools. Returns [D, heads, head_dim]."""
+    _, num_heads, head_dim = q.shape
+    rows = plan.tokens.shape[0]
+    q_d = q if q.shape[0] == rows else q.index_select(0, plan.tokens)  # [D, H, head_dim]
+    weights = q_d.unsqueeze(2).expand(rows, num_heads, plan.blocks, head_dim) * head_dim**-0.5  # [D, H, n, hd]
+    keys = k_cache.view(-1, k_cache.shape[-1])  # [blocks * kv_heads * head_dim, block_size]
+    scores = F.embedding_bag(
+        plan.score_index, keys, plan.score_offsets, mode="sum", per_sample_weights=weights.flatten()
+    )  # [D * H * n, block_size]
+    # Softmax in float32 whatever the cache dtype, as SDPA does.
+    probs = scores.view(rows, num_heads, -1).float().masked_fill_(plan.pad, float("-inf")).softmax(-1)  # [D, H, L]
+    values = v_cache.view(-1, head_dim)  # [blocks * kv_heads * block_size, head_dim]
+    probs = probs.to(values.dtype).flatten()
+    out = F.embedding_bag(plan.value_index, values, plan.value_offsets, mode="sum", per_sample_weights=probs)
+    return out.view(rows, num_heads, head_dim)
+
+
+def _gather_context(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill chunk's keys and values, cached and fresh: [kv_heads, context_len, head_dim] each."""
+    n = span.blocks.shape[0]
+    kv_heads, head_dim, block_size = k_cache.shape[1:]
+    k_i = k_cache.index_select(0, span.blocks).permute(1, 0, 3, 2).reshape(kv_heads, n * block_size, head_dim)
+    v_i = v_cache.index_select(0, span.blocks).transpose(0, 1).reshape(kv_heads, n * block_size, head_dim)
+    return k_i[:, : span.context_len], v_i[:, : span.context_len]
 
 
 def _chunk_mask(span: PrefillSpan, device: torch.device) -> torch.Tensor:

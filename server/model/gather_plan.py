@@ -1,4 +1,4 @@
-"""Index plans of the per-token (BGMV) pass of `server.model.lora`: which buffer rows each gathered token reads."""
+"""Index plans of `server.model.lora`: rows each gathered token reads (BGMV), how GEMM runs are batched (SGMV)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,36 @@ def build_gather_plan(
         expand_offsets=offsets.to(device),
         expand_inputs=(first_bag[expand_tokens] * width + component).to(device),
     )
+
+
+@dataclass(frozen=True)
+class RunsPlan:
+    """Indices for one batched GEMM pair over n runs of tokens (grouped SGMV), each run padded to the longest, L.
+
+    `pad_index` is None when the runs are back to back and equally long: the batch is then a view of the tokens.
+    """
+
+    first: int  # first token of the first run
+    last: int  # end of the last run
+    length: int  # L, the longest run
+    pad_index: torch.Tensor | None  # [n * L] token read at each padded position (padding repeats the run's first)
+    kept: torch.Tensor | None  # [N] padded position of each real token, N = total run length
+    tokens: torch.Tensor | None  # [N] the token itself
+
+
+def build_runs_plan(runs: tuple[tuple[int, int], ...], device: torch.device) -> RunsPlan:
+    """The plan for token runs `[start, end)`, in order."""
+    starts = torch.tensor([start for start, _ in runs])
+    lengths = torch.tensor([end - start for start, end in runs])
+    length = int(lengths.max())
+    back_to_back = all(runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1))
+    if back_to_back and bool((lengths == length).all()):
+        return RunsPlan(runs[0][0], runs[-1][1], length, None, None, None)
+    step = torch.arange(length)  # [L]
+    inside = step[None, :] < lengths[:, None]  # [n, L]
+    pad_index = starts[:, None] + torch.where(inside, step[None, :], 0)  # [n, L]
+    kept = torch.nonzero(inside.flatten()).flatten()  # [N]
+    return RunsPlan(
+        runs[0][0], runs[-1][1], length,
+        pad_index.flatten().to(device), kept.to(device), pad_index.flatten()[kept].to(device),
+    )  # fmt: skip

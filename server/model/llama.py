@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model.architecture import ModelSpec
-from server.model.attention import AttentionPlan, paged_attention
+from server.model.attention import AttentionPlan, paged_attention, write_kv
 from server.model.batch import ForwardBatch
 from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
@@ -26,18 +26,18 @@ class Attention(nn.Module):
         self.o_proj = o_proj
         self.qkv_bias = nn.Parameter(qkv_bias, requires_grad=False) if qkv_bias is not None else None
 
-    def forward(self, x, cos, sin, plan: AttentionPlan, kv_slots, cache, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, plan: AttentionPlan, cache, lora: LoraBatch | None) -> torch.Tensor:
         s = self.spec
         qkv = self.qkv_proj(x, lora)  # [T, q_size + 2 * kv_size]
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
-        q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, s.num_heads, s.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        qk, v = qkv.split([s.q_size + s.kv_size, s.kv_size], dim=-1)
+        # q and k heads rotate in one call: [T, heads + kv_heads, head_dim]
+        qk = apply_rotary(qk.view(-1, s.num_heads + s.num_kv_heads, s.head_dim), cos, sin)
+        q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         k_cache, v_cache = cache
-        k_cache.index_copy_(0, kv_slots, k)
-        v_cache.index_copy_(0, kv_slots, v)
+        write_kv(k_cache, v_cache, plan, k, v)
         return self.o_proj(paged_attention(q, k, v, k_cache, v_cache, plan), lora)
 
 
@@ -63,8 +63,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = input_norm
         self.post_attention_layernorm = post_norm
 
-    def forward(self, h, cos, sin, plan, kv_slots, cache, lora) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, plan, kv_slots, cache, lora)
+    def forward(self, h, cos, sin, plan, cache, lora) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, plan, cache, lora)
         return h + self.mlp(self.post_attention_layernorm(h), lora)
 
 
@@ -85,11 +85,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, lora: LoraBatch | None = None) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm; K/V of every token are written to the cache."""
-        plan = AttentionPlan.build(batch, kv_cache.block_size)
+        plan = AttentionPlan.build(batch, kv_cache.block_size, self.spec)
         h = F.embedding(batch.input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self.rotary.tables(batch.positions, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, plan, batch.kv_slots, kv_cache.layer(i), lora)
+            h = layer(h, cos, sin, plan, kv_cache.layer(i), lora)
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

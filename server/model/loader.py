@@ -34,12 +34,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Read config, tokenizer and safetensors weights from `path`; never unpickles anything."""
     path = Path(path)

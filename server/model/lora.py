@@ -5,10 +5,13 @@ slots, zero-padded to a shared rank capacity, and DoRA's factor `g` per slot (1 
 (`server.model.routing.buffer_row`; row 0 is all zeros and stands for the base model). The maths of one update is
 `server.model.lora_weights.LoraWeights`; `lora_reference` states what this module computes, as a loop over tokens.
 
-A step's tokens come in runs of equal slot. Runs of `MIN_GEMM_RUN` tokens or more (prefill) get one GEMM pair each
-(Punica's SGMV). All other adapter tokens (decode) are served together by two `embedding_bag` calls that read each
-token's rows of A and B straight out of the slot buffers, each token at its own rank (Punica's BGMV with the gather
-fused into the reduction: no copy of per-token weights, no loop over adapters).
+A step's tokens come in runs of equal slot. Runs of `MIN_GEMM_RUN` tokens or more (prefill) are served by GEMMs
+(Punica's SGMV): all runs whose slots read the same number of A granules share one batched GEMM pair per projection
+(a lone run gets its own pair): a few large ops that can use every core instead of many small ones that cannot;
+0.87x the time of one pair per run on one thread for 32 runs of 64 tokens (bench/bench_kernels.py). All other
+adapter tokens (decode) are served together by two `embedding_bag` calls that read each token's rows of A and B
+straight out of the slot buffers, each token at its own rank (Punica's BGMV with the gather fused into the
+reduction: no copy of per-token weights, no loop over adapters).
 
 Measured on this CPU (1 thread; 2 threads on a quiet machine in brackets), one decode step of 32 tokens on 32
 distinct r=8 adapters on q_proj and v_proj of SmolLM2-135M, per layer: qkv base GEMM 350 µs [186]; gathered
@@ -151,6 +154,46 @@ class _Slice:
         if slot in self.dora:
             scale_outputs_(ys, self.g[row])
 
+    def grouped_sgmv(
+        self, x: torch.Tensor, y: torch.Tensor, runs: list[tuple[int, int, int]], batch: LoraBatch
+    ) -> None:
+        """Runs whose slots read the same number of A granules: one batched GEMM pair for all of them.
+
+        Each run is padded to the longest and every slot to `granules · g` ranks; the padding of A and B is zero,
+        so it adds exact zeros.
+        """
+        granules = -(-self.rank[runs[0][2]] // self.width)
+        ranks = granules * self.width
+        plan = batch.runs_plan(tuple((start, end) for start, end, _ in runs))
+        rows = torch.tensor([buffer_row(slot) for _, _, slot in runs], device=x.device)
+        n = len(runs)
+        a = self.a_t.index_select(0, rows)[:, :granules]  # [n, k, in, g]
+        a = a.permute(0, 2, 1, 3).reshape(n, self.in_features, ranks)  # [n, in, k * g]
+        b = self.b_t.index_select(0, rows)[:, :ranks]  # [n, k * g, out]
+        ys = y[:, self.start : self.end]  # [T, out]
+        if plan.pad_index is None:
+            xs = x[plan.first : plan.last].view(n, plan.length, -1)  # [n, L, in]
+            ys[plan.first : plan.last].view(n, plan.length, -1).baddbmm_(torch.bmm(xs, a), b)
+        else:
+            xs = x.index_select(0, plan.pad_index).view(n, plan.length, -1)  # [n, L, in]
+            delta = torch.bmm(torch.bmm(xs, a), b).view(-1, self.out_features)  # [n * L, out]
+            ys.index_add_(0, plan.tokens, delta.index_select(0, plan.kept))
+        for start, end, slot in runs:
+            if slot in self.dora:
+                scale_outputs_(ys[start:end], self.g[buffer_row(slot)])
+
+    def gemm_runs(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
+        """Every GEMM-served run of a slot targeting this projection: grouped by granule count, lone runs alone."""
+        groups: dict[int, list[tuple[int, int, int]]] = {}
+        for run in batch.gemm_runs:
+            if run[2] in self.rank:
+                groups.setdefault(-(-self.rank[run[2]] // self.width), []).append(run)
+        for runs in groups.values():
+            if len(runs) == 1:
+                self.sgmv(x, y, *runs[0])
+            else:
+                self.grouped_sgmv(x, y, runs, batch)
+
     def bgmv(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
         """Every gathered token at once, each at its own slot's rank; no loop over adapters."""
         ranks = {slot: self.rank[slot] for slot in batch.gather_slots if slot in self.rank}
@@ -231,10 +274,9 @@ class LoraSlots:
         if batch.gather_rows is not None:
             for piece in slices:
                 piece.bgmv(x, y, batch)
-        for start, end, slot in batch.gemm_runs:
+        if batch.gemm_runs:
             for piece in slices:
-                if slot in piece.rank:
-                    piece.sgmv(x, y, start, end, slot)
+                piece.gemm_runs(x, y, batch)
         return y
 
     def _correct(self, x: torch.Tensor, y: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> None:

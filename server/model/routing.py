@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from server.model.gather_plan import GatherPlan, build_gather_plan
+from server.model.gather_plan import GatherPlan, RunsPlan, build_gather_plan, build_runs_plan
 
 MIN_GEMM_RUN = 16  # shortest run served by its own GEMM pair; below it, per-token gathering is cheaper (measured)
 BASE_SLOT = -1  # adapter slot of a base-model token: no delta
@@ -47,7 +47,7 @@ class LoraBatch:
     gather_rows: torch.Tensor | None  # [T] int64, buffer row per token: buffer_row(slot) if gathered, else BASE_ROW
     gather_rows_cpu: torch.Tensor | None  # [T] int64 (CPU), the same, for building plans without a device sync
     unmerged_runs: tuple[tuple[int, int], ...]  # (start, end) of maximal runs of tokens not in MERGED_SLOT
-    _plans: dict[tuple, GatherPlan] = field(default_factory=dict, init=False, repr=False)
+    _plans: dict[tuple, GatherPlan | RunsPlan] = field(default_factory=dict, init=False, repr=False)
 
     def gather_plan(self, ranks: Mapping[int, int], in_features: int, granules: int, width: int) -> GatherPlan:
         """The plan for buffers of `granules` granules of `width` ranks, given each gathered slot's rank there.
@@ -61,50 +61,65 @@ class LoraBatch:
             self._plans[key] = build_gather_plan(rows, row_ranks, in_features, granules, width, device)
         return self._plans[key]
 
+    def runs_plan(self, runs: tuple[tuple[int, int], ...]) -> RunsPlan:
+        """The plan batching GEMM runs `[start, end)` into one GEMM pair; built once per step, shared by layers."""
+        key = ("runs", runs)
+        if key not in self._plans:
+            self._plans[key] = build_runs_plan(runs, self.token_slots.device)
+        return self._plans[key]
+
 
 def find_segments(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split per-token slots into maximal runs of equal slot: `seg_starts [S + 1]`, `seg_slots [S]`."""
-    slots = token_slots.cpu()
-    if slots.numel() == 0:
-        return torch.zeros(1, dtype=torch.int64), slots
-    change = torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1
-    seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64), change, torch.tensor([slots.numel()])])
-    return seg_starts, slots[seg_starts[:-1]]
+    bounds, seg_slots = _runs(token_slots.tolist())
+    return torch.tensor(bounds, dtype=torch.int64), torch.tensor(seg_slots, dtype=torch.int64)
+
+
+def _runs(slots: list[int]) -> tuple[list[int], list[int]]:
+    """First token of each maximal run of equal slot, then the token count; and each run's slot."""
+    bounds, seg_slots = [], []
+    for t, slot in enumerate(slots):
+        if not seg_slots or slot != seg_slots[-1]:
+            bounds.append(t)
+            seg_slots.append(slot)
+    bounds.append(len(slots))
+    return bounds, seg_slots
 
 
 def make_lora_batch(token_slots: torch.Tensor, min_gemm_run: int = MIN_GEMM_RUN) -> LoraBatch:
     """Route one step: adapter runs of `min_gemm_run` tokens or more get GEMMs, the other adapter tokens are gathered.
 
     `token_slots` [T] may live on the model's device (one host copy is made); slots must be < the layers' `max_loras`.
-    Adapter slots are the non-negative ones: both markers are negative.
+    Adapter slots are the non-negative ones: both markers are negative. Routing is plain Python over the runs: a
+    handful of small torch ops cost more per step than the whole loop (~150 µs against tens).
     """
-    slots = token_slots.cpu()
-    seg_starts, seg_slots = find_segments(slots)
-    lengths = seg_starts.diff()
-    starts = seg_starts[:-1].tolist()
-    runs = [
-        (s, s + n, slot) for s, n, slot in zip(starts, lengths.tolist(), seg_slots.tolist(), strict=True) if slot >= 0
-    ]
-    gathered = torch.repeat_interleave(lengths < min_gemm_run, lengths) & (slots >= 0)  # [T]
-    rows = torch.where(gathered, buffer_row(slots), BASE_ROW) if bool(gathered.any()) else None
+    slots = token_slots.tolist()
+    bounds, seg_slots = _runs(slots)
+    runs = [(bounds[i], bounds[i + 1], slot) for i, slot in enumerate(seg_slots) if slot >= 0]
+    gathered = [run for run in runs if run[1] - run[0] < min_gemm_run]
+    rows = None
+    if gathered:
+        per_token = [BASE_ROW] * len(slots)
+        for start, end, slot in gathered:
+            per_token[start:end] = [buffer_row(slot)] * (end - start)
+        rows = torch.tensor(per_token, dtype=torch.int64)
     return LoraBatch(
         token_slots=token_slots,
-        seg_starts=seg_starts,
-        seg_slots=seg_slots,
+        seg_starts=torch.tensor(bounds, dtype=torch.int64),
+        seg_slots=torch.tensor(seg_slots, dtype=torch.int64),
         active_slots=frozenset(slot for _, _, slot in runs),
         gemm_runs=tuple(run for run in runs if run[1] - run[0] >= min_gemm_run),
-        gather_slots=frozenset(slot for start, end, slot in runs if end - start < min_gemm_run),
+        gather_slots=frozenset(slot for _, _, slot in gathered),
         gather_rows=None if rows is None else rows.to(token_slots.device),
         gather_rows_cpu=rows,
-        unmerged_runs=_unmerged_runs(seg_starts, seg_slots),
+        unmerged_runs=_unmerged_runs(bounds, seg_slots),
     )
 
 
-def _unmerged_runs(seg_starts: torch.Tensor, seg_slots: torch.Tensor) -> tuple[tuple[int, int], ...]:
+def _unmerged_runs(bounds: list[int], seg_slots: list[int]) -> tuple[tuple[int, int], ...]:
     """Maximal runs of tokens that do not belong to the merged adapter: they get its correction."""
     runs: list[tuple[int, int]] = []
-    bounds = zip(seg_starts[:-1].tolist(), seg_starts[1:].tolist(), seg_slots.tolist(), strict=True)
-    for start, end, slot in bounds:
+    for start, end, slot in zip(bounds[:-1], bounds[1:], seg_slots, strict=True):
         if slot == MERGED_SLOT:
             continue
         if runs and runs[-1][1] == start:

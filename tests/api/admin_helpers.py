@@ -24,7 +24,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def admin_settings(model_dir: Path, store: Path, **overrides: Any) -> Settings:
     base = dict(model=model_dir, adapters_store=store, admin_token=TOKEN, kv_cache_bytes=2**21, block_size=4,
-                max_loras=4, max_cpu_loras=8, served_model_name="tiny")  # fmt: skip
+                max_loras=4, max_cpu_loras=8, served_model_name="tiny", dtype="float32")  # fmt: skip
     return Settings(**{**base, **overrides})
 
 

@@ -17,7 +17,7 @@ from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.penalties import validate_token_ids
 from server.engine.sequence import FinishReason, SamplingParams
 from server.engine.structured import GrammarSpec, check_grammar
-from server.errors import InvalidRequestError, NotFoundError, QueueFullError
+from server.errors import InvalidRequestError, QueueFullError, model_not_found
 
 
 @dataclass
@@ -63,7 +63,7 @@ class FakeEngine:
             return None
         if model in self.adapters:
             return model
-        raise NotFoundError(f"model '{model}' does not exist", param="model", code="model_not_found")
+        raise model_not_found(model)
 
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in prompt]

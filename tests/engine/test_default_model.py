@@ -28,7 +28,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    engine = build_engine(Settings(kv_cache_bytes=64 * 2**20, max_num_batched_tokens=256))
+    engine = build_engine(Settings(kv_cache_bytes=64 * 2**20, max_num_batched_tokens=256, dtype="float32"))
     yield engine
     engine.shutdown()
 
@@ -74,7 +74,9 @@ def test_three_adapters_on_the_default_model_match_peft(default_model_dir, tmp_p
     }
     for seed, (name, kwargs) in enumerate(specs.items()):
         make_peft_adapter(default_model_dir, tmp_path / name, seed=seed, b_scale=0.5, **kwargs)
-    engine = build_engine(Settings(adapters_store=tmp_path, kv_cache_bytes=64 * 2**20, max_num_batched_tokens=128))
+    engine = build_engine(
+        Settings(adapters_store=tmp_path, kv_cache_bytes=64 * 2**20, max_num_batched_tokens=128, dtype="float32")
+    )
     try:
         prompts = [engine.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
         jobs = [*zip(specs, prompts, strict=False), (None, prompts[3])]

@@ -18,7 +18,9 @@ def engine_factory(tiny_model_dir):
     engines = []
 
     def make(**overrides):
-        settings = Settings(model=tiny_model_dir, **{"kv_cache_bytes": 2**20, "block_size": 4, **overrides})
+        settings = Settings(
+            model=tiny_model_dir, **{"kv_cache_bytes": 2**20, "block_size": 4, "dtype": "float32", **overrides}
+        )
         engines.append(build_engine(settings))
         return engines[-1]
 

@@ -32,7 +32,7 @@ def engine_factory(tiny_model_dir, store):
 
     def make(**overrides):
         settings = Settings(model=tiny_model_dir, adapters_store=store, kv_cache_bytes=2**20, block_size=4,
-                            max_num_batched_tokens=48, max_loras=4, **overrides)  # fmt: skip
+                            max_num_batched_tokens=48, max_loras=4, dtype="float32", **overrides)  # fmt: skip
         engines.append(build_engine(settings))
         return engines[-1]
 

@@ -41,7 +41,7 @@ def store(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, store):
     settings = Settings(model=tiny_model_dir, adapters_store=store, kv_cache_bytes=2**20, block_size=4,
-                        max_num_batched_tokens=48, max_loras=6)  # fmt: skip
+                        max_num_batched_tokens=48, max_loras=6, dtype="float32")  # fmt: skip
     engine = build_engine(settings)
     yield engine
     engine.shutdown()

@@ -36,7 +36,12 @@ def engine_factory(tiny_model_dir, store):
 
     def make(**overrides):
         defaults = dict(
-            adapters_store=store, kv_cache_bytes=2**20, block_size=4, max_num_batched_tokens=40, max_loras=4
+            adapters_store=store,
+            kv_cache_bytes=2**20,
+            block_size=4,
+            max_num_batched_tokens=40,
+            max_loras=4,
+            dtype="float32",
         )
         settings = Settings(model=tiny_model_dir, **(defaults | overrides))
         engines.append(build_engine(settings))

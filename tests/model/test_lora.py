@@ -230,3 +230,20 @@ def test_packed_forward_with_mixed_adapters_matches_peft(tiny_model_dir, tmp_pat
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         if slot >= 0:
             assert not torch.allclose(got, peft_logits(tiny_model_dir, None, prompt), atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [[5] * 4 + [1] * 4 + [0] * 4, [5] * 4 + [-1] + [1] * 6 + [0] * 4 + [5] * 5, [3] * 4 + [2] * 5 + [3] * 4],
+    ids=["back-to-back", "padded", "wide-ranks"],
+)
+def test_grouped_runs_match_reference(tokens):
+    """Several GEMM runs of one granule count are served by one batched GEMM pair, DoRA included."""
+    linear, loaded = _layer_with_adapters()
+    token_slots = torch.tensor(tokens)
+    x = torch.randn(len(tokens), IN)
+    batch = make_lora_batch(token_slots, min_gemm_run=4)
+    assert len(batch.gemm_runs) >= 3 and batch.gather_rows is None
+    with torch.no_grad():
+        got = linear(x, batch)
+    torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
