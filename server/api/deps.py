@@ -42,8 +42,10 @@ class EngineState:
         """The engine, or ServiceUnavailableError while it loads or after it failed."""
         if self.failure is not None:
             raise ServiceUnavailableError(self.failure)
-        if self.engine is None or not self.engine.is_ready():
+        if self.engine is None:
             raise ServiceUnavailableError("model is loading")
+        if not self.engine.is_ready():
+            raise ServiceUnavailableError(self.engine.health_problem() or "the engine has stopped")
         return self.engine
 
     async def shutdown(self) -> None:

@@ -61,8 +61,9 @@ async def test_503_while_the_engine_builds_then_ready() -> None:
 
 
 async def test_engine_that_is_built_but_not_ready(client: httpx.AsyncClient, engine: FakeEngine) -> None:
-    engine.ready = False
-    assert_unavailable(await client.get("/health"), "model is loading")
+    engine.ready = False  # a built engine that is not ready has stopped: no route says it is still loading
+    assert_unavailable(await client.get("/health"), "the engine has stopped")
+    assert_unavailable(await client.post("/v1/completions", json=COMPLETION), "the engine has stopped")
 
 
 async def test_factory_failure_keeps_503_with_the_reason(caplog: pytest.LogCaptureFixture) -> None:
@@ -172,3 +173,4 @@ async def test_a_dead_engine_thread_answers_503(real, monkeypatch) -> None:
     engine._thread.join(timeout=10)
     reason = "the engine thread stopped after an internal error; the server log has the details"
     assert_unavailable(await client.get("/health"), reason)
+    assert_unavailable(await client.post("/v1/completions", json=TINY), reason)  # every route says why, not "loading"
