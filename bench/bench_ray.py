@@ -20,14 +20,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from load_tests.cli import run_load
+from load_tests.readiness import wait_until_ok
 from load_tests.workload import LengthRange, Workload
 
 TOTAL_CPUS = 2
@@ -54,20 +52,6 @@ def make_store(model_dir: Path, root: Path, count: int) -> None:
         base = model.unload()
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not become healthy")
-
-
 @contextmanager
 def server(command: str, flags: list[str], threads: int) -> Iterator[str]:
     """`python -m server <command> <flags>` on a free port, its engine(s) computing with `threads` threads each."""
@@ -77,7 +61,7 @@ def server(command: str, flags: list[str], threads: int) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "server", command, "--port", str(port), *flags], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        wait_until_ok(f"{url}/health", 600, alive=lambda: proc.poll() is None, poll_s=0.5)
         yield url
     finally:
         proc.terminate()

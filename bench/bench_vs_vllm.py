@@ -41,6 +41,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from load_tests.readiness import wait_until_ok
 from load_tests.report import build_report
 from load_tests.runner import run
 from load_tests.workload import PlannedRequest
@@ -102,19 +103,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: psutil.Process, timeout_s: float) -> None:
-    """Return once /health answers 200; raises if the process dies or the time runs out."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
-            raise RuntimeError(f"{proc.pid} exited before it was healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout_s:g} s")
+def _running(proc: psutil.Process) -> bool:
+    return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
 
 
 def tree_memory(root: psutil.Process) -> dict[str, float]:
@@ -209,7 +199,7 @@ def measure(server: Server, model_dir: Path, store: Path, adapters: list[str], a
     began = time.monotonic()
     proc = start(server, model_dir, store, port, log)
     try:
-        wait_healthy(url, proc, args.start_timeout)
+        wait_until_ok(f"{url}/health", args.start_timeout, alive=lambda: _running(proc), poll_s=0.5)
         started_s = time.monotonic() - began
         time.sleep(2)  # let start-up allocations settle before reading memory
         result = {"start_s": started_s, **tree_memory(proc)}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from load_tests.readiness import wait_until_ok
 from server.settings import ClusterSettings, Settings
 from tests.helpers import make_adapter_store, make_tiny_checkpoint
 from tests.test_server_e2e import _free_port
@@ -58,23 +57,11 @@ def deployed(tmp_path_factory) -> Iterator[Deployed]:
         cluster = ClusterSettings(replicas=2, num_cpus_per_replica=1, app_name=APP)
         serve.run(build_application(settings, cluster), name=APP, route_prefix="/")
         url = f"http://{settings.host}:{settings.port}"
-        wait_healthy(url)
+        wait_until_ok(f"{url}/health", 60)
         yield Deployed(url, settings, model_dir, sources)
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def wait_healthy(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("the Ray Serve application did not become healthy")
 
 
 def samples(text: str, name: str, **labels: str) -> dict[str, float]:

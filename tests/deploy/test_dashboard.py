@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from load_tests.cli import run_load
+from load_tests.readiness import wait_until_ok
 from load_tests.workload import LengthRange, Workload
 from tests.helpers import make_peft_adapter
 from tests.test_server_e2e import _free_port, start_server
@@ -66,27 +67,13 @@ def prometheus(server, tmp_path_factory) -> Iterator[str]:
            f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(url, proc)
+        wait_until_ok(f"{url}/-/ready", 60, alive=lambda: proc.poll() is None)
         # Prometheus applies new targets every 5 s: wait for the first scrape, so the load is seen as it runs.
         _until(lambda: _has_value(url, "max(up)", 1), "prometheus never scraped the server")
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("prometheus did not become ready")
 
 
 def query(prometheus: str, expr: str) -> list[dict[str, Any]]:
