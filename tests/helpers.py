@@ -93,3 +93,15 @@ def make_adapter_store(model_dir: Path, root: Path, specs: dict[str, dict]) -> P
     for seed, (name, kwargs) in enumerate(specs.items()):
         make_peft_adapter(model_dir, root / name, seed=seed, **kwargs)
     return root
+
+
+def make_fault_store(model_dir: Path, root: Path) -> Path:
+    """Two well-behaved adapters (`a`: r=4 q,v; `b`: r=8 all-linear) and `overflow`, whose finite weights give a
+    delta that overflows float32: the residual stream turns infinite, then NaN."""
+    make_adapter_store(model_dir, root, {
+        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "b": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    })  # fmt: skip
+    make_peft_adapter(model_dir, root / "overflow", seed=7, b_scale=1e38, r=4, lora_alpha=8,
+                      target_modules=["v_proj", "o_proj"])  # fmt: skip
+    return root

@@ -15,7 +15,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.metrics import Metrics
 from server.settings import Settings
-from tests.helpers import make_adapter_store, make_peft_adapter
+from tests.helpers import make_fault_store
 
 GREEDY = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.9, top_k=40, seed=11)
@@ -41,14 +41,7 @@ NORMAL = [
 
 @pytest.fixture(scope="module")
 def store(tiny_model_dir, tmp_path_factory):
-    root = make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("fault-store"), {
-        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "b": dict(r=8, lora_alpha=16, target_modules="all-linear"),
-    })  # fmt: skip
-    # Finite weights whose delta overflows float32: the residual stream turns infinite, then NaN.
-    make_peft_adapter(tiny_model_dir, root / "overflow", seed=7, b_scale=1e38, r=4, lora_alpha=8,
-                      target_modules=["v_proj", "o_proj"])  # fmt: skip
-    return root
+    return make_fault_store(tiny_model_dir, tmp_path_factory.mktemp("fault-store"))
 
 
 REGISTRIES: dict[int, AdapterRegistry] = {}  # id(core) -> the adapter registry built with it, for `run`

@@ -16,21 +16,14 @@ import pytest
 from server.api import create_app
 from server.engine.factory import build_engine
 from server.settings import Settings
-from tests.helpers import make_adapter_store, make_peft_adapter
+from tests.helpers import make_fault_store
 
 PROMPTS = {"tiny": [5, 6, 7, 8], "a": [9, 10, 11], "b": [12, 13, 14, 15, 16]}
 
 
 @pytest.fixture(scope="module")
 def store(tiny_model_dir, tmp_path_factory) -> Path:
-    root = make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("request-faults"), {
-        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "b": dict(r=8, lora_alpha=16, target_modules="all-linear"),
-    })  # fmt: skip
-    # Finite weights whose delta overflows float32: the residual stream turns infinite, then NaN.
-    make_peft_adapter(tiny_model_dir, root / "overflow", seed=7, b_scale=1e38, r=4, lora_alpha=8,
-                      target_modules=["v_proj", "o_proj"])  # fmt: skip
-    return root
+    return make_fault_store(tiny_model_dir, tmp_path_factory.mktemp("request-faults"))
 
 
 @pytest.fixture
