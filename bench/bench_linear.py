@@ -2,15 +2,16 @@
 
 1. One decode step of the default model alone (context 40) for 1, 2, 3, 4 and 8 sequences, with every projection on
    the packed path and then on the plain path, taking turns for 20 rounds; prints the median step times and the
-   median of the rounds' plain / packed ratios. `server.model.linear.PLAIN_MAX_ROWS` is set from this.
+   median of the rounds' plain / packed ratios. `server.model.linear.PLAIN_MAX_ROWS[dtype]` is set from this.
 2. The same step for 8 and 32 sequences with a random r=16 all-linear adapter merged into every layer, its merged
    weights plain (as right after a merge) and packed (once `WeightMerger.pack_next` has run for every layer).
 
-Usage: .venv/bin/python -m bench.bench_linear
+Usage: .venv/bin/python -m bench.bench_linear [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ from server.model.linear import PLAIN_MAX_ROWS
 from server.model.loader import LoadedModel, load_model
 from server.model.merge import WeightMerger
 
-PATHS = {"packed": 0, "plain": 1 << 30}  # PLAIN_MAX_ROWS for each path
+PATHS = {"packed": -1, "plain": 1 << 30}  # PLAIN_MAX_ROWS[dtype] for each path
 
 
 def merged_rows(loaded: LoadedModel, cache: KVCache) -> None:
@@ -62,8 +63,11 @@ def merged_rows(loaded: LoadedModel, cache: KVCache) -> None:
 
 
 def main() -> None:
-    loaded = load_model(default_model_dir(), torch.device("cpu"), torch.float32)
-    cache = KVCache(loaded.spec, num_blocks=128, block_size=16, dtype=torch.float32, device="cpu")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    dtype = getattr(torch, parser.parse_args().dtype)
+    loaded = load_model(default_model_dir(), torch.device("cpu"), dtype)
+    cache = KVCache(loaded.spec, num_blocks=128, block_size=16, dtype=dtype, device="cpu")
     print(f"{'sequences':>9} {'packed ms':>10} {'plain ms':>9} {'plain / packed':>15}")
     for n in (1, 2, 3, 4, 8):
         batch = decode_batch(n)
@@ -71,7 +75,7 @@ def main() -> None:
         step_ms(loaded, batch, cache)
         for _ in range(20):
             for path, rows in PATHS.items():
-                linear.PLAIN_MAX_ROWS = rows
+                linear.PLAIN_MAX_ROWS = {**PLAIN_MAX_ROWS, dtype: rows}
                 times[path].append(step_ms(loaded, batch, cache))
         ratio = paired_ratio(times["plain"], times["packed"])
         packed, plain = (statistics.median(times[path]) for path in PATHS)

@@ -118,14 +118,16 @@ def paged_attention(
         return _decode_attention(q, k_cache, v_cache, plan.decode).view(num_tokens, num_heads * head_dim)
     out = q.new_empty(q.shape)  # q may be a view of the fused q,k rows
     for span in plan.prefills:
-        q_i = q[span.start : span.end].transpose(0, 1)  # [heads, q_len, head_dim]
+        # SDPA takes its CPU flash kernel only for 4-D inputs, [1, heads, len, head_dim] here; 3-D ones run the
+        # unfused maths, 1.7x slower for 64 tokens and 3-4x for 512 (bf16 and fp32 alike).
+        q_i = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
         if span.blocks is None:
-            k_i, v_i = k[span.start : span.end].transpose(0, 1), v[span.start : span.end].transpose(0, 1)
+            k_i, v_i = (t[span.start : span.end].transpose(0, 1).unsqueeze(0) for t in (k, v))
             o = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=True)
         else:
-            k_i, v_i = _gather_context(k_cache, v_cache, span)
+            k_i, v_i = (t.unsqueeze(0) for t in _gather_context(k_cache, v_cache, span))
             o = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=_chunk_mask(span, q.device), enable_gqa=True)
-        out[span.start : span.end] = o.transpose(0, 1)
+        out[span.start : span.end] = o[0].transpose(0, 1)
     if plan.decode is not None:
         out[plan.decode.tokens] = _decode_attention(q, k_cache, v_cache, plan.decode)
     return out.view(num_tokens, num_heads * head_dim)

@@ -10,10 +10,10 @@ A merge is bound by memory traffic: it reads the base rows of X's projections on
 q_proj and v_proj of SmolLM2-135M: 53 MB each way). Buffers are kept between merges, so that only the first merge
 of a layer pays for allocating (and page-faulting) its buffer; each remembers which update its projections hold,
 so merging the adapter merged last time again costs nothing, and another adapter's merge restores from `W` only
-the rows it does not overwrite. On CPU the merged layers first run the plain GEMM (the faster one up to
-`PLAIN_MAX_ROWS` rows); `pack_next`, one layer per engine step, then gives them oneDNN's packed copy for larger
-batches, kept as long as the buffer's rows do not change. Buffers of layers the latest merge does not touch are
-freed, so the extra memory is at most two copies (plain and packed) of the layers one adapter targets
+the rows it does not overwrite. On CPU the merged layers first run the plain GEMM; `pack_next`, one layer per
+engine step, then gives them oneDNN's packed copy (the faster GEMM in bfloat16, and in float32 above
+`PLAIN_MAX_ROWS` rows), kept as long as the buffer's rows do not change. Buffers of layers the latest merge does
+not touch are freed, so the extra memory is at most two copies (plain and packed) of the layers one adapter targets
 (`WeightMerger.num_bytes`).
 
 Tokens that do not use X must not see it. Each layer X touches gets X's updates as its slots' correction, applied by
@@ -96,9 +96,9 @@ class WeightMerger:
 
     def pack_next(self) -> None:
         """Give one merged layer the packed copy of its merged weight (0.5-2 ms on CPU); the engine calls it once
-        per step after a merge, so that batches of more than `PLAIN_MAX_ROWS` rows get the faster GEMM back."""
+        per step after a merge, so that the merged layers get the faster packed GEMM back."""
         for linear in self._merged:
-            if linear.merged_packed is None and linear.packed is not None:  # weights that pack (CPU float32)
+            if linear.merged_packed is None and linear.packed is not None:  # weights that pack (CPU float32, bfloat16)
                 buffer = self._buffers[linear]
                 buffer.packed = prepack(buffer.weight)
                 linear.serve_merged(buffer.weight, buffer.packed)

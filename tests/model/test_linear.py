@@ -1,4 +1,4 @@
-"""The base GEMM: plain weights for a few rows, oneDNN's packed copy from `PLAIN_MAX_ROWS + 1` rows up."""
+"""The base GEMM: oneDNN's packed copy above `PLAIN_MAX_ROWS[dtype]` rows (every row count in bfloat16), else plain."""
 
 from __future__ import annotations
 
@@ -8,20 +8,27 @@ import torch.nn.functional as F
 
 from server.model.linear import PLAIN_MAX_ROWS, linear, prepack
 
-packed_available = pytest.mark.skipif(prepack(torch.zeros(8, 8)) is None, reason="oneDNN is not available")
+
+def packs(dtype: torch.dtype) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(prepack(torch.zeros(8, 8, dtype=dtype)) is None, reason=f"oneDNN does not pack {dtype}")
 
 
-@packed_available
-@pytest.mark.parametrize("rows", [1, PLAIN_MAX_ROWS, PLAIN_MAX_ROWS + 1, 32])
-def test_each_row_count_takes_the_faster_path_and_both_agree(rows):
+@pytest.mark.parametrize(
+    ("dtype", "rows"),
+    [pytest.param(torch.float32, rows, marks=packs(torch.float32)) for rows in (1, 3, 4, 32)]
+    + [pytest.param(torch.bfloat16, rows, marks=packs(torch.bfloat16)) for rows in (1, 4, 32)],
+)
+def test_each_row_count_takes_the_faster_path_and_both_agree(dtype, rows):
     torch.manual_seed(0)
-    weight, x = torch.randn(96, 64), torch.randn(rows, 64)
+    weight, x = torch.randn(96, 64, dtype=dtype), torch.randn(rows, 64, dtype=dtype)
     packed = prepack(weight)
     got = linear(x, weight, packed)
-    path = F.linear(x, weight) if rows <= PLAIN_MAX_ROWS else torch.ops.mkldnn._linear_pointwise(
-        x, packed, None, "none", [], "")  # fmt: skip
+    plain = rows <= PLAIN_MAX_ROWS[dtype]
+    assert plain == (dtype == torch.float32 and rows <= 3)
+    path = F.linear(x, weight) if plain else torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     assert got.equal(path)
-    torch.testing.assert_close(got, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, F.linear(x, weight), atol=tolerance, rtol=tolerance)
 
 
 def test_weights_without_a_packed_copy_use_the_plain_gemm():
