@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     kv_cache_bytes: int = Field(512 * 2**20, gt=0, description="Byte budget of the paged KV cache")
     block_size: int = Field(16, gt=0, description="Tokens per KV-cache block")
     max_num_batched_tokens: int = Field(2048, gt=0, description="Most tokens (prefill + decode) in one engine step")
-    max_num_seqs: int = Field(64, gt=0, description="Most sequences running at once")
+    max_num_seqs: int = Field(128, gt=0, description="Most sequences running at once (vLLM's CPU default)")
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of full blocks a prompt shares with earlier ones on the same adapter"
     )
