@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of full blocks a prompt shares with earlier ones on the same adapter"
     )
+    schedule_policy: Literal["fcfs", "cached-first"] = Field(
+        "cached-first",
+        description="Admission order of waiting requests: fcfs, or cached-first (requests whose prompt is mostly in "
+        "the prefix cache go first, with at most half of a step's token budget; the rest stay first come, first "
+        "served)",
+    )
     max_model_len: int | None = Field(None, gt=0, description="Context length limit (default: the model's)")
     max_queue: int = Field(256, ge=0, description="Waiting requests allowed before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model")

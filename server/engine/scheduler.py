@@ -22,6 +22,7 @@ class SchedulerConfig:
     max_model_len: int  # longest sequence (prompt + output) the engine lets run
     max_loras: int  # most distinct adapters among running sequences, hence in any step
     watermark: float = 0.01  # share of KV blocks admissions leave free, so they don't force preemption next step
+    cached_first: bool = False  # admit mostly-cached prompts ahead of the queue (see `Scheduler._schedule_cached`)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_loras"):
@@ -38,6 +39,7 @@ class SchedulerConfig:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=max_model_len,
             max_loras=settings.max_loras,
+            cached_first=settings.schedule_policy == "cached-first",
         )
 
 
@@ -92,12 +94,17 @@ def _adapter_counts(seqs: Iterable[Sequence]) -> Counter[str]:
     return Counter(seq.adapter for seq in seqs if seq.adapter is not None)
 
 
+CACHED_FIRST_SHARE = 0.75  # a prompt at least this much in the prefix cache may be admitted ahead of the queue
+
+
 class Scheduler:
     """FCFS continuous batching with chunked prefill, recompute preemption and a cap on distinct adapters.
 
     Each step first continues the running sequences in arrival order, preempting the latest arrivals when
-    KV blocks run out, then admits waiting ones. The engine drives it: `schedule()`, run the model,
-    `advance(output)`, append each sampled token, `finish()` the sequences that stop.
+    KV blocks run out, then admits waiting ones: with `cached_first`, prompts mostly in the prefix cache first (a
+    few tokens each gives them their first token in this step), then everyone else in arrival order. The engine
+    drives it: `schedule()`, run the model, `advance(output)`, append each sampled token, `finish()` the sequences
+    that stop.
     """
 
     def __init__(
@@ -176,6 +183,8 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self._schedule_running(output)
         if not output.preempted:  # memory is short: re-admitting now would only thrash
+            if self.config.cached_first:
+                budget -= self._schedule_cached(output, budget // 2)
             self._schedule_waiting(output, budget)
         return output
 
@@ -222,6 +231,39 @@ class Scheduler:
         self.waiting.appendleft(seq)
         output.preempted.append(seq)
 
+    def _schedule_cached(self, output: SchedulerOutput, budget: int) -> int:
+        """Admit waiting sequences whose prompt is mostly cached, in arrival order, within `budget` tokens (half the
+        step's); returns the tokens used.
+
+        Requests that share a task prefix get their first token as soon as the prefix is cached instead of behind
+        every uncached prompt that arrived before them (SGLang's longest-prefix-first, bounded): what they still need
+        is a quarter of their prompt at most, and the other half of the budget keeps the queue's head moving.
+        """
+        used = 0
+        adapters = set(self.running_adapters)
+        for seq in self.waiting:
+            if used >= budget or len(self.running) >= self.config.max_num_seqs:
+                break
+            prefix = self._reusable_prefix(seq) if self._adapter_allows(seq, adapters) else []
+            cached = len(prefix) * self.block_manager.block_size
+            if not prefix or cached < CACHED_FIRST_SHARE * len(seq) or len(seq) - cached > budget - used:
+                continue
+            used += self._start(seq, self._admit(seq, budget - used), adapters, output)
+        if used:
+            self.waiting = deque(seq for seq in self.waiting if seq.status is SequenceStatus.WAITING)
+        return used
+
+    def _start(self, seq: Sequence, num_new: int | None, adapters: set[str], output: SchedulerOutput) -> int:
+        """Move an admitted `seq` (its first chunk `num_new` tokens; None: not admitted) to running."""
+        if num_new is None:
+            return 0
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.arrival_time)
+        if seq.adapter is not None:
+            adapters.add(seq.adapter)
+        output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
+        return num_new
+
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         """Admit waiting sequences in order; ones whose adapter can't run yet are skipped, not blocking others."""
         adapters = set(self.running_adapters)
@@ -234,12 +276,7 @@ class Scheduler:
             num_new = self._admit(seq, budget)
             if num_new is None:
                 break  # FCFS: later, smaller requests must not starve this one
-            seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival_time)
-            if seq.adapter is not None:
-                adapters.add(seq.adapter)
-            output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
-            budget -= num_new
+            budget -= self._start(seq, num_new, adapters, output)
         self.waiting = deque(seq for seq in self.waiting if seq.status is SequenceStatus.WAITING)
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:

@@ -36,8 +36,9 @@ def make_scheduler(
     watermark: float = 0.0,
     adapter_ready: Callable[[str], bool] | None = None,
     prefix_caching: bool = False,  # off: most prompts here share a prefix; the prefix tests below turn it on
+    cached_first: bool = False,
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, watermark)
+    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, watermark, cached_first)
     manager = BlockManager(num_blocks, block_size, enable_caching=prefix_caching)
     if adapter_ready is None:
         return Scheduler(config, manager)
@@ -309,9 +310,9 @@ def check_step_invariants(scheduler: Scheduler, output: SchedulerOutput) -> None
     assert arrivals == sorted(arrivals)
 
 
-@pytest.mark.parametrize("prefix_caching", [False, True])
+@pytest.mark.parametrize(("prefix_caching", "cached_first"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_workload_keeps_invariants_and_leaks_no_blocks(seed: int, prefix_caching: bool) -> None:
+def test_random_workload_keeps_invariants_and_leaks_no_blocks(seed: int, prefix_caching: bool, cached_first: bool):
     rng = random.Random(seed)
     clock = itertools.count()
     ready = {"a", "b"}
@@ -325,6 +326,7 @@ def test_random_workload_keeps_invariants_and_leaks_no_blocks(seed: int, prefix_
         watermark=0.05,
         adapter_ready=ready.__contains__,
         prefix_caching=prefix_caching,
+        cached_first=cached_first,
     )
     seqs = [
         make_seq(f"r{i}", rng.randint(1, 40), adapter=rng.choice([None, "a", "b", "c"]), max_tokens=rng.randint(1, 16))
@@ -386,6 +388,44 @@ def test_mostly_cached_prompt_fits_where_its_whole_length_would_not() -> None:
     output = step(scheduler)
     assert chunks(output) == [("holder", 1, True), ("follower", 1, True)]
     assert follower.num_cached_tokens == 12 and scheduler.block_manager.num_free_blocks == 0
+
+
+def test_cached_first_admits_a_mostly_cached_prompt_ahead_of_an_uncached_one() -> None:
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=16, max_model_len=32, prefix_caching=True,
+                               cached_first=True)  # fmt: skip
+    scheduler.add(make_seq("task", 18, adapter="a@1", max_tokens=1))
+    run_to_completion(scheduler)  # the task prefix (4 full blocks) is cached
+    long = make_seq("long", 30, adapter="b@1", arrival=1)
+    follower = make_seq("follower", 18, adapter="a@1", arrival=2)
+    scheduler.add(long)
+    scheduler.add(follower)
+    output = step(scheduler)
+    assert chunks(output) == [("follower", 2, True), ("long", 14, False)]  # first token now; the head still moves
+    assert follower.num_cached_tokens == 16 and follower.num_output_tokens == 1
+
+
+def test_cached_first_leaves_the_queue_head_at_least_half_the_budget() -> None:
+    scheduler = make_scheduler(block_size=4, max_num_seqs=32, max_num_batched_tokens=16, max_model_len=40,
+                               num_blocks=128, prefix_caching=True, cached_first=True)  # fmt: skip
+    scheduler.add(make_seq("task", 18, max_tokens=1))
+    run_to_completion(scheduler)
+    head = make_seq("head", 40, adapter="b@1", arrival=1)
+    scheduler.add(head)
+    for i in range(10):  # a crowd of cheap, mostly cached followers behind the head
+        scheduler.add(make_seq(f"f{i}", 18, arrival=2 + i))
+    output = step(scheduler)
+    jumped = [item for item in output.scheduled if item.seq.request_id.startswith("f")]
+    assert sum(item.num_new_tokens for item in jumped) <= 8  # half the budget
+    assert ("head", 8, False) in chunks(output)
+
+
+def test_fcfs_policy_keeps_arrival_order() -> None:
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=16, max_model_len=32, prefix_caching=True)
+    scheduler.add(make_seq("task", 18, adapter="a@1", max_tokens=1))
+    run_to_completion(scheduler)
+    scheduler.add(make_seq("long", 30, adapter="b@1", arrival=1))
+    scheduler.add(make_seq("follower", 18, adapter="a@1", arrival=2))
+    assert chunks(scheduler.schedule()) == [("long", 16, False)]
 
 
 def test_fully_cached_prompt_recomputes_its_last_block() -> None:
