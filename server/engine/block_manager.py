@@ -103,6 +103,19 @@ class BlockManager:
             prefix.append(block)
         return prefix
 
+    def completed_blocks(self, seq: Sequence, start: int, end: int) -> list[BlockHash]:
+        """Hashes of the full blocks a chunk computing tokens `[start, end)` of `seq` completes (none uncached)."""
+        if not self.enable_caching:
+            return []
+        return self._hashes(seq, end // self.block_size)[start // self.block_size :]
+
+    def first_missing_block(self, seq: Sequence, num_cached_blocks: int) -> BlockHash | None:
+        """Hash of `seq`'s first full block past its `num_cached_blocks` cached ones, if `cached_prefix` could ever
+        return it (None without caching, or where the prompt has no such block)."""
+        if not self.enable_caching or num_cached_blocks >= (len(seq) - 1) // self.block_size:
+            return None
+        return self._hashes(seq, num_cached_blocks + 1)[num_cached_blocks]
+
     def can_allocate(
         self, seq: Sequence, num_tokens: int, *, reserve: int = 0, prefix: list[int] | None = None
     ) -> bool:

@@ -7,7 +7,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockHash, BlockManager
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 from server.errors import InvalidRequestError
 from server.settings import Settings
@@ -185,8 +185,13 @@ class Scheduler:
         if not output.preempted:  # memory is short: re-admitting now would only thrash
             if self.config.cached_first:
                 budget -= self._schedule_cached(output, budget // 2)
-            self._schedule_waiting(output, budget)
+            self._schedule_waiting(output, budget, self._blocks_in_flight(output))
         return output
+
+    def _blocks_in_flight(self, output: SchedulerOutput) -> set[BlockHash]:
+        """Hashes of the full blocks this step's chunks so far complete (cached after the step)."""
+        blocks = (self.block_manager.completed_blocks(item.seq, item.start, item.end) for item in output.scheduled)
+        return {digest for chunk in blocks for digest in chunk}
 
     def advance(self, output: SchedulerOutput) -> None:
         """Count the tokens the step computed; sequences finished since `schedule()` are skipped."""
@@ -264,27 +269,37 @@ class Scheduler:
         output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
         return num_new
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
-        """Admit waiting sequences in order; ones whose adapter can't run yet are skipped, not blocking others."""
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int, in_flight: set[BlockHash]) -> None:
+        """Admit waiting sequences in order; ones whose adapter can't run yet are skipped, not blocking others.
+
+        So is one whose next uncached block another chunk of this step computes (`in_flight`, grown as sequences
+        are admitted): a burst sharing a new prefix computes it once, and the rest find it cached next step.
+        """
         adapters = set(self.running_adapters)
+        manager = self.block_manager
         for seq in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if not self._adapter_allows(seq, adapters):
                 continue
             self._check_runnable(seq)
-            num_new = self._admit(seq, budget)
+            prefix = self._reusable_prefix(seq)
+            if manager.first_missing_block(seq, len(prefix)) in in_flight:
+                continue
+            num_new = self._admit(seq, budget, prefix)
             if num_new is None:
                 break  # FCFS: later, smaller requests must not starve this one
             budget -= self._start(seq, num_new, adapters, output)
+            in_flight.update(manager.completed_blocks(seq, seq.num_computed_tokens, seq.num_computed_tokens + num_new))
         self.waiting = deque(seq for seq in self.waiting if seq.status is SequenceStatus.WAITING)
 
-    def _admit(self, seq: Sequence, budget: int) -> int | None:
-        """Give `seq` its cached prefix and blocks for its next chunk; the chunk's size, None if it does not fit.
+    def _admit(self, seq: Sequence, budget: int, prefix: list[int] | None = None) -> int | None:
+        """Give `seq` its cached prefix (`_reusable_prefix`, unless given) and blocks for its next chunk; the
+        chunk's size, None if it does not fit.
 
         Only the tokens past the cached prefix count against the budget and need new blocks.
         """
-        prefix = self._reusable_prefix(seq)
+        prefix = self._reusable_prefix(seq) if prefix is None else prefix
         num_cached = len(prefix) * self.block_manager.block_size
         num_new = min(len(seq) - num_cached, budget)
         reserve = self._watermark_blocks if self.running else 0  # a lone sequence may use the whole cache

@@ -443,15 +443,33 @@ def test_preempted_sequence_finds_its_own_blocks_but_reports_its_first_admission
     a, b, c = (make_seq(name, 7, arrival=i, max_tokens=8) for i, name in enumerate("abc"))
     for seq in (a, b, c):
         scheduler.add(seq)
-    step(scheduler)
+    assert chunks(step(scheduler)) == [("a", 7, True)]  # b and c wait for the block a computes: one prompt
+    assert chunks(step(scheduler)) == [("a", 1, True), ("b", 3, True), ("c", 3, True)]
     step(scheduler)
     assert step(scheduler).preempted == [c]
-    assert scheduler.block_manager.num_used_blocks == 6  # a and b hold c's first block too: one prompt
     rest = run_to_completion(scheduler)
     readmitted = next(item for out in rest for item in out.scheduled if item.seq is c)
     assert readmitted.start == 8  # a computed the same 9 tokens (one prompt, one sampled token) into cached blocks
-    assert [seq.num_cached_tokens for seq in (a, b, c)] == [0, 0, 0]  # admitted together: no prompt hit
+    assert [seq.num_cached_tokens for seq in (a, b, c)] == [0, 4, 4]  # each first admission's hit, not the re-run's
     assert scheduler.block_manager.num_used_blocks == 0
+
+
+def test_a_burst_sharing_a_new_prefix_computes_it_once() -> None:
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64, max_model_len=32, prefix_caching=True)
+    burst = [make_seq(f"r{i}", 18, arrival=i, max_tokens=1) for i in range(4)]
+    other = make_seq("other", 6, adapter="b@1", arrival=9)  # shares nothing: admitted at once
+    for seq in (*burst, other):
+        scheduler.add(seq)
+    assert chunks(step(scheduler)) == [("r0", 18, True), ("other", 6, True)]
+    assert chunks(step(scheduler)) == [("other", 1, True), *((f"r{i}", 2, True) for i in (1, 2, 3))]
+    assert [seq.num_cached_tokens for seq in burst] == [0, 16, 16, 16]
+
+
+def test_without_prefix_caching_a_burst_is_admitted_together() -> None:
+    scheduler = make_scheduler(block_size=4, max_num_batched_tokens=64, max_model_len=32)
+    for i in range(3):
+        scheduler.add(make_seq(f"r{i}", 18, arrival=i))
+    assert chunks(scheduler.schedule()) == [(f"r{i}", 18, True) for i in range(3)]
 
 
 def test_abort_keeps_a_running_sequences_shared_blocks_held() -> None:
