@@ -253,6 +253,7 @@ class Scheduler:
             cached = len(prefix) * self.block_manager.block_size
             if not prefix or cached < CACHED_FIRST_SHARE * len(seq) or len(seq) - cached > budget - used:
                 continue
+            self._check_runnable(seq)
             used += self._start(seq, self._admit(seq, budget - used), adapters, output)
         if used:
             self.waiting = deque(seq for seq in self.waiting if seq.status is SequenceStatus.WAITING)
