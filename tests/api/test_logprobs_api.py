@@ -5,23 +5,10 @@ The fake engine scores every token -0.25 with alternatives the next code points 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import openai
-import pytest
 from api_helpers import sse_payloads
 from fake_engine import FakeEngine
-from fastapi import FastAPI
-
-
-@pytest.fixture
-async def oai(app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
-    http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app))
-    async with openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="x", http_client=http_client, max_retries=0
-    ) as oai:
-        yield oai
 
 
 async def test_completion_logprobs_legacy_shape(oai: openai.AsyncOpenAI, engine: FakeEngine) -> None:

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import httpx
 import openai
 import pytest
 from fake_engine import FakeEngine
-from fastapi import FastAPI
-
-
-@pytest.fixture
-async def oai(app: FastAPI, client: httpx.AsyncClient) -> AsyncIterator[openai.AsyncOpenAI]:
-    http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app))
-    async with openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="x", http_client=http_client, max_retries=0
-    ) as oai:
-        yield oai
 
 
 async def test_completion(oai: openai.AsyncOpenAI) -> None:

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import httpx
 import openai
-import pytest
 from fake_engine import FakeEngine
-from fastapi import FastAPI
 
 from server.engine.sequence import SamplingParams
-
-
-@pytest.fixture
-async def oai(app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
-    http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app))
-    async with openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="x", http_client=http_client, max_retries=0
-    ) as oai:
-        yield oai
-
 
 CONTROLS = dict(presence_penalty=0.5, frequency_penalty=-0.25, logit_bias={"7": -100, "42": 2.5}, seed=9)
 EXTRAS = dict(repetition_penalty=1.2, min_p=0.05, stop_token_ids=[5, 6])

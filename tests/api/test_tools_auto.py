@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 from fake_engine import FakeEngine
-from fastapi import FastAPI
 
 from server.api.tool_parser import ToolCallStream, parse_tool_calls
 
@@ -112,15 +110,6 @@ ASK = [{"role": "user", "content": f"See {CALL_A}{CALL_B}"}]
 @pytest.fixture
 def engine() -> FakeEngine:
     return ToolTemplateEngine(max_model_len=1024)
-
-
-@pytest.fixture
-async def oai(app: FastAPI, client: httpx.AsyncClient) -> AsyncIterator[openai.AsyncOpenAI]:
-    http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app))
-    async with openai.AsyncOpenAI(
-        base_url="http://test/v1", api_key="x", http_client=http_client, max_retries=0
-    ) as oai:
-        yield oai
 
 
 @pytest.mark.parametrize("choice", [None, "auto"])
