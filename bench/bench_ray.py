@@ -16,25 +16,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
+import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from load_tests.cli import run_load
 from load_tests.readiness import wait_until_ok
 from load_tests.workload import LengthRange, Workload
+from tests.helpers import make_tiny_checkpoint, ray_ingress_port
 
 TOTAL_CPUS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_store(model_dir: Path, root: Path, count: int) -> None:
@@ -52,10 +50,20 @@ def make_store(model_dir: Path, root: Path, count: int) -> None:
         base = model.unload()
 
 
+def wait_for_replicas(url: str, count: int, timeout_s: float = 600) -> None:
+    """Until `/metrics` shows `count` replicas: /health answers as soon as one is up, and a burst sent then would
+    pile every adapter onto it."""
+    deadline = time.monotonic() + timeout_s
+    while len(set(re.findall(r'replica="([^"]+)"', httpx.get(f"{url}/metrics", timeout=30).text))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} replicas came up within {timeout_s:g} s")
+        time.sleep(0.5)
+
+
 @contextmanager
 def server(command: str, flags: list[str], threads: int) -> Iterator[str]:
     """`python -m server <command> <flags>` on a free port, its engine(s) computing with `threads` threads each."""
-    port = free_port()
+    port = ray_ingress_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # serve-ray starts its own local head
     proc = subprocess.Popen([sys.executable, "-m", "server", command, "--port", str(port), *flags], env=env)
@@ -98,8 +106,6 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     if args.tiny:
-        from tests.helpers import make_tiny_checkpoint
-
         model_dir = make_tiny_checkpoint(root / "model", max_position_embeddings=4096)
     else:
         from server.model.default_model import default_model_dir
@@ -113,6 +119,7 @@ def main() -> None:
         direct = measure(url, adapters, args)
     ray_flags = [*flags, "--replicas", str(TOTAL_CPUS), "--num-cpus-per-replica", "1"]
     with server("serve-ray", ray_flags, threads=1) as url:
+        wait_for_replicas(url, TOTAL_CPUS)
         through_ray = measure(url, adapters, args)
     report("1 process x 2 threads: output tok/s", direct[0])
     report("2 replicas x 1 CPU (Ray): output tok/s", through_ray[0])

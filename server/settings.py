@@ -118,4 +118,15 @@ class ClusterSettings(BaseSettings):
     max_ongoing_requests: int | None = Field(
         None, gt=0, description="Requests Ray Serve sends one replica at once (default: --max-num-seqs)"
     )
+    affinity_slack: int = Field(
+        8,
+        ge=0,
+        description="Requests a replica holding an adapter may have in flight beyond the least loaded replica and "
+        "still get that adapter's requests; past it the least loaded replica gets them and loads the adapter",
+    )
     app_name: str = Field("loraplex", description="Name of the Ray Serve application")
+    direct_ingress: bool = Field(
+        True,
+        description="On a local Ray head, the ingress replica serves HTTP itself (Ray Serve's throughput-optimized "
+        "mode) instead of behind Ray's HTTP proxy; a cluster joined through RAY_ADDRESS keeps its own setting",
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import socket
 from pathlib import Path
 
 import torch
@@ -24,6 +26,19 @@ TINY_CONFIG = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
+
+
+def ray_ingress_port() -> int:
+    """A free loopback port for a Ray Serve direct ingress started later: between Ray's worker ports (10002-19999)
+    and Linux's ephemeral range (32768+), so no process Ray starts meanwhile can take it."""
+    for port in random.sample(range(30000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 30000-32767")
 
 
 def make_tiny_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:

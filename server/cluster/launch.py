@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from server.cluster.ingress import Ingress
 from server.cluster.replica import EngineReplica
+from server.cluster.routing import AdapterAffinityRouter
 from server.settings import ClusterSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,9 @@ def build_application(settings: Settings, cluster: ClusterSettings) -> Applicati
         num_replicas=cluster.replicas,
         max_ongoing_requests=cluster.max_ongoing_requests or settings.max_num_seqs,
         ray_actor_options={"num_cpus": cluster.num_cpus_per_replica, "num_gpus": cluster.num_gpus_per_replica},
+        request_router_config=RequestRouterConfig(
+            request_router_class=AdapterAffinityRouter, request_router_kwargs={"slack": cluster.affinity_slack}
+        ),
     ).bind(settings)
     return Ingress.options(max_ongoing_requests=INGRESS_MAX_ONGOING).bind(engine, settings)
 
@@ -38,10 +46,51 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_application(settings, cluster)
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's throughput-optimized mode with the ingress replica itself listening on `port` (direct ingress).
+
+    Each request and each streamed chunk then skips the hop through Ray's HTTP proxy, deployments talk gRPC, and
+    replicas run our code on their own event loop. Ray still starts a proxy on the head node: it gets a free port.
+    No load balancer sits in front of a local head, so a stopping ingress need not stay open for one to notice.
+    """
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive: the range is this one port
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def start_ray(settings: Settings, cluster: ClusterSettings, **init_args: Any) -> None:
+    """Join the Ray cluster RAY_ADDRESS names, else start a local head; then start Ray Serve's HTTP entry.
+
+    A local head serves through direct ingress unless `cluster.direct_ingress` is off. Ray's processes read that
+    configuration when they start, so a cluster joined through RAY_ADDRESS keeps the one it was started with.
+    """
+    direct = cluster.direct_ingress and "RAY_ADDRESS" not in os.environ
+    with _environment(direct_ingress_env(settings.port) if direct else {}):
+        ray.init(ignore_reinit_error=True, **init_args)
+        serve.start(http_options={"host": settings.host, "port": 0 if direct else settings.port})
+    log.info("Ray Serve entry: %s", "direct ingress from the ingress replica" if direct else "Ray's HTTP proxy")
+
+
 def deploy(settings: Settings, cluster: ClusterSettings) -> None:
-    """Join the Ray cluster RAY_ADDRESS names (else start a local head), then deploy and wait for the replicas."""
-    ray.init(ignore_reinit_error=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    """Start Ray and Ray Serve (`start_ray`), then deploy and wait for the replicas."""
+    start_ray(settings, cluster)
     serve.run(build_application(settings, cluster), name=cluster.app_name, route_prefix="/")
     log.info("serving on http://%s:%d with %d replicas", settings.host, settings.port, cluster.replicas)
 

@@ -13,8 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.readiness import wait_until_ok
 from server.settings import ClusterSettings, Settings
-from tests.helpers import make_adapter_store, make_tiny_checkpoint
-from tests.test_server_e2e import _free_port
+from tests.helpers import make_adapter_store, make_tiny_checkpoint, ray_ingress_port
 
 if importlib.util.find_spec("ray") is None:  # the optional `ray` extra is not installed: nothing here can run
     collect_ignore_glob = ["test_*.py"]
@@ -43,18 +42,17 @@ def deployed(tmp_path_factory) -> Iterator[Deployed]:
     sources = make_adapter_store(model_dir, tmp_path_factory.mktemp("sources"), ADAPTERS)
     settings = Settings(
         model=model_dir, adapters_store=store, served_model_name="tiny", kv_cache_bytes=2**24, max_loras=4,
-        admin_token=TOKEN, host="127.0.0.1", port=_free_port(),
+        admin_token=TOKEN, host="127.0.0.1", port=ray_ingress_port(),
     )  # fmt: skip
     import ray
     from ray import serve
 
-    from server.cluster.launch import build_application
+    from server.cluster.launch import build_application, start_ray
 
     os.environ.pop("RAY_ADDRESS", None)  # a cluster of its own, never one the environment points at
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cluster = ClusterSettings(replicas=2, num_cpus_per_replica=1, app_name=APP)
+    start_ray(settings, cluster, num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        cluster = ClusterSettings(replicas=2, num_cpus_per_replica=1, app_name=APP)
         serve.run(build_application(settings, cluster), name=APP, route_prefix="/")
         url = f"http://{settings.host}:{settings.port}"
         wait_until_ok(f"{url}/health", 60)

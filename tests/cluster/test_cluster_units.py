@@ -1,11 +1,14 @@
-"""The Ray layer's pieces that need no cluster: merged metrics, the in-process ASGI bridge, the optional import."""
+"""The Ray layer's pieces that need no cluster: merged metrics, the in-process ASGI bridge, the optional import,
+how Ray is started."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
+import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +17,7 @@ from server.cluster.asgi_bridge import run_request
 from server.cluster.messages import ProxiedRequest, ResponseHead
 from server.cluster.metrics_merge import merge_expositions
 from server.metrics import Metrics, RequestTrace
+from server.settings import ClusterSettings, Settings
 
 
 def test_merged_metrics_keep_every_replicas_series_under_one_family():
@@ -65,3 +69,34 @@ async def test_the_bridge_streams_an_apps_response_and_cancels_it_when_left():
 def test_importing_the_server_and_its_cli_does_not_import_ray():
     code = "import sys, server, server.cli; server.cli.build_parser(); sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("ray_address", "direct_ingress", "expect_direct"),
+    [(None, True, True), (None, False, False), ("ray://head:10001", True, False)],
+)
+def test_a_local_head_serves_through_direct_ingress_on_the_servers_port(
+    monkeypatch, ray_address, direct_ingress, expect_direct
+):
+    from server.cluster import launch
+
+    seen = {}
+    monkeypatch.setattr(launch.ray, "init", lambda **_: seen.update(env=dict(os.environ)))
+    monkeypatch.setattr(launch.serve, "start", lambda http_options: seen.update(http=http_options))
+    for name in launch.direct_ingress_env(0):
+        monkeypatch.delenv(name, raising=False)
+    if ray_address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    before = dict(os.environ)
+    launch.start_ray(Settings(host="127.0.0.1", port=8123), ClusterSettings(direct_ingress=direct_ingress))
+    if expect_direct:  # Ray's processes start with the ingress owning the port; Ray's own proxy gets a free one
+        assert seen["env"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert seen["env"]["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
+        assert seen["env"]["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "8124"
+        assert seen["http"] == {"host": "127.0.0.1", "port": 0}
+    else:
+        assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in seen["env"]
+        assert seen["http"] == {"host": "127.0.0.1", "port": 8123}
+    assert dict(os.environ) == before  # the driver's own environment is left as it was

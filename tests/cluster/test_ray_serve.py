@@ -1,15 +1,18 @@
-"""loraplex on Ray Serve with two replicas: same answers as one process, adapter affinity, admin changes everywhere."""
+"""loraplex on Ray Serve with two replicas: same answers as one process, adapter affinity bounded by load, admin
+changes everywhere."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from server.cluster.messages import REPLICA_HEADER, ProxiedRequest
+from server.settings import ClusterSettings
 from tests.cluster.conftest import APP, TOKEN, Deployed, samples
 from tests.test_server_e2e import start_server
 
@@ -81,6 +84,21 @@ def test_requests_for_an_adapter_stay_on_the_replica_that_holds_it(deployed):
     (holder,) = set(replicas)
     metrics = httpx.get(f"{deployed.url}/metrics", timeout=30).text
     assert samples(metrics, "loraplex_requests_total", adapter="sticky") == {holder: 7}
+
+
+def test_a_burst_for_one_adapter_spills_past_the_affinity_slack(deployed):
+    completion(deployed.url, "sticky", PROMPTS[0])  # one replica holds the adapter (loaded here or by a test before)
+    time.sleep(2)  # Ray Serve's routers learn which replica holds which model id
+    holder = completion(deployed.url, "sticky", PROMPTS[0]).headers[REPLICA_HEADER]
+    slack = ClusterSettings().affinity_slack
+    body = {"model": "sticky", "prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(3 * slack) as pool:
+        responses = list(pool.map(lambda _: httpx.post(f"{deployed.url}/v1/completions", json=body, timeout=120),
+                                  range(3 * slack)))  # fmt: skip
+    assert all(r.status_code == 200 for r in responses)
+    served = Counter(r.headers[REPLICA_HEADER] for r in responses)
+    # The holder first, up to `slack` requests ahead of the other replica, which then loads the adapter too.
+    assert served[holder] > slack and len(served) == 2, served
 
 
 def _upload(deployed: Deployed, name: str, source: str, replace: bool) -> httpx.Response:

@@ -42,10 +42,12 @@ def outcome(status: int, text: str, stream: bool) -> str:
 
 
 def replica_names() -> set[str]:
+    """The engine replicas that answer now; one just killed may still be in the broadcast, failing: left out."""
     from ray import serve
 
     handle = serve.get_deployment_handle(ENGINE, APP)
-    return set(handle.broadcast("name").results(timeout_s=30))
+    return {name for name in handle.broadcast("name").results(timeout_s=30, return_exceptions=True)
+            if isinstance(name, str)}  # fmt: skip
 
 
 def test_a_replica_killed_under_load_loses_no_request(deployed):
