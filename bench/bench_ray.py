@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.cli import run_load
 from load_tests.readiness import wait_until_ok
@@ -58,6 +59,16 @@ def wait_for_replicas(url: str, count: int, timeout_s: float = 600) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"fewer than {count} replicas came up within {timeout_s:g} s")
         time.sleep(0.5)
+
+
+def requests_per_replica(url: str) -> list[int]:
+    """Requests each replica served so far (from the merged `/metrics`), largest first."""
+    served: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "loraplex_requests_total":
+                served[sample.labels["replica"]] = served.get(sample.labels["replica"], 0) + sample.value
+    return sorted((int(n) for n in served.values()), reverse=True)
 
 
 @contextmanager
@@ -121,9 +132,11 @@ def main() -> None:
     with server("serve-ray", ray_flags, threads=1) as url:
         wait_for_replicas(url, TOTAL_CPUS)
         through_ray = measure(url, adapters, args)
+        split = requests_per_replica(url)
     report("1 process x 2 threads: output tok/s", direct[0])
     report("2 replicas x 1 CPU (Ray): output tok/s", through_ray[0])
     report("Ray overhead % (target <= 15)", 100 * (1 - through_ray[0] / direct[0]))
+    print(f"{'requests per replica (all phases)':40} {split}", flush=True)
     report("TTFT direct, low load: median ms", direct[1])
     report("TTFT through Ray, low load: median ms", through_ray[1])
 

@@ -14,6 +14,7 @@ Ray routes a whole burst before it sends (and counts) any of it, so its count al
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict, deque
 
@@ -49,7 +50,7 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         limit = min(load[r.replica_id] for r in with_room) + self.slack
         adapter = pending_request.metadata.multiplexed_model_id  # "" for the base model, which no replica holds
         holders = [r for r in with_room if adapter in r.multiplexed_model_ids and load[r.replica_id] <= limit]
-        chosen = min(holders or with_room, key=lambda r: load[r.replica_id])
+        chosen = min(holders or with_room, key=lambda r: (load[r.replica_id], random.random()))  # ties: any
         self._unsent[chosen.replica_id].append(time.monotonic())
         return [[chosen]]
 
