@@ -1,11 +1,11 @@
 """The ingress: the one HTTP entry of the Ray Serve application, forwarding every request to an engine replica.
 
 Generation requests stream back chunk by chunk; for an adapter they go with the adapter as Ray Serve's multiplexed
-model id (routed to replicas that hold it while they have capacity); everything else, base-model requests included,
-spreads by load. A replica that dies before a response's first body chunk is retried on another (the client saw
-nothing yet); one that dies later ends an event stream with an error event. Admin changes run on one replica, which
-writes the shared store; the others re-read the adapter before the call returns. `/metrics` gathers every replica's
-series.
+model id (routed to a replica holding it while its load stays near the others', `server.cluster.routing`);
+everything else, base-model requests included, goes to the least loaded replica. A replica that dies before a
+response's first body chunk is retried on another (the client saw nothing yet); one that dies later ends an event
+stream with an error event. Admin changes run on one replica, which writes the shared store; the others re-read the
+adapter before the call returns. A key-file reload runs on every replica. `/metrics` gathers every replica's series.
 """
 
 # No `from __future__ import annotations`: Ray Serve's ingress rebuilds the routes' signatures, and FastAPI must see
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ATTEMPTS = 3  # replicas tried for a request that has produced no output yet
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADMIN_PATH = "/admin/adapters"
+KEYS_RELOAD_PATH = "/admin/keys/reload"  # every replica re-reads the key file: a revoked key must stop everywhere
 ADMIN_CHANGES = ("POST", "PATCH", "DELETE")
 BROADCAST_TIMEOUT_S = 60.0
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -119,7 +120,10 @@ class Ingress:
             if proxied.method == "POST" and proxied.path in GENERATION_PATHS:
                 head, first, parts = await self._open(proxied, await self._adapter_of(proxied))
                 return _streamed(head, _rest(head, first, parts))
-            head, body = await self._respond(proxied)
+            if proxied.method == "POST" and proxied.path == KEYS_RELOAD_PATH:
+                head, body = await self._respond_everywhere(proxied)
+            else:
+                head, body = await self._respond(proxied)
         except LoraplexError as exc:
             return error_response(exc)
         if proxied.method in ADMIN_CHANGES and proxied.path.startswith(ADMIN_PATH) and head.status < 300:
@@ -165,6 +169,21 @@ class Ingress:
             except RayActorError as exc:
                 _log_lost(request, attempt, exc)
         raise _unavailable()
+
+    async def _respond_everywhere(self, request: ProxiedRequest) -> tuple[ResponseHead, bytes]:
+        """`request` served by every replica; the answer with the highest status (an error anywhere is the answer).
+
+        A replica that is gone is left out: it restarts from the same file.
+        """
+        results = await self.engine.broadcast("respond", request).results_async(
+            timeout_s=BROADCAST_TIMEOUT_S, return_exceptions=True
+        )
+        answers = [result for result in results if not isinstance(result, BaseException)]
+        for failure in (result for result in results if isinstance(result, BaseException)):
+            log.warning("a replica did not answer %s %s: %s", request.method, request.path, failure)
+        if not answers:
+            raise _unavailable()
+        return max(answers, key=lambda answer: answer[0].status)
 
     async def _refresh_replicas(self, name: str, origin: str) -> None:
         """Make every replica serve `name` as the store now holds it, before the admin call returns."""

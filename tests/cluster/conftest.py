@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from load_tests.readiness import wait_until_ok
 from server.settings import ClusterSettings, Settings
+from server.tenants.keys import hash_key
 from tests.helpers import make_adapter_store, make_tiny_checkpoint, ray_ingress_port
 
 if importlib.util.find_spec("ray") is None:  # the optional `ray` extra is not installed: nothing here can run
@@ -20,6 +21,8 @@ if importlib.util.find_spec("ray") is None:  # the optional `ray` extra is not i
 
 APP = "loraplex-test"
 TOKEN = "test-admin-token"
+TENANT_KEY = "lpx-ray-test-tenant-key"
+AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}  # the one tenant of the key file, allowed everything
 ADAPTERS = {"qv": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
             "dora": {"r": 4, "lora_alpha": 8, "target_modules": ["o_proj", "down_proj"], "use_dora": True},
             "sticky": {"r": 2, "lora_alpha": 4, "target_modules": ["k_proj"]}}  # fmt: skip
@@ -40,9 +43,11 @@ def deployed(tmp_path_factory) -> Iterator[Deployed]:
     model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ray"), max_position_embeddings=4096)
     store = make_adapter_store(model_dir, tmp_path_factory.mktemp("store"), ADAPTERS)
     sources = make_adapter_store(model_dir, tmp_path_factory.mktemp("sources"), ADAPTERS)
+    keys = tmp_path_factory.mktemp("keys") / "keys.toml"
+    write_key_file(keys, {"everyone": TENANT_KEY})
     settings = Settings(
         model=model_dir, adapters_store=store, served_model_name="tiny", kv_cache_bytes=2**24, max_loras=4,
-        admin_token=TOKEN, host="127.0.0.1", port=ray_ingress_port(),
+        admin_token=TOKEN, api_keys_file=keys, host="127.0.0.1", port=ray_ingress_port(),
     )  # fmt: skip
     import ray
     from ray import serve
@@ -60,6 +65,12 @@ def deployed(tmp_path_factory) -> Iterator[Deployed]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def write_key_file(path: Path, keys: dict[str, str]) -> None:
+    """A key file with one tenant per (name, key), each allowed every adapter and the base model."""
+    path.write_text("".join(f'[[tenants]]\nname = "{name}"\nkeys = ["{hash_key(key)}"]\nadapters = ["*"]\n'
+                            "base_model = true\n" for name, key in keys.items()))  # fmt: skip
 
 
 def samples(text: str, name: str, **labels: str) -> dict[str, float]:

@@ -13,7 +13,7 @@ import pytest
 
 from server.cluster.messages import REPLICA_HEADER, ProxiedRequest
 from server.settings import ClusterSettings
-from tests.cluster.conftest import APP, TOKEN, Deployed, samples
+from tests.cluster.conftest import APP, AUTH, TENANT_KEY, TOKEN, Deployed, samples, write_key_file
 from tests.test_server_e2e import start_server
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ MAX_TOKENS = 8
 def completion(url: str, model: str, prompt: list[int], stream: bool = False) -> httpx.Response:
     body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": stream}  # fmt: skip
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    return httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
 
 
 def streamed_text(response: httpx.Response) -> str:
@@ -58,10 +58,11 @@ def every_replica(request: ProxiedRequest) -> list[tuple[str, int, bytes]]:
     return [(head.header(REPLICA_HEADER), head.status, body) for head, body in results]
 
 
-def completion_request(model: str, prompt: list[int]) -> ProxiedRequest:
+def completion_request(model: str, prompt: list[int], key: str = TENANT_KEY) -> ProxiedRequest:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
                        "ignore_eos": True}).encode()  # fmt: skip
-    return ProxiedRequest("POST", "/v1/completions", headers=[(b"content-type", b"application/json")], body=body)
+    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
+    return ProxiedRequest("POST", "/v1/completions", headers=headers, body=body)
 
 
 def test_two_replicas_answer_like_one_process(deployed, reference):
@@ -93,7 +94,8 @@ def test_a_burst_for_one_adapter_spills_past_the_affinity_slack(deployed):
     slack = ClusterSettings().affinity_slack
     body = {"model": "sticky", "prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     with ThreadPoolExecutor(3 * slack) as pool:
-        responses = list(pool.map(lambda _: httpx.post(f"{deployed.url}/v1/completions", json=body, timeout=120),
+        responses = list(pool.map(lambda _: httpx.post(f"{deployed.url}/v1/completions", json=body, headers=AUTH,
+                                                         timeout=120),
                                   range(3 * slack)))  # fmt: skip
     assert all(r.status_code == 200 for r in responses)
     served = Counter(r.headers[REPLICA_HEADER] for r in responses)
@@ -143,7 +145,7 @@ def test_a_client_that_disconnects_frees_its_request_on_the_replica(deployed):
     cancelled_before = totals()[0]
     body = {"model": "qv", "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "ignore_eos": True,
             "stream": True}  # fmt: skip
-    with httpx.stream("POST", f"{deployed.url}/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{deployed.url}/v1/completions", json=body, headers=AUTH, timeout=60) as response:
         lines = response.iter_lines()
         events = [next(lines) for _ in range(4)]  # the stream is under way (SSE lines: event, blank, event, ...)
         assert events[0].startswith("data: ")
@@ -151,3 +153,25 @@ def test_a_client_that_disconnects_frees_its_request_on_the_replica(deployed):
     while totals() != (cancelled_before + 1, 0, 0):
         assert time.monotonic() < deadline, f"the request was not cancelled on its replica: {totals()}"
         time.sleep(0.5)
+
+
+def test_a_key_file_reload_reaches_every_replica(deployed):
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    keys = deployed.settings.api_keys_file
+    original = keys.read_text()
+
+    def statuses_of_late_key() -> set[int]:
+        return {status for _, status, _ in every_replica(completion_request("qv", PROMPTS[0], "lpx-added-later"))}
+
+    try:
+        write_key_file(keys, {"everyone": TENANT_KEY, "late": "lpx-added-later"})
+        assert statuses_of_late_key() == {401}  # not reloaded yet
+        reloaded = httpx.post(f"{deployed.url}/admin/keys/reload", headers=admin, timeout=60)
+        assert reloaded.status_code == 200 and reloaded.json() == {"tenants": 2, "keys": 2}
+        assert statuses_of_late_key() == {200}
+        write_key_file(keys, {"everyone": TENANT_KEY})  # the late key revoked: refused everywhere after the reload
+        assert httpx.post(f"{deployed.url}/admin/keys/reload", headers=admin, timeout=60).status_code == 200
+        assert statuses_of_late_key() == {401}
+    finally:
+        keys.write_text(original)
+        httpx.post(f"{deployed.url}/admin/keys/reload", headers=admin, timeout=60)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.cluster.conftest import APP, samples
+from tests.cluster.conftest import APP, AUTH, samples
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ ENGINE = "LoraplexEngine"
 def request(url: str, model: str, stream: bool) -> tuple[int, str]:
     body = {"model": model, "prompt": [5, 17, 42], "max_tokens": LONG, "temperature": 0, "ignore_eos": True,
             "stream": stream}  # fmt: skip
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    response = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=120)
     return response.status_code, response.text
 
 
