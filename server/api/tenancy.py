@@ -151,14 +151,15 @@ def install_sighup_reload(tenants: TenantDirectory | None) -> Callable[[], None]
         return lambda: None
     loop = asyncio.get_running_loop()
     try:
-        loop.add_signal_handler(signal.SIGHUP, _reload_logged, tenants)
+        loop.add_signal_handler(signal.SIGHUP, reload_logged, tenants)
     except (RuntimeError, ValueError):  # not the main thread's loop: POST /admin/keys/reload still works
         log.warning("API keys: SIGHUP cannot be handled here; reload them with POST /admin/keys/reload")
         return lambda: None
     return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
-def _reload_logged(tenants: TenantDirectory) -> None:
+def reload_logged(tenants: TenantDirectory) -> None:
+    """Re-read the key file; an invalid one is logged and the previous keys stay (what SIGHUP does)."""
     # The file is small: reading it on the event loop costs less than a hop to a thread.
     try:
         tenants.reload()

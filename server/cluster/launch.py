@@ -16,7 +16,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from server.cluster.ingress import Ingress
-from server.cluster.replica import EngineReplica
+from server.cluster.replica import ENGINE_DEPLOYMENT, EngineReplica
 from server.cluster.routing import AdapterAffinityRouter
 from server.settings import ClusterSettings, Settings
 
@@ -95,12 +95,23 @@ def deploy(settings: Settings, cluster: ClusterSettings) -> None:
     log.info("serving on http://%s:%d with %d replicas", settings.host, settings.port, cluster.replicas)
 
 
+def reload_keys_everywhere(app_name: str) -> None:
+    """Have every engine replica re-read the key file (a SIGHUP to `serve-ray`)."""
+    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name)
+    for result in handle.broadcast("reload_keys").results(timeout_s=60, return_exceptions=True):
+        if isinstance(result, BaseException):  # a replica that is gone restarts from the same file
+            log.warning("a replica did not reload the API keys: %s", result)
+
+
 def run_cluster(settings: Settings, cluster: ClusterSettings) -> None:
-    """Deploy, serve until SIGINT or SIGTERM, then delete the application and leave Ray."""
+    """Deploy, serve until SIGINT or SIGTERM (SIGHUP reloads the keys everywhere), then delete the application."""
     deploy(settings, cluster)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own SIGTERM handler would skip the cleanup
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(  # Ray calls block: not in the handler, which runs on this thread
+        signal.SIGHUP, lambda *_: threading.Thread(target=reload_keys_everywhere, args=(cluster.app_name,)).start()
+    )
     try:
         stop.wait()
     finally:

@@ -16,6 +16,7 @@ from ray import serve
 
 from server.api import create_app
 from server.api.deps import EngineState
+from server.api.tenancy import reload_logged
 from server.cluster.asgi_bridge import lifespan, run_request
 from server.cluster.messages import REPLICA_HEADER, ProxiedRequest, ResponseHead
 from server.engine.async_engine import AsyncEngine
@@ -26,6 +27,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 READY_POLL_S = 0.05
+ENGINE_DEPLOYMENT = "LoraplexEngine"
 
 
 async def _ready_engine(state: EngineState) -> AsyncEngine:
@@ -50,7 +52,7 @@ class AdapterLease:
             unload(self.name)
 
 
-@serve.deployment(name="LoraplexEngine", health_check_period_s=2, health_check_timeout_s=30)
+@serve.deployment(name=ENGINE_DEPLOYMENT, health_check_period_s=2, health_check_timeout_s=30)
 class EngineReplica:
     """A loraplex engine and its API, serving the requests the ingress forwards."""
 
@@ -110,6 +112,12 @@ class EngineReplica:
         with contextlib.suppress(NotFoundError):  # removed
             if registry.view(name).meta.pinned:
                 registry.release(await registry.acquire(name))
+
+    def reload_keys(self) -> None:
+        """Re-read the key file as a SIGHUP does to one server: `serve-ray` forwards its SIGHUP to every replica."""
+        tenants = self.app.state.tenants
+        if tenants is not None:
+            reload_logged(tenants)
 
     def metrics(self) -> bytes:
         """This replica's metrics, every sample labelled with the replica."""

@@ -3,7 +3,7 @@
 Ray Serve's default router sends a request for a multiplexed model to the replicas that hold it as long as one of
 them has room under `max_ongoing_requests`. Under a burst that keeps every request for an adapter on the replica
 that loaded it first, however unevenly the adapters fell: on 2 replicas and 32 adapters one replica served 116
-requests and the other 44, and sat idle for the last third of the burst. This router keeps the affinity only while
+requests and the other 44, then sat idle while the first one finished. This router keeps the affinity only while
 a holder has at most `slack` more requests than the least loaded replica; past that, the least loaded replica gets
 the request and loads the adapter (a copy into a free slot). SGLang's cache-aware router and Ray Serve LLM's prefix
 affinity router bound their affinity by load the same way.

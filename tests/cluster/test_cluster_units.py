@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from fastapi import FastAPI
@@ -100,3 +102,26 @@ def test_a_local_head_serves_through_direct_ingress_on_the_servers_port(
         assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in seen["env"]
         assert seen["http"] == {"host": "127.0.0.1", "port": 8123}
     assert dict(os.environ) == before  # the driver's own environment is left as it was
+
+
+def test_serve_ray_forwards_sighup_to_every_replica_and_stops_on_sigterm(monkeypatch):
+    from server.cluster import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "deploy", lambda settings, cluster: calls.append("deploy"))
+    monkeypatch.setattr(launch, "reload_keys_everywhere", lambda app: calls.append(f"reload {app}"))
+    monkeypatch.setattr(launch.serve, "delete", lambda app: calls.append(f"delete {app}"))
+    monkeypatch.setattr(launch.ray, "shutdown", lambda: calls.append("shutdown"))
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    hup = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGHUP))
+    term = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        hup.start()
+        term.start()
+        launch.run_cluster(Settings(), ClusterSettings(app_name="app"))
+    finally:
+        hup.cancel()
+        term.cancel()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert calls == ["deploy", "reload app", "delete app", "shutdown"]

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from server.cluster.launch import reload_keys_everywhere
 from server.cluster.messages import REPLICA_HEADER, ProxiedRequest
 from server.settings import ClusterSettings
 from tests.cluster.conftest import APP, AUTH, TENANT_KEY, TOKEN, Deployed, samples, write_key_file
@@ -172,6 +173,9 @@ def test_a_key_file_reload_reaches_every_replica(deployed):
         write_key_file(keys, {"everyone": TENANT_KEY})  # the late key revoked: refused everywhere after the reload
         assert httpx.post(f"{deployed.url}/admin/keys/reload", headers=admin, timeout=60).status_code == 200
         assert statuses_of_late_key() == {401}
+        write_key_file(keys, {"everyone": TENANT_KEY, "late": "lpx-added-later"})
+        reload_keys_everywhere(APP)  # what a SIGHUP to `serve-ray` runs
+        assert statuses_of_late_key() == {200}
     finally:
         keys.write_text(original)
         httpx.post(f"{deployed.url}/admin/keys/reload", headers=admin, timeout=60)
