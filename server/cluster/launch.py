@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -75,6 +76,14 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _require_free_port(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"serve-ray: {host}:{port} is not free ({exc.strerror}); choose another --port") from None
+
+
 def start_ray(settings: Settings, cluster: ClusterSettings, **init_args: Any) -> None:
     """Join the Ray cluster RAY_ADDRESS names, else start a local head; then start Ray Serve's HTTP entry.
 
@@ -82,6 +91,8 @@ def start_ray(settings: Settings, cluster: ClusterSettings, **init_args: Any) ->
     configuration when they start, so a cluster joined through RAY_ADDRESS keeps the one it was started with.
     """
     direct = cluster.direct_ingress and "RAY_ADDRESS" not in os.environ
+    if direct:  # else Ray fails later with a port allocation error that does not name the port
+        _require_free_port(settings.host, settings.port)
     with _environment(direct_ingress_env(settings.port) if direct else {}):
         ray.init(ignore_reinit_error=True, **init_args)
         serve.start(http_options={"host": settings.host, "port": 0 if direct else settings.port})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -125,3 +126,15 @@ def test_serve_ray_forwards_sighup_to_every_replica_and_stops_on_sigterm(monkeyp
         for signum, handler in saved.items():
             signal.signal(signum, handler)
     assert calls == ["deploy", "reload app", "delete app", "shutdown"]
+
+
+def test_direct_ingress_refuses_a_taken_port_before_starting_ray(monkeypatch):
+    from server.cluster import launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launch.ray, "init", lambda **_: pytest.fail("Ray started on a taken port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"127.0.0.1:{port} is not free"):
+            launch.start_ray(Settings(host="127.0.0.1", port=port), ClusterSettings())
