@@ -6,10 +6,12 @@ FROM ${BASE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 LORAPLEX_HOST=0.0.0.0 LORAPLEX_CACHE_DIR=/var/cache/loraplex
 
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+# g++ and ninja build the fused bf16 CPU kernels (server/model/kernels.py) at `prepare-model` below.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build \
+    && if ! command -v python3 >/dev/null; then \
+        apt-get install -y --no-install-recommends python3 python3-pip python3-venv; \
+    fi \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY server ./server

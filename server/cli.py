@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_ray_parser(commands)
     prepare_parser = commands.add_parser(
         "prepare-model",
-        help="convert the bundled SmolLM2 GGUF into the cached safetensors checkpoint",
-        description="Prepare the default model once (make serve and make test run this); later starts take seconds.",
+        help="convert the bundled SmolLM2 GGUF into the cached safetensors checkpoint; build the fused kernels",
+        description="Prepare the default model once (make serve and make test run this), and build the fused bf16 "
+        "kernels where this CPU serves bf16; later starts take seconds.",
     )
     prepare_parser.set_defaults(run=lambda args: prepare_model())
     add_adapters_parser(commands)
@@ -148,10 +149,17 @@ def serve_ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
 
 def prepare_model() -> None:
-    """Convert the default model if its cached checkpoint is missing, then print where it is."""
+    """Convert the default model if its cached checkpoint is missing, then print where it is; build the fused
+    kernels if `--dtype auto` serves bf16 on this CPU (a later start then only loads them)."""
+    import torch
+
     from server.model.default_model import default_model_dir
+    from server.model.kernels import use_fused_kernels
+    from server.model.precision import choose_dtype
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    cpu = torch.device("cpu")
+    use_fused_kernels(choose_dtype("auto", cpu).dtype, cpu)
     print(default_model_dir())
 
 

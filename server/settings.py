@@ -42,6 +42,11 @@ class Settings(BaseSettings):
         description="Serving dtype of weights, adapters and KV cache (auto: bfloat16 on CUDA and on CPUs with "
         "avx512_bf16 or AMX, float32 elsewhere; float32 is the exact mode)",
     )
+    fused_kernels: bool = Field(
+        True,
+        description="Run the bf16 CPU forward with the fused C++ kernels (built on first start; needs a C++ compiler "
+        "and ninja, else torch ops run, as they always do in float32)",
+    )
     max_loras: int = Field(32, gt=0, description="Adapters resident on the device at once")
     max_cpu_loras: int = Field(64, gt=0, description="Adapters cached in host memory (at least --max-loras)")
     max_cpu_lora_bytes: int = Field(

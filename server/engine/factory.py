@@ -38,7 +38,7 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     path = settings.model or default_model_dir()
-    loaded = load_model(path, device, dtype)
+    loaded = load_model(path, device, dtype, settings.fused_kernels)
     spec = loaded.spec
     num_blocks = KVCache.blocks_for_budget(spec, settings.kv_cache_bytes, settings.block_size, dtype)
     capacity = num_blocks * settings.block_size

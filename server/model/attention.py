@@ -5,8 +5,9 @@ Decode rows (one query token each) read the cache in place: two `embedding_bag` 
 the query's features) and one for the output (each bag sums a head's value rows weighted by its probabilities).
 Nothing is copied per layer but the query and the scores; the index tensors are built once per step. Gathering
 each sequence's K/V into a padded tensor for `scaled_dot_product_attention` instead cost 2.5-3x as much per layer
-(bench/bench_attention.py). Each prefill (or prefill chunk) runs its own causal SDPA call; a chunk after cached
-blocks gathers those blocks first.
+(bench/bench_attention.py). With the fused bf16 kernels (`server.model.kernels`) one C++ op does the same for every
+decode row, block by block in float32, and needs only each row's block table and length. Each prefill (or prefill
+chunk) runs its own causal SDPA call; a chunk after cached blocks gathers those blocks first.
 """
 
 from __future__ import annotations
@@ -31,15 +32,13 @@ class PrefillSpan:
 
 
 @dataclass
-class DecodePlan:
-    """Indices of the in-place decode reductions for D rows, H query heads, contexts padded to L = n · block_size.
+class DecodeBags:
+    """Indices of the `embedding_bag` decode reductions: D rows, H query heads, contexts padded to L = n · block_size.
 
     Bags are given as flat indices and offsets (fixed-width bags given as 2-D indices make `embedding_bag` build
     their offsets on every call).
     """
 
-    tokens: torch.Tensor  # [D] packed index of each decode token
-    blocks: int  # n, blocks read per row
     score_index: torch.Tensor  # [D * H * n * head_dim] rows of `k_cache.view(-1, block_size)`, padding reads block 0
     score_offsets: torch.Tensor  # [D * H * n] start of each (row, head, block) bag
     value_index: torch.Tensor  # [D * H * L] rows of `v_cache.view(-1, head_dim)`, padding reads the row's first
@@ -48,16 +47,29 @@ class DecodePlan:
 
 
 @dataclass
+class DecodePlan:
+    """The decode rows of a step: D rows reading n cache blocks at most."""
+
+    tokens: torch.Tensor  # [D] packed index of each decode token
+    blocks: int  # n, blocks read per row
+    tables: torch.Tensor  # [D, n] cache blocks of each row (the fused kernel reads the first ceil(len / block_size))
+    lens: torch.Tensor  # [D] keys of each row
+    bags: DecodeBags | None  # the embedding_bag indices, for the torch-op path only
+
+
+@dataclass
 class AttentionPlan:
     """Index tensors derived from the batch once per step, shared by all layers."""
 
-    write_blocks: torch.Tensor  # [T] cache block each token's K/V go to
+    slots: torch.Tensor  # [T] flat cache slot each token's K/V go to
+    write_blocks: torch.Tensor  # [T] cache block of that slot
     write_offsets: torch.Tensor  # [T] position inside that block
     decode: DecodePlan | None
     prefills: list[PrefillSpan]
+    fused: bool  # attention runs the fused decode kernel
 
     @classmethod
-    def build(cls, batch: ForwardBatch, block_size: int, spec: ModelSpec) -> AttentionPlan:
+    def build(cls, batch: ForwardBatch, block_size: int, spec: ModelSpec, fused: bool = False) -> AttentionPlan:
         starts = batch.query_start.tolist()
         ctx = batch.context_lens.tolist()
         decode_rows, prefills = [], []
@@ -68,16 +80,25 @@ class AttentionPlan:
             else:
                 blocks = None if q_len == c else batch.block_tables[i, : -(-c // block_size)]
                 prefills.append(PrefillSpan(starts[i], starts[i + 1], c, blocks))
-        decode = _decode_plan(batch, decode_rows, block_size, spec) if decode_rows else None
+        decode = _decode_plan(batch, decode_rows, block_size, spec, fused) if decode_rows else None
         slots = batch.kv_slots
-        return cls(slots // block_size, slots % block_size, decode, prefills)
+        return cls(slots, slots // block_size, slots % block_size, decode, prefills, fused)
 
 
-def _decode_plan(batch: ForwardBatch, rows: list[int], block_size: int, spec: ModelSpec) -> DecodePlan:
+def _decode_plan(batch: ForwardBatch, rows: list[int], block_size: int, spec: ModelSpec, fused: bool) -> DecodePlan:
     device = batch.input_ids.device
     num_blocks = -(-max(int(batch.context_lens[i]) for i in rows) // block_size)
     index = torch.tensor(rows, device=device)
     tables = batch.block_tables.to(device)[index, :num_blocks]  # [D, n]
+    lens = batch.context_lens.to(device)[index]  # [D]
+    tokens = batch.query_start[:-1].to(device)[index]
+    bags = None if fused else _decode_bags(tables, lens, block_size, spec)
+    return DecodePlan(tokens, num_blocks, tables.contiguous(), lens, bags)
+
+
+def _decode_bags(tables: torch.Tensor, lens: torch.Tensor, block_size: int, spec: ModelSpec) -> DecodeBags:
+    device = tables.device
+    num_blocks = tables.shape[1]
     group = spec.num_heads // spec.num_kv_heads
     kv_head = torch.arange(spec.num_heads, device=device) // group  # [H] KV head each query head reads
     head_rows = tables[:, None, :] * spec.num_kv_heads + kv_head[None, :, None]  # [D, H, n] (block, kv head) rows
@@ -85,14 +106,11 @@ def _decode_plan(batch: ForwardBatch, rows: list[int], block_size: int, spec: Mo
     score_index = (head_rows[..., None] * spec.head_dim + features).flatten()
     positions = torch.arange(num_blocks * block_size, device=device)  # [L]
     value_index = head_rows[:, :, positions // block_size] * block_size + positions % block_size  # [D, H, L]
-    lens = batch.context_lens.to(device)[index]  # [D]
     pad = (positions[None, :] >= lens[:, None]).unsqueeze(1)  # [D, 1, L]
     # Padding reads the row's own first position, never stale or foreign values: a probability of 0 times a NaN
     # left there (a request whose adapter overflowed) would poison the sum. Padded scores are overwritten by -inf.
     value_index = torch.where(pad, value_index[:, :, :1], value_index).flatten()
-    tokens = batch.query_start[:-1].to(device)[index]
-    return DecodePlan(
-        tokens, num_blocks,
+    return DecodeBags(
         score_index, torch.arange(0, score_index.numel(), spec.head_dim, device=device),
         value_index, torch.arange(0, value_index.numel(), positions.numel(), device=device),
         pad,
@@ -114,7 +132,7 @@ def paged_attention(
     Returns [T, heads * head_dim].
     """
     num_tokens, num_heads, head_dim = q.shape
-    if plan.decode is not None and not plan.prefills:  # a decode-only step: the rows are the tokens, in order
+    if plan.decode is not None and not plan.prefills and not plan.fused:  # decode only: the rows are the tokens
         return _decode_attention(q, k_cache, v_cache, plan.decode).view(num_tokens, num_heads * head_dim)
     out = q.new_empty(q.shape)  # q may be a view of the fused q,k rows
     for span in plan.prefills:
@@ -128,8 +146,13 @@ def paged_attention(
             k_i, v_i = (t.unsqueeze(0) for t in _gather_context(k_cache, v_cache, span))
             o = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=_chunk_mask(span, q.device), enable_gqa=True)
         out[span.start : span.end] = o[0].transpose(0, 1)
-    if plan.decode is not None:
-        out[plan.decode.tokens] = _decode_attention(q, k_cache, v_cache, plan.decode)
+    decode = plan.decode
+    if decode is not None and plan.fused:
+        torch.ops.loraplex.decode_attention(
+            q, k_cache, v_cache, decode.tokens, decode.tables, decode.lens, out, head_dim**-0.5
+        )
+    elif decode is not None:
+        out[decode.tokens] = _decode_attention(q, k_cache, v_cache, decode)
     return out.view(num_tokens, num_heads * head_dim)
 
 
@@ -138,16 +161,17 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _, num_heads, head_dim = q.shape
     rows = plan.tokens.shape[0]
     q_d = q if q.shape[0] == rows else q.index_select(0, plan.tokens)  # [D, H, head_dim]
+    bags = plan.bags
     weights = q_d.unsqueeze(2).expand(rows, num_heads, plan.blocks, head_dim) * head_dim**-0.5  # [D, H, n, hd]
     keys = k_cache.view(-1, k_cache.shape[-1])  # [blocks * kv_heads * head_dim, block_size]
     scores = F.embedding_bag(
-        plan.score_index, keys, plan.score_offsets, mode="sum", per_sample_weights=weights.flatten()
+        bags.score_index, keys, bags.score_offsets, mode="sum", per_sample_weights=weights.flatten()
     )  # [D * H * n, block_size]
     # Softmax in float32 whatever the cache dtype, as SDPA does.
-    probs = scores.view(rows, num_heads, -1).float().masked_fill_(plan.pad, float("-inf")).softmax(-1)  # [D, H, L]
+    probs = scores.view(rows, num_heads, -1).float().masked_fill_(bags.pad, float("-inf")).softmax(-1)  # [D, H, L]
     values = v_cache.view(-1, head_dim)  # [blocks * kv_heads * block_size, head_dim]
     probs = probs.to(values.dtype).flatten()
-    out = F.embedding_bag(plan.value_index, values, plan.value_offsets, mode="sum", per_sample_weights=probs)
+    out = F.embedding_bag(bags.value_index, values, bags.value_offsets, mode="sum", per_sample_weights=probs)
     return out.view(rows, num_heads, head_dim)
 
 

@@ -66,9 +66,9 @@ class TargetLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def enable_adapters(self, max_loras: int) -> None:
-        """Give this layer empty slot storage for `max_loras` adapters."""
-        self.lora = LoraSlots(self.slices, self.in_features, max_loras, self.weight.dtype, self.weight.device)
+    def enable_adapters(self, max_loras: int, fused: bool = False) -> None:
+        """Give this layer empty slot storage for `max_loras` adapters (`fused`: served by the fused bf16 kernels)."""
+        self.lora = LoraSlots(self.slices, self.in_features, max_loras, self.weight.dtype, self.weight.device, fused)
 
     def serve_merged(self, merged: torch.Tensor | None, packed: torch.Tensor | None = None) -> None:
         """Run the GEMM on `merged` [out, in] (and on `packed`, its copy, once made); None: on `weight` again."""

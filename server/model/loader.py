@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from server.model.architecture import ModelSpec, UnsupportedModelError
+from server.model.kernels import use_fused_kernels
 from server.model.llama import LlamaModel
 
 
@@ -34,15 +35,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Read config, tokenizer and safetensors weights from `path`; never unpickles anything."""
+def load_model(path: Path, device: torch.device, dtype: torch.dtype, fused_kernels: bool = True) -> LoadedModel:
+    """Read config, tokenizer and safetensors weights from `path`; never unpickles anything.
+
+    `fused_kernels`: run the fused bf16 kernels where they apply (`server.model.kernels`).
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UnsupportedModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     spec = ModelSpec.from_hf_config(config)
     weights = {k: t.to(device=device, dtype=dtype) for k, t in read_safetensors(path).items()}
-    model = LlamaModel(spec, weights, device).eval()
+    model = LlamaModel(spec, weights, device, use_fused_kernels(dtype, device, fused_kernels)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return LoadedModel(path.name, spec, model, tokenizer, dtype, device)
 

@@ -11,7 +11,8 @@ A step's tokens come in runs of equal slot. Runs of `MIN_GEMM_RUN` tokens or mor
 0.87x the time of one pair per run on one thread for 32 runs of 64 tokens (bench/bench_kernels.py). All other
 adapter tokens (decode) are served together by two `embedding_bag` calls that read each token's rows of A and B
 straight out of the slot buffers, each token at its own rank (Punica's BGMV with the gather fused into the
-reduction: no copy of per-token weights, no loop over adapters).
+reduction: no copy of per-token weights, no loop over adapters). With the fused bf16 kernels (`server.model.kernels`)
+one C++ op per projection does the same, in float32 with one rounding, and needs no index plan.
 
 Measured on this CPU (1 thread; 2 threads on a quiet machine in brackets), one decode step of 32 tokens on 32
 distinct r=8 adapters on q_proj and v_proj of SmolLM2-135M, per layer: qkv base GEMM 350 µs [186]; gathered
@@ -87,10 +88,12 @@ def _granules(a_t: torch.Tensor) -> torch.Tensor:
 class _Slice:
     """One fused projection's slot buffers: A and B of every slot, zero-padded to a shared rank capacity."""
 
-    def __init__(self, start: int, end: int, in_features: int, rows: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, start: int, end: int, in_features: int, rows: int, dtype: torch.dtype, device: torch.device,
+                 fused: bool) -> None:  # fmt: skip
         self.start, self.end, self.in_features, self.rows = start, end, in_features, rows
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.fused = dtype, device, fused
         self.rank: dict[int, int] = {}  # slot -> rank, for the slots whose adapter targets this projection
+        self.row_ranks = torch.zeros(rows, dtype=torch.int64, device=device)  # rank per buffer row, 0 = none
         self.dora: set[int] = set()  # slots whose adapter is DoRA
         self.cap = 0  # rank capacity of the buffers; 0 until an adapter targets this projection
         self.a_t = torch.empty(0)  # [N + 1, cap // g, in, g], Aᵀ per row in granules of g ranks; row 0 = base
@@ -111,6 +114,7 @@ class _Slice:
     def load(self, slot: int, weights: LoraWeights | None) -> None:
         row = buffer_row(slot)
         self.rank.pop(slot, None)
+        self.row_ranks[row] = 0
         self.dora.discard(slot)
         if self.cap:
             self.a_t[row].zero_()
@@ -128,6 +132,7 @@ class _Slice:
             self.g[row].copy_(weights.g)
             self.dora.add(slot)
         self.rank[slot] = r
+        self.row_ranks[row] = r
 
     def _reserve(self, rank: int) -> None:
         cap = _capacity(rank)
@@ -199,6 +204,15 @@ class _Slice:
         ranks = {slot: self.rank[slot] for slot in batch.gather_slots if slot in self.rank}
         if not ranks:
             return
+        ys = y[:, self.start : self.end]  # [T, out]
+        if self.fused:
+            torch.ops.loraplex.lora_gather(x, y, batch.gather_rows, self.row_ranks, self.a_t, self.b_t, self.start)
+        else:
+            self._bgmv_bags(x, ys, batch, ranks)
+        if not self.dora.isdisjoint(ranks):
+            scale_outputs_(ys, F.embedding(batch.gather_rows, self.g))
+
+    def _bgmv_bags(self, x: torch.Tensor, ys: torch.Tensor, batch: LoraBatch, ranks: dict[int, int]) -> None:
         plan = batch.gather_plan(ranks, self.in_features, self.a_t.shape[1], self.width)
         xs = x.index_select(0, plan.bag_tokens)  # [B, in]
         a_rows = self.a_t.view(-1, self.width)  # [(N + 1) * cap // g * in, g]
@@ -206,10 +220,7 @@ class _Slice:
         xa = xa.view(-1).index_select(0, plan.expand_inputs)  # [E]
         b_rows = self.b_t.view(-1, self.out_features)  # [(N + 1) * cap, out]
         delta = F.embedding_bag(plan.expand_index, b_rows, plan.expand_offsets, mode="sum", per_sample_weights=xa)
-        ys = y[:, self.start : self.end]  # [T, out]
         ys.add_(delta)
-        if not self.dora.isdisjoint(ranks):
-            scale_outputs_(ys, F.embedding(batch.gather_rows, self.g))
 
 
 class LoraSlots:
@@ -219,12 +230,12 @@ class LoraSlots:
     """
 
     def __init__(self, slices: Mapping[str, tuple[int, int]], in_features: int, max_loras: int, dtype: torch.dtype,
-                 device: torch.device) -> None:  # fmt: skip
+                 device: torch.device, fused: bool = False) -> None:  # fmt: skip
         self.max_loras = max_loras
         self.correction: dict[str, LoraWeights] | None = None  # the merged adapter's updates, removed for the others
         rows = buffer_rows(max_loras)
         self._slices = {
-            name: _Slice(start, end, in_features, rows, dtype, device) for name, (start, end) in slices.items()
+            name: _Slice(start, end, in_features, rows, dtype, device, fused) for name, (start, end) in slices.items()
         }
 
     def check_slot(self, slot: int, weights: Mapping[str, LoraWeights]) -> None:

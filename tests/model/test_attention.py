@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from server.model.architecture import ModelSpec
 from server.model.attention import AttentionPlan, paged_attention, write_kv
 from server.model.batch import ForwardBatch
+from server.model.kernels import load_fused_kernels
 from server.model.kv_cache import KVCache
 
 BLOCK = 4
@@ -50,9 +51,15 @@ MIXED = ([9, 5, 11, 16, 1], [1, 5, 3, 1, 1], [[7, 2, 11], [4, 9], [0, 5, 12], [3
 DECODE_ONLY = ([9, 16, 2], [1, 1, 1], [[7, 2, 11], [3, 8, 1, 10], [6]], [0, 1, 2])
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    ("dtype", "tol", "fused"),
+    [(torch.float32, 1e-5, False), (torch.bfloat16, 2e-2, False), (torch.bfloat16, 2e-2, True)],
+    ids=["float32", "bfloat16", "bfloat16-fused"],
+)
 @pytest.mark.parametrize("case", [MIXED, DECODE_ONLY], ids=["mixed", "decode-only"])
-def test_paged_attention_matches_plain_attention(dtype, tol, case):
+def test_paged_attention_matches_plain_attention(dtype, tol, fused, case):
+    if fused:
+        assert load_fused_kernels() is None
     torch.manual_seed(0)
     contexts, query_lens, tables, decode_tokens = case
     batch = _batch(contexts, query_lens, tables)
@@ -65,7 +72,7 @@ def test_paged_attention_matches_plain_attention(dtype, tol, case):
     cached_lens = [c - q for c, q in zip(contexts, query_lens, strict=True)]
     cached = _batch(cached_lens, cached_lens, tables)  # the earlier steps wrote these positions
     write_kv(k_cache, v_cache, AttentionPlan.build(cached, BLOCK, SPEC), *_split(keys, values, cached_lens)[0])
-    plan = AttentionPlan.build(batch, BLOCK, SPEC)
+    plan = AttentionPlan.build(batch, BLOCK, SPEC, fused)
     k, v = _split(keys, values, cached_lens)[1]
     write_kv(k_cache, v_cache, plan, k, v)
     q = torch.randn(k.shape[0], SPEC.num_heads, SPEC.head_dim, dtype=dtype)

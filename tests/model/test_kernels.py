@@ -1,0 +1,210 @@
+"""The fused bf16 CPU kernels: bit-identical to the torch ops they replace, and a whole forward with them."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from server.engine.batch_builder import build_forward_batch
+from server.engine.sequence import SamplingParams, Sequence
+from server.model import kernels
+from server.model.kv_cache import KVCache
+from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from server.model.linear import TargetLinear
+from server.model.loader import load_model
+from server.model.lora import lora_reference
+from server.model.lora_weights import LoraWeights
+from server.model.routing import make_lora_batch
+
+BF16 = torch.bfloat16
+ops = torch.ops.loraplex
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    # CI builds them (g++ and ninja come with .ci/run); a machine that cannot must say why, not skip silently
+    assert kernels.load_fused_kernels() is None, kernels.load_fused_kernels()
+
+
+@pytest.mark.parametrize("hidden", [576, 64, 100])  # 100: a tail shorter than one vector
+def test_rms_norm_and_residual_add_round_as_torch_does(hidden):
+    x, residual = (torch.randn(37, hidden).mul(4).to(BF16) for _ in range(2))
+    weight = torch.rand(hidden).add(0.5).to(BF16)
+    norm = RMSNorm(weight, 1e-5)
+    assert ops.rms_norm(x, weight, 1e-5).equal(norm(x))
+    ours, theirs = residual.clone(), residual.clone()
+    assert ops.add_rms_norm(x, ours, weight, 1e-5).equal(norm(x, theirs))
+    assert ours.equal(theirs) and ours.equal(residual + x)  # the residual stream is added to in place
+
+
+@pytest.mark.parametrize("width", [1536, 64, 40])
+def test_silu_mul_rounds_as_torch_does(width):
+    gate_up = torch.randn(33, 2 * width).mul(5).to(BF16)
+    assert ops.silu_mul(gate_up).equal(silu_and_mul(gate_up))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 16), (2, 1, 40)])
+def test_rope_and_cache_rotates_in_place_and_writes_the_slots(heads, kv_heads, head_dim):
+    tokens, block_size = 11, 4
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0)
+    cos, sin = rotary.tables(torch.randint(0, 512, (tokens,)), BF16)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(BF16)
+    slots = torch.randperm(6 * block_size)[:tokens]
+    k_cache = torch.zeros(6, kv_heads, head_dim, block_size, dtype=BF16)
+    v_cache = torch.zeros(6, kv_heads, block_size, head_dim, dtype=BF16)
+    rotated = qkv.clone()
+    ops.rope_and_cache(rotated, cos, sin, k_cache, v_cache, slots, heads, kv_heads)
+    rotating = (heads + kv_heads) * head_dim
+    want = apply_rotary(qkv[:, :rotating].view(tokens, -1, head_dim), cos, sin)
+    assert rotated[:, :rotating].view_as(want).equal(want)
+    assert rotated[:, rotating:].equal(qkv[:, rotating:])  # values are not rotated
+    blocks, offsets = slots // block_size, slots % block_size
+    assert k_cache[blocks, :, :, offsets].equal(want[:, heads:])
+    assert v_cache[blocks, :, offsets].equal(qkv[:, rotating:].view(tokens, kv_heads, head_dim))
+
+
+def test_bad_arguments_raise_before_anything_is_written():
+    qkv = torch.randn(2, 4 * 16).to(BF16)
+    cos, sin = RotaryEmbedding(16, 8, 1e4).tables(torch.tensor([0, 1]), BF16)
+    k_cache = torch.zeros(2, 1, 16, 4, dtype=BF16)
+    v_cache = torch.zeros(2, 1, 4, 16, dtype=BF16)
+    before = qkv.clone()
+    with pytest.raises(RuntimeError, match="KV slot out of range"):
+        ops.rope_and_cache(qkv, cos, sin, k_cache, v_cache, torch.tensor([3, 8]), 2, 1)
+    assert qkv.equal(before) and k_cache.count_nonzero() == 0
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.silu_mul(torch.randn(2, 8))
+    q, out = torch.randn(1, 2, 16).to(BF16), torch.empty(1, 2, 16, dtype=BF16)
+    tables, lens = torch.tensor([[0, 5]]), torch.tensor([6])
+    with pytest.raises(RuntimeError, match="block out of range"):
+        ops.decode_attention(q, k_cache, v_cache, torch.tensor([0]), tables, lens, out, 0.25)
+
+
+def test_the_fused_forward_agrees_with_the_torch_op_forward(tiny_model_dir):
+    """Prefill, a chunked prefill and decode steps of a bf16 model: same greedy tokens, logits a few ulps apart
+    (decode attention sums in float32 where the torch path rounds its scores to bf16)."""
+    fused, plain = (load_model(tiny_model_dir, torch.device("cpu"), BF16, flag) for flag in (True, False))
+    assert fused.model.fused and not plain.model.fused
+    prompts = [[5, 9, 22, 41, 7, 3, 99], [17], list(range(3, 40))]
+    runs = []
+    for loaded in (fused, plain):
+        seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
+        for seq in seqs:
+            seq.block_table.extend(range(16 * int(seq.request_id), 16 * int(seq.request_id) + 16))
+        cache = KVCache(loaded.spec, num_blocks=48, block_size=4, dtype=BF16, device="cpu")
+        steps = []
+        for _ in range(10):
+            work = [(s, min(s.num_uncomputed_tokens, 16)) for s in seqs]
+            batch = build_forward_batch(work, 4, torch.device("cpu"))
+            with torch.inference_mode():
+                logits = loaded.model.compute_logits(loaded.model(batch, cache)[batch.logits_indices])
+            sampled = [s for s, n in work if s.num_computed_tokens + n == len(s)]
+            for s, n in work:
+                s.num_computed_tokens += n
+            for row, s in zip(logits, sampled, strict=True):
+                s.output_token_ids.append(int(row.argmax()))
+            steps.append(logits)
+        runs.append(([s.output_token_ids for s in seqs], steps))
+    (tokens, steps), (want_tokens, want_steps) = runs
+    assert tokens == want_tokens
+    for got, want in zip(steps, want_steps, strict=True):
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+
+
+def test_fused_kernels_apply_to_bf16_on_cpu_only():
+    cpu = torch.device("cpu")
+    assert kernels.use_fused_kernels(BF16, cpu)
+    assert not kernels.use_fused_kernels(torch.float32, cpu)  # the exact mode keeps the torch ops
+    assert not kernels.use_fused_kernels(BF16, cpu, enabled=False)
+
+
+def test_a_machine_without_a_compiler_is_told_what_to_install(monkeypatch):
+    monkeypatch.setattr(kernels.shutil, "which", lambda tool: None)
+    reason = kernels.load_fused_kernels.__wrapped__()
+    assert "not on PATH" in reason and "g++" in reason
+
+
+@pytest.mark.parametrize("in_features", [32, 576, 33])  # 33: an odd last row of A for the 8-rank granules
+def test_gathered_lora_on_the_fused_path_matches_the_reference(in_features):
+    """Per-token (BGMV) deltas of ranks 1-64, LoRA and DoRA, base tokens between: within bf16 rounding of the exact
+    float32 reference, and no further from it than the torch-op path."""
+    slices = {"q_proj": (0, 64), "v_proj": (64, 96)}
+    adapters = {0: (8, False), 1: (24, True), 2: (64, False), 3: (1, False)}  # slot -> (rank, DoRA)
+    weight = torch.randn(96, in_features) / in_features**0.5
+    updates = {
+        slot: {
+            name: LoraWeights(
+                a=torch.randn(rank, in_features) / in_features**0.5,
+                b=torch.randn(end - start, rank) / rank**0.5,
+                g=1 + 0.3 * torch.randn(end - start) if dora else None,
+            )
+            for name, (start, end) in slices.items()
+        }
+        for slot, (rank, dora) in adapters.items()
+    }
+    token_slots = torch.tensor([0, 1, -1, 2, 3, 3, 1, -1, 0, 2, 2])
+    x = torch.randn(len(token_slots), in_features).to(BF16)
+    want = x.float() @ weight.T
+    for name, (start, end) in slices.items():
+        lora_reference(x.float(), want[:, start:end], {s: u[name] for s, u in updates.items()}, token_slots)
+    errors = {}
+    for fused in (True, False):
+        layer = TargetLinear(weight.to(BF16), slices)
+        layer.enable_adapters(4, fused)
+        for slot, pieces in updates.items():
+            layer.lora.load_slot(slot, pieces)
+        with torch.inference_mode():
+            got = layer(x, make_lora_batch(token_slots)).float()
+        torch.testing.assert_close(got, want, atol=0.1, rtol=0.03)
+        errors[fused] = (got - want).abs().mean().item()
+    assert errors[True] <= errors[False] * 1.05
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [
+    (9, 3, 64, 16),  # the default model
+    (4, 4, 40, 4),  # no GQA; features not a whole vector
+    (10, 1, 16, 32),  # a group past the 8 heads kept in registers; blocks of two vectors
+])  # fmt: skip
+def test_decode_attention_reads_each_rows_blocks_in_place(heads, kv_heads, head_dim, block_size):
+    lens, num_blocks = [1, 7, 50], 16
+    tables = torch.stack([torch.randperm(num_blocks)[: -(-max(lens) // block_size)] for _ in lens])
+    k_cache = torch.randn(num_blocks, kv_heads, head_dim, block_size).to(BF16)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim).to(BF16)
+    q = torch.randn(5, heads, head_dim).to(BF16)  # rows 4, 0, 2 decode; the others are left alone
+    out = torch.full_like(q, 7.0)
+    tokens = torch.tensor([4, 0, 2])
+    ops.decode_attention(q, k_cache, v_cache, tokens, tables, torch.tensor(lens), out, head_dim**-0.5)
+    assert out[[1, 3]].eq(7.0).all()
+    group = heads // kv_heads
+    for row, (token, length) in enumerate(zip(tokens.tolist(), lens, strict=True)):
+        blocks = tables[row, : -(-length // block_size)]
+        keys = k_cache[blocks].permute(1, 0, 3, 2).reshape(kv_heads, -1, head_dim)[:, :length].float()
+        values = v_cache[blocks].transpose(0, 1).reshape(kv_heads, -1, head_dim)[:, :length].float()
+        scores = torch.einsum("hd,hld->hl", q[token].float(), keys.repeat_interleave(group, 0)) * head_dim**-0.5
+        want = torch.einsum("hl,hld->hd", scores.softmax(-1), values.repeat_interleave(group, 0))
+        torch.testing.assert_close(out[token].float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_kernels_leave_the_calling_threads_core_count_alone():
+    """A thread computing with 2 cores keeps 2 after its first kernel call, although another thread pinned itself
+    to one core since (as adapter loader threads do): the engine thread, which loaded the model with 2 cores, must not
+    fall back to one at its first fused step."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 cores")
+    seen = []
+
+    def engine() -> None:
+        torch.set_num_threads(2)
+        torch.randn(1 << 20).exp_()  # torch's first parallel op on this thread (the model load, in the engine)
+        pinned = threading.Thread(target=torch.set_num_threads, args=(1,))
+        pinned.start()
+        pinned.join()
+        ops.silu_mul(torch.randn(64, 2048).to(BF16))  # large enough to run in parallel
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    thread.join()
+    assert seen == [2]
