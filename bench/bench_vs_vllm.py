@@ -1,7 +1,8 @@
 """loraplex against vLLM CPU, side by side in one run: same model, same adapters, same client and workloads.
 
 Servers, one at a time on loopback: loraplex in float32 (the default before native bf16), loraplex with
-`--dtype auto` (bf16 on CPUs with avx512_bf16 or AMX), and vLLM CPU from `../shared/peers/vllm-cpu` (bf16, both
+`--dtype auto` (bf16 on CPUs with avx512_bf16 or AMX; the fused kernels), the same with `--no-fused-kernels` (torch
+ops, as before the fused kernels; not in the default list), and vLLM CPU from `../shared/peers/vllm-cpu` (bf16, both
 cores computing: BIND=0-1, `--max-lora-rank 8`, the adapters' rank). Each gets the same KV budget (1 GiB).
 The store holds 32 random r=8 q,v LoRA adapters for the default model. The client is the project's `load_tests`
 (streamed completions of token-id prompts, EOS ignored), the same for every server. Workloads:
@@ -71,6 +72,7 @@ class Server:
     name: str
     kind: str  # "loraplex" or "vllm"
     dtype: str  # loraplex's --dtype; vLLM's DTYPE
+    flags: tuple[str, ...] = ()  # more loraplex flags
 
     @property
     def merges(self) -> bool:
@@ -80,8 +82,10 @@ class Server:
 SERVERS = {
     "loraplex-fp32": Server("loraplex-fp32", "loraplex", "float32"),
     "loraplex-auto": Server("loraplex-auto", "loraplex", "auto"),
+    "loraplex-torch-ops": Server("loraplex-torch-ops", "loraplex", "auto", ("--no-fused-kernels",)),
     "vllm": Server("vllm", "vllm", "bfloat16"),
 }
+DEFAULT_SERVERS = ("loraplex-fp32", "loraplex-auto", "vllm")
 
 
 def make_store(base_dir: Path, root: Path) -> list[str]:
@@ -129,7 +133,8 @@ def start(server: Server, model_dir: Path, store: Path, port: int, log: Path) ->
         )
         return psutil.Process(int((VLLM_DIR / "serve.pid").read_text()))
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapters-store", str(store),
-           "--dtype", server.dtype, "--kv-cache-bytes", str(KV_BYTES), "--max-loras", str(ADAPTERS)]  # fmt: skip
+           "--dtype", server.dtype, "--kv-cache-bytes", str(KV_BYTES), "--max-loras", str(ADAPTERS),
+           *server.flags]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # both cores compute, as for vLLM
     env["LORAPLEX_ADMIN_TOKEN"] = ADMIN_TOKEN
     with log.open("w") as out:
@@ -254,7 +259,7 @@ def report(results: dict[str, dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS))
+    add("--servers", default=",".join(DEFAULT_SERVERS), help="comma-separated, from: " + ", ".join(SERVERS))
     add("--num-requests", type=int, default=128, help="requests per throughput workload (default: %(default)s)")
     add("--concurrency", type=int, default=32, help="requests in flight for throughput (default: %(default)s)")
     add("--batch1-requests", type=int, default=16, help="requests per batch-1 TPOT case (default: %(default)s)")
