@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from bench.bench_attention import attention_seconds, timed
 from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
 from server.model import llama
@@ -28,17 +29,6 @@ from server.threads import use_engine_threads
 
 BLOCK = 16
 ROUNDS = 10
-attention_seconds = [0.0]
-
-
-def timed(function):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = function(*args, **kwargs)
-        attention_seconds[0] += time.perf_counter() - start
-        return out
-
-    return wrapper
 
 
 def step_batch(n: int, context: int, new_tokens: int) -> tuple[ForwardBatch, int]:
