@@ -402,8 +402,14 @@ inline void shrink_granule(const float* x, const BFloat16* a, int64_t in, int64_
   }
   float lanes[kF];
   sum.store(lanes);
-  for (int64_t j = 0; j < g; ++j) {
-    acc[j] += g == kF / 2 ? lanes[j] + lanes[j + kF / 2] : g == kF ? lanes[j] : 0.f;
+  if (g == kF) {
+    for (int64_t j = 0; j < g; ++j) {
+      acc[j] += lanes[j];
+    }
+  } else if (g == kF / 2) {  // fold the two rows' halves
+    for (int64_t j = 0; j < g; ++j) {
+      acc[j] += lanes[j] + lanes[j + kF / 2];
+    }
   }
   for (; i < in; ++i) {  // an odd last row, or another granule width
     for (int64_t j = 0; j < g; ++j) {
