@@ -22,11 +22,7 @@ class ConfigurationError(LoraplexError):
 
 
 class InvalidRequestError(LoraplexError):
-    """The request is well-formed but asks for something impossible or out of bounds."""
-
-
-class WrongTypeError(InvalidRequestError):
-    """A request field holds a JSON value of the wrong type (a string where a boolean belongs)."""
+    """The request is malformed (a missing field, a value of the wrong type) or asks for something impossible."""
 
 
 class AuthenticationError(LoraplexError):

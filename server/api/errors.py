@@ -32,7 +32,6 @@ class HttpError:
 
 # Every domain error's status, most specific class first where classes inherit (the first match in the MRO wins).
 HTTP_ERRORS: dict[type[errors.LoraplexError], HttpError] = {
-    errors.WrongTypeError: HttpError(422, "invalid_request_error"),
     errors.InvalidRequestError: HttpError(400, "invalid_request_error"),
     errors.AuthenticationError: HttpError(401, "authentication_error"),
     errors.PermissionDeniedError: HttpError(403, "permission_error"),
@@ -87,10 +86,11 @@ def _counted(app: FastAPI, response: Response) -> Response:
 
 
 def validation_error(exc: RequestValidationError) -> errors.InvalidRequestError:
-    """Turn FastAPI's validation report into one error naming the first offending field.
+    """Turn FastAPI's validation report into one 400 naming the first offending field.
 
-    A JSON value of the wrong type (`"stream": "yes"`) is a WrongTypeError (422); anything else (a missing field,
-    a value out of range, a field the server does not implement) is an InvalidRequestError (400).
+    Every malformed request is a 400, a value of the wrong JSON type (`"stream": "yes"`) included: OpenAI and vLLM
+    answer so, and the `openai` SDK raises its BadRequestError for it. 422 is kept for well-formed content the
+    server cannot use (an adapter that does not fit the model, an invalid key file).
     """
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
@@ -100,13 +100,12 @@ def validation_error(exc: RequestValidationError) -> errors.InvalidRequestError:
     if param is None and isinstance(first.get("input"), bytes):
         return errors.InvalidRequestError("request body must be JSON, sent with Content-Type: application/json")
     if param is None and _is_type_error(first["type"]):
-        return errors.WrongTypeError(f"request body must be a JSON object: {message}")
+        return errors.InvalidRequestError(f"request body must be a JSON object: {message}")
     if param is None:
         return errors.InvalidRequestError(f"request body: {message}")
     if first["type"] == "extra_forbidden":
         return errors.InvalidRequestError(f"{param}: unknown field, not implemented by this server", param=param)
-    error = errors.WrongTypeError if _is_type_error(first["type"]) else errors.InvalidRequestError
-    return error(f"{param}: {message}", param=param)
+    return errors.InvalidRequestError(f"{param}: {message}", param=param)
 
 
 def _is_type_error(kind: str) -> bool:

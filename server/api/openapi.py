@@ -17,10 +17,18 @@ _HEADERS = {
     401: {"WWW-Authenticate": {"description": "the scheme to authenticate with: Bearer", "schema": {"type": "string"}}},
 }
 
-# Errors every JSON route can answer: a bad or oversized body, an engine that is not ready, and a bug.
-JSON_BODY_ERRORS = (errors.InvalidRequestError, errors.WrongTypeError, errors.PayloadTooLargeError)
+# Errors every JSON route can answer: a bad or oversized body (every malformed field is a 400, as OpenAI answers),
+# an engine that is not ready, and a bug.
+JSON_BODY_ERRORS = (errors.InvalidRequestError, errors.PayloadTooLargeError)
 ENGINE_ERRORS = (errors.ServiceUnavailableError,)
-GENERATION_ERRORS = (*JSON_BODY_ERRORS, *ENGINE_ERRORS, errors.NotFoundError, errors.QueueFullError)
+# A generation can also name an adapter whose stored files turn out unservable when it is loaded (422).
+GENERATION_ERRORS = (
+    *JSON_BODY_ERRORS,
+    *ENGINE_ERRORS,
+    errors.NotFoundError,
+    errors.QueueFullError,
+    errors.AdapterError,
+)
 
 EVENT_STREAM = {
     200: {

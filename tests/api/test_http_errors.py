@@ -100,9 +100,9 @@ async def test_bad_completion_fields(client: httpx.AsyncClient, fields: dict, pa
         ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
     ],
 )
-async def test_values_of_the_wrong_json_type_are_422(client: httpx.AsyncClient, fields: dict, param: str) -> None:
+async def test_values_of_the_wrong_json_type_are_400(client: httpx.AsyncClient, fields: dict, param: str) -> None:
     response = await client.post("/v1/completions", json={"model": "base-model", "prompt": "hi", **fields})
-    error = assert_error(response, 422, "invalid_request_error", param)
+    error = assert_error(response, 400, "invalid_request_error", param)
     assert param.split("[")[0] in error["message"]
 
 
@@ -247,9 +247,9 @@ async def test_bad_chat_fields(client: httpx.AsyncClient, fields: dict, param: s
         ({"logprobs": "yes please"}, "logprobs"),
     ],
 )
-async def test_chat_values_of_the_wrong_json_type_are_422(client: httpx.AsyncClient, fields: dict, param: str) -> None:
+async def test_chat_values_of_the_wrong_json_type_are_400(client: httpx.AsyncClient, fields: dict, param: str) -> None:
     response = await client.post("/v1/chat/completions", json={"model": "base-model", "messages": USER_HI, **fields})
-    assert_error(response, 422, "invalid_request_error", param)
+    assert_error(response, 400, "invalid_request_error", param)
 
 
 async def test_ignored_fields_are_accepted(client: httpx.AsyncClient, engine: FakeEngine) -> None:
@@ -284,7 +284,7 @@ async def test_malformed_json(client: httpx.AsyncClient) -> None:
 
 async def test_body_that_is_not_an_object(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/completions", json=["a"])
-    error = assert_error(response, 422, "invalid_request_error", None)
+    error = assert_error(response, 400, "invalid_request_error", None)
     assert "JSON object" in error["message"]
 
 

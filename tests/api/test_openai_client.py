@@ -65,6 +65,9 @@ async def test_errors_map_to_client_exceptions(oai: openai.AsyncOpenAI, engine: 
         await oai.completions.create(model="missing", prompt="a")
     with pytest.raises(openai.BadRequestError, match="temperature"):
         await oai.completions.create(model="base-model", prompt="a", temperature=9)
+    with pytest.raises(openai.BadRequestError, match="ignore_eos") as wrong_type:  # not UnprocessableEntityError
+        await oai.completions.create(model="base-model", prompt="a", extra_body={"ignore_eos": "yes"})
+    assert wrong_type.value.body["param"] == "ignore_eos"
     engine.queue_full = True
     with pytest.raises(openai.RateLimitError):
         await oai.chat.completions.create(model="base-model", messages=[{"role": "user", "content": "a"}], stream=True)

@@ -30,7 +30,7 @@ async def document(client: httpx.AsyncClient) -> dict:
         ("get", "/v1/models", {"200", "500", "503"}),
         ("get", "/v1/models/{model}", {"200", "404", "500", "503"}),
         ("post", "/admin/adapters", {"201", "400", "401", "403", "409", "413", "415", "422", "429", "500", "503"}),
-        ("patch", "/admin/adapters/{name}", {"200", "400", "401", "403", "404", "409", "413", "422", "500", "503"}),
+        ("patch", "/admin/adapters/{name}", {"200", "400", "401", "403", "404", "409", "413", "500", "503"}),
         ("delete", "/admin/adapters/{name}", {"200", "401", "403", "404", "500", "503"}),
     ],
 )
@@ -76,5 +76,5 @@ def test_every_domain_error_has_a_status_and_configuration_errors_are_not_400() 
     classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.LoraplexError)]
     assert all(status_of(c) in range(400, 600) for c in classes)
     assert status_of(errors.ConfigurationError) == 500
-    assert status_of(errors.WrongTypeError) == 422 and status_of(errors.AdapterError) == 422
+    assert status_of(errors.InvalidRequestError) == 400 and status_of(errors.AdapterError) == 422
     assert set(HTTP_ERRORS) <= set(classes)
