@@ -95,8 +95,10 @@ def validation_error(exc: RequestValidationError) -> errors.InvalidRequestError:
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
         return errors.InvalidRequestError(f"request body is not valid JSON: {first['ctx']['error']}")
-    param = _param_path(first["loc"])
-    message = str(first["msg"]).removeprefix("Value error, ")
+    loc, message = tuple(first["loc"]), str(first["msg"]).removeprefix("Value error, ")
+    if loc[-1:] == ("[key]",):  # a bad key of an object (`metadata`): the object is the field, the key is named
+        loc, message = loc[:-2], f"key {str(loc[-2])[:64]!r}: {message}"
+    param = _param_path(loc)
     if param is None and isinstance(first.get("input"), bytes):
         return errors.InvalidRequestError("request body must be JSON, sent with Content-Type: application/json")
     if param is None and _is_type_error(first["type"]):

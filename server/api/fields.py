@@ -1,4 +1,5 @@
-"""Field types for request bodies: JSON numbers as JSON Schema reads them, and fields the server only tolerates.
+"""Field types for request bodies: JSON numbers as JSON Schema reads them, and fields the server only tolerates or
+accepts without effect.
 
 A request model is strict (no `"3"` for 3, no `"yes"` for true), but JSON Schema calls `3.0` an integer, so the
 integer fields here take integral floats too: generated clients and fuzzers agree with the server.
@@ -6,7 +7,7 @@ integer fields here take integral floats too: generated clients and fuzzers agre
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, Strict, WithJsonSchema
 from pydantic_core import PydanticCustomError
@@ -41,6 +42,17 @@ def tolerated(*values: Any, schema: dict[str, Any] | None = None) -> WithJsonSch
     """
     return WithJsonSchema(schema or {"enum": list(values), "description": "not supported: only these values"})
 
+
+# OpenAI's limits on `metadata`, which it stores with a completion (and this server ignores).
+MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[
+    dict[
+        Annotated[str, Field(max_length=MAX_METADATA_KEY_CHARS)],
+        Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)],
+    ],
+    Field(max_length=MAX_METADATA_KEYS, description="accepted and ignored: string values under string keys"),
+]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
 
 MAX_N = 1024  # the ceiling of --max-n
 Count = json_int(1, MAX_N)

@@ -8,8 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from server.api.fields import (
     Count,
+    Metadata,
     MinTokens,
     Seed,
+    ServiceTier,
     TokenCount,
     TokenCountOrZero,
     TokenId,
@@ -32,6 +34,9 @@ REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 EMPTY_LIST_OR_NULL = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"}
+NOT_STORED = {"enum": [False, None], "description": "false only: this server does not store completions"}
+TEXT_ONLY_OR_NULL = {"anyOf": [{"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1},
+                               {"type": "null"}], "description": 'only ["text"]'}  # fmt: skip
 
 
 class StreamOptions(BaseModel):
@@ -60,6 +65,17 @@ class GenerationRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
+    # OpenAI fields that change nothing in the output: accepted (within OpenAI's own bounds) and ignored.
+    store: Annotated[bool | None, tolerated(schema=NOT_STORED)] = None
+    metadata: Metadata | None = None
+    service_tier: ServiceTier | None = Field(None, description="accepted and ignored")
+
+    @field_validator("store")
+    @classmethod
+    def _reject_store(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("this server does not store completions; send false or leave it out")
+        return value
 
     # Structured outputs (server.engine.structured).
     response_format: ResponseFormat | None = None
@@ -191,6 +207,10 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: TokenCount | None = None
     functions: Annotated[list[Any] | None, tolerated(schema=EMPTY_LIST_OR_NULL)] = None
     function_call: Annotated[Any, tolerated("none", None)] = None
+    # OpenAI fields that would change the output and that the server does not implement: only their neutral values.
+    prediction: Annotated[Any, tolerated(None)] = None
+    audio: Annotated[Any, tolerated(None)] = None
+    modalities: Annotated[list[str] | None, tolerated(schema=TEXT_ONLY_OR_NULL)] = None
 
     # Log-probabilities.
     logprobs: bool | None = False
@@ -220,10 +240,33 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError(f"{NOT_SUPPORTED}; send tool_choice")
         return value
 
+    @field_validator("prediction")
+    @classmethod
+    def _reject_prediction(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError(f"predicted outputs are {NOT_SUPPORTED}; leave it out")
+        return value
+
+    @field_validator("audio")
+    @classmethod
+    def _reject_audio(cls, value: object) -> object:
+        if value is not None:
+            raise ValueError(f"audio output is {NOT_SUPPORTED}, which answers in text; leave it out")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and value != ["text"]:
+            raise ValueError(f'only ["text"] is supported by this server, got {value}')
+        return value
+
     # Tools (server.api.tools).
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = Field(None, description='false: "required" makes exactly one call')
+    parallel_tool_calls: bool | None = Field(
+        None, description='false: "required" makes exactly one call; "auto" returns the calls the model writes'
+    )
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
