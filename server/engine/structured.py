@@ -7,7 +7,8 @@ Every step, the masks of the constrained rows only are computed on a helper thre
 without constrained rows pay nothing.
 
 JSON is generated in the layout of Python's `json.dumps` (", " and ": ", no other whitespace): a small model
-given free whitespace can loop on newlines, and adapters trained on `json.dumps` output see what they learned.
+given free whitespace can loop on newlines, and adapters trained on `json.dumps` output see what they learned. For
+the same reason an object schema that does not say `additionalProperties` generates only its declared properties.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import llguidance.hf
 import llguidance.torch
 import torch
 
+from server.engine.closed_objects import close_objects
 from server.errors import InvalidRequestError
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
@@ -172,5 +174,6 @@ def spec_of_choices(choices: list[str], param: str) -> GrammarSpec:
 
 
 def spec_of_schema(schema: dict, param: str) -> GrammarSpec:
-    """Keys keep their order: the order of `properties` is the order the keys are generated in."""
-    return GrammarSpec("json_schema", json.dumps(schema), param)
+    """Keys keep their order: the order of `properties` is the order the keys are generated in. An object without
+    `additionalProperties` generates only its declared properties (`server.engine.closed_objects`)."""
+    return GrammarSpec("json_schema", json.dumps(close_objects(schema)), param)

@@ -9,6 +9,7 @@ import pytest
 from fake_engine import FakeEngine
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+CLOSED = {**SCHEMA, "additionalProperties": False}  # what a schema that does not say it is compiled as
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -21,8 +22,10 @@ async def chat(client: httpx.AsyncClient, **fields: object) -> httpx.Response:
     [
         ({"response_format": {"type": "json_object"}}, "json_object", ""),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}, "json_schema",
-         json.dumps(SCHEMA)),
-        ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, "json_schema", json.dumps(SCHEMA)),
+         json.dumps(CLOSED)),
+        ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, "json_schema", json.dumps(CLOSED)),
+        ({"structured_outputs": {"json": {**SCHEMA, "additionalProperties": True}}}, "json_schema",
+         json.dumps({**SCHEMA, "additionalProperties": True})),
         ({"structured_outputs": {"regex": "[ab]+"}}, "regex", "[ab]+"),
         ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", '["yes", "no"]'),
         ({"structured_outputs": {"grammar": 'root ::= "x"'}}, "grammar", 'root ::= "x"'),
@@ -70,3 +73,14 @@ async def test_bad_constraints_are_refused_before_queueing(
     error = response.json()["error"]
     assert error["param"] == param and problem in error["message"], error
     assert engine.submitted == []
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}])
+async def test_forced_tool_arguments_generate_only_their_declared_properties(
+    client: httpx.AsyncClient, engine: FakeEngine, tool_choice: object
+) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]
+    assert (await chat(client, tools=tools, tool_choice=tool_choice, max_tokens=2)).status_code == 200
+    compiled = json.loads(engine.compiled[0].text)
+    arguments = compiled if isinstance(tool_choice, dict) else compiled["items"]["anyOf"][0]["properties"]["arguments"]
+    assert arguments == CLOSED

@@ -91,6 +91,19 @@ def test_json_object_regex_choice_and_grammar(engine) -> None:
     assert re.fullmatch(r"\(\d+(\+\d+)*\)", grammar)
 
 
+def test_an_object_that_does_not_say_additional_properties_generates_only_its_own(engine) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}}
+    # A bias towards "," asks a random model for more keys, and towards '"' to end its strings.
+    more = tuple((engine.tokenizer.encode(c, add_special_tokens=False)[0], 4.0) for c in '",')
+    closed, as_written = spec_of_schema(schema, "response_format"), GrammarSpec("json_schema", json.dumps(schema), "x")
+    jobs = [(None, _prompt(i), SamplingParams(max_tokens=80, seed=i, structured=spec, logit_bias=more))
+            for spec in (closed, as_written) for i in range(12)]  # fmt: skip
+    results = _run(engine, jobs)
+    assert all(reason is FinishReason.STOP and set(json.loads(text)) <= {"city"} for _, text, reason in results[:12])
+    # Compiled as written, the same schema lets the model wander into keys nobody asked for (or run out of tokens).
+    assert any(reason is not FinishReason.STOP or set(json.loads(text)) - {"city"} for _, text, reason in results[12:])
+
+
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
