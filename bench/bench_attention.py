@@ -1,7 +1,7 @@
 """Share of a decode step spent in attention, on whatever commit is checked out (run it before and after a change).
 
 The default model alone, one decode step of 1 and 32 sequences at contexts 128 and 512, 10 turns each:
-`server.model.llama.paged_attention` (the cache read and the attention maths; not the K/V write) is wrapped in a
+`server.model.decoder.paged_attention` (the cache read and the attention maths; not the K/V write) is wrapped in a
 timer and its time is set against the whole step's (forward and logits). The script uses only what every commit since
 the paged cache has: copy it out (`git show attention-fast:bench/bench_attention.py > /tmp/bench_attention.py`)
 to measure an older checkout.

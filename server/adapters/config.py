@@ -1,9 +1,10 @@
 """Parse a PEFT `adapter_config.json` and resolve, for one base model, the rank and scale of every targeted projection.
 
 Matching follows PEFT 0.21 exactly (`peft.tuners.tuners_utils.check_target_module_exists` and
-`peft.utils.other.get_pattern_key`), applied to the module names of a Hugging Face `LlamaForCausalLM`
-(`model.layers.{i}.self_attn.q_proj`, ...). Anything that would change what the adapter computes and that the
-server does not implement is refused with an `AdapterError` naming the field.
+`peft.utils.other.get_pattern_key`), applied to the module names of the base model's Hugging Face class
+(`model.layers.{i}.self_attn.q_proj`, ...; Phi-3's `qkv_proj`), which its family declares (`ModuleNames`).
+Anything that would change what the adapter computes and that the server does not implement is refused with an
+`AdapterError` naming the field.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 from server.adapters.safe_json import parse_json_object
 from server.adapters.store import CONFIG_FILE
 from server.errors import AdapterError
-from server.model.architecture import TARGET_MODULES
+from server.model import module_names
+from server.model.module_names import ModuleNames
 
 MAX_CONFIG_BYTES = 1 << 20
 # Caps that keep checking a config linear in its size: list entries, pattern entries, characters of one name or regex.
@@ -28,9 +30,6 @@ MAX_LIST_ITEMS = 1024
 MAX_PATTERNS = 256
 MAX_TEXT_CHARS = 512
 LIST_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
-
-PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
 
 # Fields that only steer training or record provenance: any value serves the same way.
 INERT_FIELDS = frozenset({
@@ -69,18 +68,14 @@ class AdapterConfig:
     @property
     def target_modules(self) -> tuple[str, ...]:
         """The HF projection names the adapter touches in at least one layer, in model order."""
-        names = {name for _, name in self.targets}
-        return tuple(n for n in TARGET_MODULES if n in names)
+        return tuple(dict.fromkeys(name for _, name in self.targets))
 
 
-def module_name(layer: int, target: str) -> str:
-    """Full module name of a projection in a Hugging Face `LlamaForCausalLM`."""
-    return f"model.layers.{layer}.{PARENT[target]}.{target}"
-
-
-def read_adapter_config(path: Path, num_layers: int, max_lora_rank: int) -> AdapterConfig:
+def read_adapter_config(
+    path: Path, num_layers: int, max_lora_rank: int, modules: ModuleNames = module_names.LLAMA
+) -> AdapterConfig:
     """Read and resolve `adapter_config.json` at `path`."""
-    return parse_adapter_config(read_config_file(path), num_layers, max_lora_rank)
+    return parse_adapter_config(read_config_file(path), num_layers, max_lora_rank, modules)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -101,8 +96,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise AdapterError(f"{CONFIG_FILE}: {e}", param=CONFIG_FILE) from None
 
 
-def parse_adapter_config(raw: Mapping[str, Any], num_layers: int, max_lora_rank: int) -> AdapterConfig:
-    """Resolve a PEFT LoRA config dict for a model of `num_layers` layers; raises `AdapterError` naming the field."""
+def parse_adapter_config(
+    raw: Mapping[str, Any], num_layers: int, max_lora_rank: int, modules: ModuleNames = module_names.LLAMA
+) -> AdapterConfig:
+    """Resolve a PEFT LoRA config dict for a model of `num_layers` layers named as `modules`; raises `AdapterError`
+    naming the field."""
     check_config_sizes(raw)
     _check_supported(raw)
     r = _positive_int(raw.get("r", 8), "r")
@@ -111,9 +109,9 @@ def parse_adapter_config(raw: Mapping[str, Any], num_layers: int, max_lora_rank:
     rank_pattern = _pattern(raw, "rank_pattern", _positive_int)
     alpha_pattern = _pattern(raw, "alpha_pattern", _number)
     targets = {}
-    for key in _targeted_modules(raw, num_layers):
+    for key in _targeted_modules(raw, num_layers, modules):
         layer, name = key
-        full = module_name(layer, name)
+        full = modules.projection(layer, name)
         rank_key = _pattern_key(rank_pattern, full)
         rank = rank_pattern.get(rank_key, r)
         if rank > max_lora_rank:
@@ -200,10 +198,10 @@ class _Targeting:
         return index == self.layers if isinstance(self.layers, int) else index in self.layers
 
 
-def _targeting(raw: Mapping[str, Any]) -> _Targeting:
+def _targeting(raw: Mapping[str, Any], modules: ModuleNames) -> _Targeting:
     target, layers, patterns = raw.get("target_modules"), raw.get("layers_to_transform"), raw.get("layers_pattern")
     if isinstance(target, str) and target.lower() == "all-linear":
-        target = list(TARGET_MODULES)
+        target = list(modules.targets)
     if isinstance(target, str):
         if layers is not None or patterns is not None:
             field = "layers_to_transform" if layers is not None else "layers_pattern"
@@ -229,20 +227,22 @@ def _targeting(raw: Mapping[str, Any]) -> _Targeting:
     return _Targeting(target, exclude, layers, patterns)
 
 
-def _targeted_modules(raw: Mapping[str, Any], num_layers: int) -> list[tuple[int, str]]:
+def _targeted_modules(raw: Mapping[str, Any], num_layers: int, modules: ModuleNames) -> list[tuple[int, str]]:
     """(layer, projection) pairs PEFT would wrap, after refusing targets that are not projections of this model."""
-    targeting = _targeting(raw)
-    _refuse_foreign_targets(targeting, num_layers)
-    found = [(i, n) for i in range(num_layers) for n in TARGET_MODULES if targeting.matches(module_name(i, n))]
+    targeting = _targeting(raw, modules)
+    _refuse_foreign_targets(targeting, num_layers, modules)
+    found = [
+        (i, n) for i in range(num_layers) for n in modules.targets if targeting.matches(modules.projection(i, n))
+    ]
     if not found:
         raise AdapterError("target_modules: the adapter targets no projection of this model", param="target_modules")
     return found
 
 
-def _refuse_foreign_targets(targeting: _Targeting, num_layers: int) -> None:
+def _refuse_foreign_targets(targeting: _Targeting, num_layers: int, modules: ModuleNames) -> None:
     """Every target must name projections of this model; embeddings, the LM head, norms or other models' layers fail."""
-    projections = [module_name(i, n) for i in range(num_layers) for n in TARGET_MODULES]
-    others = other_module_names(num_layers)
+    projections = modules.all_projections(num_layers)
+    others = modules.others(num_layers)
     is_regex = isinstance(targeting.target, str)
     for entry in [targeting.target] if is_regex else targeting.target:
         one = replace(targeting, target=entry if is_regex else [entry], layers=None)
@@ -250,25 +250,15 @@ def _refuse_foreign_targets(targeting: _Targeting, num_layers: int) -> None:
         if hit is not None:
             raise AdapterError(
                 f"target_modules: {show(entry)} targets {hit}, which adapters cannot change on this server "
-                f"(supported: {', '.join(TARGET_MODULES)})",
+                f"(supported: {', '.join(modules.targets)})",
                 param="target_modules",
             )
         if not any(one.matches(m) for m in projections):
             raise AdapterError(
                 f"target_modules: {show(entry)} matches no projection of this model "
-                f"(supported: {', '.join(TARGET_MODULES)})",
+                f"(supported: {', '.join(modules.targets)})",
                 param="target_modules",
             )
-
-
-def other_module_names(num_layers: int) -> list[str]:
-    """Every non-projection module name of a Hugging Face `LlamaForCausalLM`."""
-    names = ["", "model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"]
-    for i in range(num_layers):
-        p = f"model.layers.{i}"
-        names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
-                  f"{p}.post_attention_layernorm"]  # fmt: skip
-    return names
 
 
 def _pattern_key(pattern: Mapping[str, Any], key: str) -> str:

@@ -15,10 +15,11 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from server.adapters.config import MAX_PATTERNS, module_name, other_module_names
+from server.adapters.config import MAX_PATTERNS
 from server.adapters.config import MAX_TEXT_CHARS as MAX_PATTERN_CHARS
 from server.errors import AdapterError
-from server.model.architecture import TARGET_MODULES
+from server.model import module_names
+from server.model.module_names import ModuleNames
 
 MATCH_BUDGET_S = 0.5  # all matches of one config, timed inside the subprocess
 DEADLINE_S = 3.0  # the subprocess as a whole, start-up included
@@ -41,14 +42,16 @@ print("done", time.perf_counter() - start, flush=True)
 """
 
 
-def check_config_patterns(raw: Mapping[str, Any], num_layers: int) -> None:
+def check_config_patterns(
+    raw: Mapping[str, Any], num_layers: int, modules: ModuleNames = module_names.LLAMA
+) -> None:
     """Refuse a config whose regexes are too long, too many or too slow on this model's module names."""
     probes = _probes(raw)
     if not probes:
         return
     if len(probes) > MAX_PATTERNS:
         raise AdapterError(f"{probes[0][0]}: more than {MAX_PATTERNS} patterns", param=probes[0][0])
-    subjects = [module_name(i, n) for i in range(num_layers) for n in TARGET_MODULES] + other_module_names(num_layers)
+    subjects = modules.all_projections(num_layers) + modules.others(num_layers)
     job = json.dumps({"probes": [[kind, regex] for _, kind, regex in probes], "subjects": subjects})
     try:
         done = subprocess.run(

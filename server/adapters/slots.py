@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from server.model.llama import LlamaModel
+from server.model.decoder import DecoderModel
 from server.model.lora_weights import LoraWeights
 
 
-def attach_lora_slots(model: LlamaModel, max_loras: int) -> None:
+def attach_lora_slots(model: DecoderModel, max_loras: int) -> None:
     """Give every adapter-aware layer of `model` empty slot storage for `max_loras` adapters."""
     model.enable_adapters(max_loras)
 
 
-def load_adapter_slot(model: LlamaModel, slot: int, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
+def load_adapter_slot(model: DecoderModel, slot: int, weights: Mapping[tuple[int, str], LoraWeights]) -> None:
     """Put one adapter into `slot` of every layer: (layer, projection) -> update; untargeted projections are cleared."""
     projections = model.projections
     per_linear = {linear: {} for linear in projections.linears} | projections.group(weights)
@@ -29,6 +29,6 @@ def load_adapter_slot(model: LlamaModel, slot: int, weights: Mapping[tuple[int, 
         linear.lora.load_slot(slot, pieces)
 
 
-def clear_adapter_slot(model: LlamaModel, slot: int) -> None:
+def clear_adapter_slot(model: DecoderModel, slot: int) -> None:
     """Remove whatever adapter `slot` holds from every layer."""
     load_adapter_slot(model, slot, {})

@@ -10,11 +10,11 @@ from typing import BinaryIO
 
 import torch
 
-from server.adapters.config import MAX_CONFIG_BYTES, MAX_TEXT_CHARS, check_config_sizes, module_name
+from server.adapters.config import MAX_CONFIG_BYTES, MAX_TEXT_CHARS, check_config_sizes
 from server.adapters.patterns import check_config_patterns
 from server.adapters.records import AdapterRecord, make_record, read_raw_config, read_safetensors_header
 from server.adapters.store import CONFIG_FILE, AdapterStore
-from server.adapters.weights import PREFIX, WEIGHTS_FILE, AdapterWeights, ModelInfo, validate_adapter_dir
+from server.adapters.weights import WEIGHTS_FILE, AdapterWeights, ModelInfo, validate_adapter_dir
 from server.errors import AdapterError, ConflictError, NotFoundError, PayloadTooLargeError
 
 CHUNK_BYTES = 1 << 20
@@ -41,16 +41,16 @@ def check_adapter(path: Path, info: ModelInfo, max_lora_rank: int) -> tuple[Adap
     if long_name is not None:  # errors name tensors: keep what they echo short
         raise AdapterError(f"{WEIGHTS_FILE} names a tensor with over {MAX_TEXT_CHARS} characters", param=WEIGHTS_FILE)
     check_config_sizes(raw)
-    check_config_patterns(raw, info.num_layers)
+    check_config_patterns(raw, info.num_layers, info.modules)
     weights = validate_adapter_dir(path, info, max_lora_rank)
-    check_finite(weights)
+    check_finite(weights, info)
     return weights, make_record(raw, header, weights.size_bytes, weights.sha256)
 
 
-def check_finite(weights: AdapterWeights) -> None:
+def check_finite(weights: AdapterWeights, info: ModelInfo) -> None:
     """Refuse updates that overflow once scaled and cast: s·B, or DoRA's factor g, must be finite as served."""
     for (layer, proj), update in weights.updates.items():
-        base = PREFIX + module_name(layer, proj)
+        base = info.tensor_prefix(layer, proj)
         if not torch.isfinite(update.b).all():
             scale = weights.config.targets[(layer, proj)].scale
             raise AdapterError(

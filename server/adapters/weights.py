@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from server.adapters.config import AdapterConfig, TargetSpec, module_name, read_adapter_config
+from server.adapters.config import AdapterConfig, TargetSpec, read_adapter_config
 from server.errors import AdapterError
-from server.model.llama import LlamaModel
+from server.model.decoder import DecoderModel
 from server.model.lora_weights import LoraWeights
+from server.model.module_names import ModuleNames
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -37,14 +38,20 @@ class ModelInfo:
     dtype: torch.dtype  # dtype of the loaded updates
     device: torch.device  # where the loaded updates live (host memory for the registry's cache)
     base_weight: Callable[[int, str], torch.Tensor]  # (layer, projection) -> frozen W [out, in], for DoRA
+    modules: ModuleNames  # the Hugging Face module names adapters of this model are saved under
+
+    def tensor_prefix(self, layer: int, proj: str) -> str:
+        """What PEFT's saved tensor names of one projection start with."""
+        return PREFIX + self.modules.projection(layer, proj)
 
     @classmethod
-    def from_model(cls, model: LlamaModel, device: torch.device | str = "cpu") -> ModelInfo:
+    def from_model(cls, model: DecoderModel, device: torch.device | str = "cpu") -> ModelInfo:
         """Describe a model through its projection map; updates are placed on `device`."""
         projections = model.projections
         dtype = projections.linears[0].weight.dtype
         shapes = MappingProxyType(projections.shapes())
-        return cls(projections.num_layers, shapes, dtype, torch.device(device), projections.base_weight)
+        modules = model.spec.family.modules
+        return cls(projections.num_layers, shapes, dtype, torch.device(device), projections.base_weight, modules)
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ def validate_adapter_dir(path: Path | str, info: ModelInfo, max_lora_rank: int) 
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter folder {path.name!r} does not exist", param="path")
-    config = read_adapter_config(path / "adapter_config.json", info.num_layers, max_lora_rank)
+    config = read_adapter_config(path / "adapter_config.json", info.num_layers, max_lora_rank, info.modules)
     file = _weights_file(path)
     size, digest = file_digest(file)
     tensors = _read_tensors(file, _expected_shapes(config, info))
@@ -100,9 +107,9 @@ def file_digest(file: Path) -> tuple[int, str]:
     return size, sha.hexdigest()
 
 
-def _tensor_names(layer: int, proj: str) -> tuple[str, str, str]:
+def _tensor_names(info: ModelInfo, layer: int, proj: str) -> tuple[str, str, str]:
     """PEFT's saved names of A, B and the DoRA magnitude of one projection."""
-    base = PREFIX + module_name(layer, proj)
+    base = info.tensor_prefix(layer, proj)
     return f"{base}.lora_A.weight", f"{base}.lora_B.weight", f"{base}.lora_magnitude_vector"
 
 
@@ -112,7 +119,7 @@ def _expected_shapes(config: AdapterConfig, info: ModelInfo) -> dict[str, tuple[
         if proj not in info.shapes:
             raise AdapterError(f"target_modules: the model has no {proj}", param="target_modules")
         in_features, out_features = info.shapes[proj]
-        a, b, m = _tensor_names(layer, proj)
+        a, b, m = _tensor_names(info, layer, proj)
         shapes[a] = (spec.rank, in_features)
         shapes[b] = (out_features, spec.rank)
         if config.use_dora:
@@ -166,7 +173,7 @@ def _update(
     key: tuple[int, str], spec: TargetSpec, tensors: Mapping[str, torch.Tensor], dora: bool, info: ModelInfo
 ) -> LoraWeights:
     """A, s·B and the DoRA factor of one projection, computed in float32 and stored in the model's dtype."""
-    a_name, b_name, m_name = _tensor_names(*key)
+    a_name, b_name, m_name = _tensor_names(info, *key)
     update = LoraWeights(a=tensors[a_name].float(), b=tensors[b_name].float() * spec.scale)  # [r, in], [out, r]
     if dora:
         update = update.with_dora(info.base_weight(*key), tensors[m_name])

@@ -13,7 +13,7 @@ from server.adapters.versions import adapter_name
 from server.adapters.weights import AdapterWeights
 from server.engine.merge_policy import Demand, MergePolicy
 from server.engine.scheduler import Scheduler
-from server.model.llama import LlamaModel
+from server.model.decoder import DecoderModel
 from server.model.merge import WeightMerger
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class MergeController:
 
     def __init__(
         self,
-        model: LlamaModel,
+        model: DecoderModel,
         policy: MergePolicy,
         weights_of: Callable[[str], AdapterWeights | None],
         record: RecordSwap | None = None,

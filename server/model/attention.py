@@ -7,7 +7,9 @@ Nothing is copied per layer but the query and the scores; the index tensors are 
 each sequence's K/V into a padded tensor for `scaled_dot_product_attention` instead cost 2.5-3x as much per layer
 (bench/bench_attention.py). With the fused bf16 kernels (`server.model.kernels`) one C++ op does the same for every
 decode row, block by block in float32, and needs only each row's block table and length. Each prefill (or prefill
-chunk) runs its own causal SDPA call; a chunk after cached blocks gathers those blocks first.
+chunk) runs its own causal SDPA call; a chunk after cached blocks gathers those blocks first. Per layer,
+`AttentionOptions` adds a score scale, a sliding window (a mask on prefill, a later start on decode) and Gemma 2's
+soft-capping (prefill then runs transformers' eager maths, which SDPA cannot express).
 """
 
 from __future__ import annotations
@@ -123,8 +125,23 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, 
     v_cache[plan.write_blocks, :, plan.write_offsets] = v
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """How one layer attends, beyond the plan shared by all layers."""
+
+    scale: float | None = None  # scores q·k are multiplied by it; None: head_dim ** -0.5
+    window: int | None = None  # keys a query sees, itself included (sliding-window layers); None: all
+    softcap: float | None = None  # scores -> softcap · tanh(scores / softcap) before masking (Gemma 2)
+
+
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: AttentionPlan,
+    options: AttentionOptions = AttentionOptions(),
 ) -> torch.Tensor:
     """Attend each token to its sequence's cached and fresh keys. Fresh K/V must already be in the cache.
 
@@ -133,7 +150,7 @@ def paged_attention(
     """
     num_tokens, num_heads, head_dim = q.shape
     if plan.decode is not None and not plan.prefills and not plan.fused:  # decode only: the rows are the tokens
-        return _decode_attention(q, k_cache, v_cache, plan.decode).view(num_tokens, num_heads * head_dim)
+        return _decode_attention(q, k_cache, v_cache, plan.decode, options).view(num_tokens, num_heads * head_dim)
     out = q.new_empty(q.shape)  # q may be a view of the fused q,k rows
     for span in plan.prefills:
         # SDPA takes its CPU flash kernel only for 4-D inputs, [1, heads, len, head_dim] here; 3-D ones run the
@@ -141,38 +158,73 @@ def paged_attention(
         q_i = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
         if span.blocks is None:
             k_i, v_i = (t[span.start : span.end].transpose(0, 1).unsqueeze(0) for t in (k, v))
-            o = F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=True)
         else:
             k_i, v_i = (t.unsqueeze(0) for t in _gather_context(k_cache, v_cache, span))
-            o = F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=_chunk_mask(span, q.device), enable_gqa=True)
-        out[span.start : span.end] = o[0].transpose(0, 1)
+        out[span.start : span.end] = _prefill_attention(q_i, k_i, v_i, span, options)[0].transpose(0, 1)
     decode = plan.decode
     if decode is not None and plan.fused:
+        scale = options.scale if options.scale is not None else head_dim**-0.5
         torch.ops.loraplex.decode_attention(
-            q, k_cache, v_cache, decode.tokens, decode.tables, decode.lens, out, head_dim**-0.5
+            q, k_cache, v_cache, decode.tokens, decode.tables, decode.lens, out, scale, options.window or 0
         )
     elif decode is not None:
-        out[decode.tokens] = _decode_attention(q, k_cache, v_cache, decode)
+        out[decode.tokens] = _decode_attention(q, k_cache, v_cache, decode, options)
     return out.view(num_tokens, num_heads * head_dim)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+def _prefill_attention(q_i, k_i, v_i, span: PrefillSpan, options: AttentionOptions) -> torch.Tensor:
+    """One sequence's chunk: q_i [1, heads, q_len, d] against k_i, v_i [1, kv_heads, context_len, d]."""
+    q_len = span.end - span.start
+    whole = span.blocks is None and (options.window is None or q_len <= options.window)
+    if options.softcap is None and whole:
+        return F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, scale=options.scale, enable_gqa=True)
+    mask = _chunk_mask(span, q_i.device, options.window)
+    if options.softcap is None:
+        return F.scaled_dot_product_attention(q_i, k_i, v_i, attn_mask=mask, scale=options.scale, enable_gqa=True)
+    return _softcapped_attention(q_i, k_i, v_i, mask, options)
+
+
+def _softcapped_attention(q_i, k_i, v_i, mask: torch.Tensor, options: AttentionOptions) -> torch.Tensor:
+    """Attention with soft-capped scores, in transformers' eager order: scale, cap, mask, float32 softmax."""
+    group = q_i.shape[1] // k_i.shape[1]
+    k_i, v_i = k_i.repeat_interleave(group, dim=1), v_i.repeat_interleave(group, dim=1)
+    scale = options.scale if options.scale is not None else q_i.shape[-1] ** -0.5
+    scores = torch.matmul(q_i, k_i.transpose(2, 3)) * scale  # [1, heads, q_len, context_len]
+    scores = torch.tanh(scores / options.softcap) * options.softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q_i.dtype), v_i)
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan, options: AttentionOptions
+) -> torch.Tensor:
     """softmax(q·Kᵀ/√d)·V for every decode row, reduced straight out of the pools. Returns [D, heads, head_dim]."""
     _, num_heads, head_dim = q.shape
     rows = plan.tokens.shape[0]
     q_d = q if q.shape[0] == rows else q.index_select(0, plan.tokens)  # [D, H, head_dim]
     bags = plan.bags
-    weights = q_d.unsqueeze(2).expand(rows, num_heads, plan.blocks, head_dim) * head_dim**-0.5  # [D, H, n, hd]
+    scale = options.scale if options.scale is not None else head_dim**-0.5
+    weights = q_d.unsqueeze(2).expand(rows, num_heads, plan.blocks, head_dim) * scale  # [D, H, n, hd]
     keys = k_cache.view(-1, k_cache.shape[-1])  # [blocks * kv_heads * head_dim, block_size]
     scores = F.embedding_bag(
         bags.score_index, keys, bags.score_offsets, mode="sum", per_sample_weights=weights.flatten()
     )  # [D * H * n, block_size]
-    # Softmax in float32 whatever the cache dtype, as SDPA does.
-    probs = scores.view(rows, num_heads, -1).float().masked_fill_(bags.pad, float("-inf")).softmax(-1)  # [D, H, L]
+    scores = scores.view(rows, num_heads, -1).float()  # [D, H, L]; softmax in float32 whatever the cache dtype
+    if options.softcap is not None:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
+    probs = scores.masked_fill_(_decode_pad(plan, options.window), float("-inf")).softmax(-1)
     values = v_cache.view(-1, head_dim)  # [blocks * kv_heads * block_size, head_dim]
     probs = probs.to(values.dtype).flatten()
     out = F.embedding_bag(bags.value_index, values, bags.value_offsets, mode="sum", per_sample_weights=probs)
     return out.view(rows, num_heads, head_dim)
+
+
+def _decode_pad(plan: DecodePlan, window: int | None) -> torch.Tensor:
+    """[D, 1, L]: True where a row must not look: past its context, or before its window."""
+    if window is None:
+        return plan.bags.pad
+    positions = torch.arange(plan.bags.pad.shape[-1], device=plan.lens.device)
+    return plan.bags.pad | (positions[None, :] < (plan.lens - window)[:, None]).unsqueeze(1)
 
 
 def _gather_context(
@@ -186,8 +238,11 @@ def _gather_context(
     return k_i[:, : span.context_len], v_i[:, : span.context_len]
 
 
-def _chunk_mask(span: PrefillSpan, device: torch.device) -> torch.Tensor:
-    # Query j of the chunk sits at absolute position context_len - q_len + j and sees keys up to it.
+def _chunk_mask(span: PrefillSpan, device: torch.device, window: int | None = None) -> torch.Tensor:
+    # Query j of the chunk sits at absolute position context_len - q_len + j and sees keys up to it (and, in a
+    # sliding window, none `window` or more positions back).
     q_len = span.end - span.start
-    q_pos = torch.arange(span.context_len - q_len, span.context_len, device=device)
-    return q_pos.unsqueeze(1) >= torch.arange(span.context_len, device=device).unsqueeze(0)  # [q_len, ctx]
+    q_pos = torch.arange(span.context_len - q_len, span.context_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(span.context_len, device=device).unsqueeze(0)
+    mask = q_pos >= k_pos  # [q_len, ctx]
+    return mask if window is None else mask & (q_pos - k_pos < window)

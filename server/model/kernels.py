@@ -33,12 +33,20 @@ CAPABILITY_FLAGS = {
 }
 
 
-def use_fused_kernels(dtype: torch.dtype, device: torch.device, enabled: bool = True) -> bool:
-    """Whether a forward in `dtype` on `device` runs the fused kernels (building them if need be); logged."""
+def use_fused_kernels(
+    dtype: torch.dtype, device: torch.device, enabled: bool = True, unfused_reason: str | None = None
+) -> bool:
+    """Whether a forward in `dtype` on `device` runs the fused kernels (building them if need be); logged.
+
+    `unfused_reason`: what the model's family needs that the kernels do not do (`ModelSpec.unfused_reason`).
+    """
     if not enabled:
         log.info("fused kernels off (--no-fused-kernels): the forward runs torch ops")
         return False
     if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    if unfused_reason is not None:
+        log.info("fused kernels off for this model (%s): the forward runs torch ops", unfused_reason)
         return False
     missing = load_fused_kernels()
     if missing is not None:

@@ -42,16 +42,20 @@ class TargetLinear(nn.Module):
     """`y = x·Wᵀ` for the whole packed batch, plus each token's adapter delta on the named output slices.
 
     `slices` maps each fused Hugging Face projection (e.g. `q_proj`) to its output columns `[start, end)`;
-    adapters target those names. `lora` holds the per-slot adapter weights once `enable_adapters` made them.
+    adapters target those names. A `bias` is added last, after the adapter deltas (DoRA scales `x·Wᵀ + Δ`, not b).
+    `lora` holds the per-slot adapter weights once `enable_adapters` made them.
     `weight` is the frozen base weight and is never replaced. While an adapter is merged (`server.model.merge`
     calls `serve_merged`), `merged` holds the weight with the adapter in it and the GEMM runs on that instead;
     `merged_packed`, its oneDNN copy, arrives some steps after the merge (packing costs more than merging), and
     until then every batch size runs the plain GEMM on it.
     """
 
-    def __init__(self, weight: torch.Tensor, slices: dict[str, tuple[int, int]]) -> None:
+    def __init__(
+        self, weight: torch.Tensor, slices: dict[str, tuple[int, int]], bias: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out, in]
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None  # [out]
         self.slices = slices
         self.lora: LoraSlots | None = None
         self.packed = prepack(self.weight.data)
@@ -80,4 +84,4 @@ class TargetLinear(nn.Module):
         y = linear(x, weight, packed)
         if lora_batch is not None and self.lora is not None:
             y = self.lora.apply(x, y, lora_batch)
-        return y
+        return y if self.bias is None else y + self.bias

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from server.model.architecture import ModelSpec, UnsupportedModelError
+from server.model.decoder import DecoderModel
 from server.model.kernels import use_fused_kernels
-from server.model.llama import LlamaModel
 
 
 @dataclass
@@ -21,7 +21,7 @@ class LoadedModel:
 
     name: str
     spec: ModelSpec
-    model: LlamaModel
+    model: DecoderModel
     tokenizer: PreTrainedTokenizerBase
     dtype: torch.dtype
     device: torch.device
@@ -46,7 +46,13 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype, fused_kerne
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     spec = ModelSpec.from_hf_config(config)
     weights = {k: t.to(device=device, dtype=dtype) for k, t in read_safetensors(path).items()}
-    model = LlamaModel(spec, weights, device, use_fused_kernels(dtype, device, fused_kernels)).eval()
+    fused = use_fused_kernels(dtype, device, fused_kernels, spec.unfused_reason())
+    try:
+        model = DecoderModel(spec, weights, device, fused).eval()
+    except KeyError as e:
+        raise UnsupportedModelError(
+            f"{path} has no tensor {e.args[0]!r}, which a {spec.model_type} checkpoint needs"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return LoadedModel(path.name, spec, model, tokenizer, dtype, device)
 

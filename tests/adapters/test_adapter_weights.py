@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.adapters.config import PARENT
 from server.adapters.weights import WEIGHTS_FILE, ModelInfo, validate_adapter_dir
 from server.errors import AdapterError
+from server.model import module_names
 
 MAX_RANK = 64
 ADAPTERS = {
@@ -55,15 +56,18 @@ def base_model() -> LlamaForCausalLM:
     return model
 
 
+PARENTS = dict(module_names.LLAMA.projections)
+
+
 def model_info(model: LlamaForCausalLM) -> ModelInfo:
     """Describe a transformers Llama the way the server describes its own model."""
     layers = model.model.layers
 
     def weight(layer: int, proj: str) -> torch.Tensor:
-        return getattr(getattr(layers[layer], PARENT[proj]), proj).weight
+        return getattr(getattr(layers[layer], PARENTS[proj]), proj).weight
 
-    shapes = {proj: (weight(0, proj).shape[1], weight(0, proj).shape[0]) for proj in PARENT}
-    return ModelInfo(len(layers), shapes, torch.float32, torch.device("cpu"), weight)
+    shapes = {proj: (weight(0, proj).shape[1], weight(0, proj).shape[0]) for proj in PARENTS}
+    return ModelInfo(len(layers), shapes, torch.float32, torch.device("cpu"), weight, module_names.LLAMA)
 
 
 def save_adapter(base: LlamaForCausalLM, path: Path, dtype: torch.dtype = torch.float32, **kwargs) -> Path:
@@ -112,7 +116,7 @@ def test_size_and_digest_describe_the_weights_file(base_model, tmp_path):
 def test_updates_follow_model_dtype_and_fold_the_scale(base_model, tmp_path):
     path = save_adapter(base_model, tmp_path / "a", **ADAPTERS["lora"])
     info = model_info(base_model)
-    half = ModelInfo(info.num_layers, info.shapes, torch.bfloat16, info.device, info.base_weight)
+    half = replace(info, dtype=torch.bfloat16)
     update = validate_adapter_dir(path, half, MAX_RANK).updates[(0, "q_proj")]
     saved = load_file(path / WEIGHTS_FILE)["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert update.b.dtype == torch.bfloat16
@@ -199,9 +203,7 @@ def test_dora_on_a_zero_row_is_refused(base_model, tmp_path):
     path = save_adapter(base_model, tmp_path / "dora", **ADAPTERS["dora"])
     _rewrite(path, lambda t: t.update({k: torch.zeros_like(v) for k, v in t.items() if "lora_B" in k}))
     info = model_info(base_model)
-    zero_base = ModelInfo(
-        info.num_layers, info.shapes, info.dtype, info.device, lambda i, p: torch.zeros_like(info.base_weight(i, p))
-    )
+    zero_base = replace(info, base_weight=lambda i, p: torch.zeros_like(info.base_weight(i, p)))
     with pytest.raises(AdapterError, match="non-finite DoRA scale") as error:
         validate_adapter_dir(path, zero_base, MAX_RANK)
     assert error.value.param.endswith("lora_magnitude_vector")

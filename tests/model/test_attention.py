@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model.architecture import ModelSpec
+from server.model.architecture import FAMILIES, ModelSpec
 from server.model.attention import AttentionPlan, paged_attention, write_kv
 from server.model.batch import ForwardBatch
 from server.model.kernels import load_fused_kernels
@@ -14,9 +14,9 @@ from server.model.kv_cache import KVCache
 
 BLOCK = 4
 SPEC = ModelSpec(
-    model_type="llama", vocab_size=10, hidden_size=48, intermediate_size=8, num_layers=1, num_heads=6,
-    num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=64,
-    tie_word_embeddings=True, qkv_bias=False, eos_token_ids=(),
+    model_type="llama", family=FAMILIES["llama"], vocab_size=10, hidden_size=48, intermediate_size=8, num_layers=1,
+    num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=64,
+    tie_word_embeddings=True, eos_token_ids=(),
 )  # fmt: skip
 
 

@@ -11,15 +11,20 @@ from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
 from server.model import kernels
 from server.model.kv_cache import KVCache
-from server.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from server.model.layers import RMSNorm, apply_rotary, gated_act
 from server.model.linear import TargetLinear
 from server.model.loader import load_model
 from server.model.lora import lora_reference
 from server.model.lora_weights import LoraWeights
+from server.model.rope import RopeSpec, RotaryEmbedding
 from server.model.routing import make_lora_batch
 
 BF16 = torch.bfloat16
 ops = torch.ops.loraplex
+
+
+def _rotary(head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return RotaryEmbedding({"full": RopeSpec.plain(head_dim, 1e4)}).tables(positions, BF16)["full"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,14 +47,13 @@ def test_rms_norm_and_residual_add_round_as_torch_does(hidden):
 @pytest.mark.parametrize("width", [1536, 64, 40])
 def test_silu_mul_rounds_as_torch_does(width):
     gate_up = torch.randn(33, 2 * width).mul(5).to(BF16)
-    assert ops.silu_mul(gate_up).equal(silu_and_mul(gate_up))
+    assert ops.silu_mul(gate_up).equal(gated_act(gate_up))
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 16), (2, 1, 40)])
 def test_rope_and_cache_rotates_in_place_and_writes_the_slots(heads, kv_heads, head_dim):
     tokens, block_size = 11, 4
-    rotary = RotaryEmbedding(head_dim, 512, 10000.0)
-    cos, sin = rotary.tables(torch.randint(0, 512, (tokens,)), BF16)
+    cos, sin = _rotary(head_dim, torch.randint(0, 512, (tokens,)))
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(BF16)
     slots = torch.randperm(6 * block_size)[:tokens]
     k_cache = torch.zeros(6, kv_heads, head_dim, block_size, dtype=BF16)
@@ -67,7 +71,7 @@ def test_rope_and_cache_rotates_in_place_and_writes_the_slots(heads, kv_heads, h
 
 def test_bad_arguments_raise_before_anything_is_written():
     qkv = torch.randn(2, 4 * 16).to(BF16)
-    cos, sin = RotaryEmbedding(16, 8, 1e4).tables(torch.tensor([0, 1]), BF16)
+    cos, sin = _rotary(16, torch.tensor([0, 1]))
     k_cache = torch.zeros(2, 1, 16, 4, dtype=BF16)
     v_cache = torch.zeros(2, 1, 4, 16, dtype=BF16)
     before = qkv.clone()
@@ -79,7 +83,7 @@ def test_bad_arguments_raise_before_anything_is_written():
     q, out = torch.randn(1, 2, 16).to(BF16), torch.empty(1, 2, 16, dtype=BF16)
     tables, lens = torch.tensor([[0, 5]]), torch.tensor([6])
     with pytest.raises(RuntimeError, match="block out of range"):
-        ops.decode_attention(q, k_cache, v_cache, torch.tensor([0]), tables, lens, out, 0.25)
+        ops.decode_attention(q, k_cache, v_cache, torch.tensor([0]), tables, lens, out, 0.25, 0)
 
 
 def test_the_fused_forward_agrees_with_the_torch_op_forward(tiny_model_dir):
@@ -167,7 +171,8 @@ def test_gathered_lora_on_the_fused_path_matches_the_reference(in_features):
     (4, 4, 40, 4),  # no GQA; features not a whole vector
     (10, 1, 16, 32),  # a group past the 8 heads kept in registers; blocks of two vectors
 ])  # fmt: skip
-def test_decode_attention_reads_each_rows_blocks_in_place(heads, kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("window", [0, 5, 20])
+def test_decode_attention_reads_each_rows_blocks_in_place(heads, kv_heads, head_dim, block_size, window):
     lens, num_blocks = [1, 7, 50], 16
     tables = torch.stack([torch.randperm(num_blocks)[: -(-max(lens) // block_size)] for _ in lens])
     k_cache = torch.randn(num_blocks, kv_heads, head_dim, block_size).to(BF16)
@@ -175,13 +180,14 @@ def test_decode_attention_reads_each_rows_blocks_in_place(heads, kv_heads, head_
     q = torch.randn(5, heads, head_dim).to(BF16)  # rows 4, 0, 2 decode; the others are left alone
     out = torch.full_like(q, 7.0)
     tokens = torch.tensor([4, 0, 2])
-    ops.decode_attention(q, k_cache, v_cache, tokens, tables, torch.tensor(lens), out, head_dim**-0.5)
+    ops.decode_attention(q, k_cache, v_cache, tokens, tables, torch.tensor(lens), out, head_dim**-0.5, window)
     assert out[[1, 3]].eq(7.0).all()
     group = heads // kv_heads
     for row, (token, length) in enumerate(zip(tokens.tolist(), lens, strict=True)):
         blocks = tables[row, : -(-length // block_size)]
-        keys = k_cache[blocks].permute(1, 0, 3, 2).reshape(kv_heads, -1, head_dim)[:, :length].float()
-        values = v_cache[blocks].transpose(0, 1).reshape(kv_heads, -1, head_dim)[:, :length].float()
+        start = max(0, length - window) if window else 0  # a sliding window sees the last `window` keys
+        keys = k_cache[blocks].permute(1, 0, 3, 2).reshape(kv_heads, -1, head_dim)[:, start:length].float()
+        values = v_cache[blocks].transpose(0, 1).reshape(kv_heads, -1, head_dim)[:, start:length].float()
         scores = torch.einsum("hd,hld->hl", q[token].float(), keys.repeat_interleave(group, 0)) * head_dim**-0.5
         want = torch.einsum("hl,hld->hd", scores.softmax(-1), values.repeat_interleave(group, 0))
         torch.testing.assert_close(out[token].float(), want, atol=1e-2, rtol=1e-2)

@@ -258,16 +258,18 @@ inline fVec load_floats(const BFloat16* p, int64_t lanes) {  // up to kF bf16 va
   return std::get<0>(at::vec::convert_bfloat16_float(bVec::loadu(p, lanes)));
 }
 
-// softmax(q·Kᵀ)·V for G query heads sharing one KV head of one sequence, the accumulators of all G heads in registers.
+// softmax(q·Kᵀ)·V for G query heads sharing one KV head of one sequence, the accumulators of all G heads in registers,
+// over the key positions [start, length) (start > 0 in a sliding window).
 // q: [G, d] float, already scaled; blocks: the sequence's cache blocks; scores: room for [G, length]; out: [G, d].
 template <int G>
-void attend(const float* q, const BFloat16* kc, const BFloat16* vc, const int64_t* blocks, int64_t length, int64_t d,
-            int64_t block_size, int64_t kv_heads, int64_t kvh, float* scores, BFloat16* out) {
-  const int64_t num_blocks = (length + block_size - 1) / block_size;
-  for (int64_t j = 0; j < num_blocks; ++j) {  // scores: one key row [block_size] per feature, shared by the G heads
+void attend(const float* q, const BFloat16* kc, const BFloat16* vc, const int64_t* blocks, int64_t start,
+            int64_t length, int64_t d, int64_t block_size, int64_t kv_heads, int64_t kvh, float* scores,
+            BFloat16* out) {
+  const int64_t num_blocks = (length + block_size - 1) / block_size, first_block = start / block_size;
+  for (int64_t j = first_block; j < num_blocks; ++j) {  // scores: one key row [block_size] per feature, for G heads
     const BFloat16* keys = kc + (blocks[j] * kv_heads + kvh) * d * block_size;
     const int64_t count = std::min(block_size, length - j * block_size);
-    for (int64_t p0 = 0; p0 < count; p0 += kF) {
+    for (int64_t p0 = std::max<int64_t>(0, start - j * block_size); p0 < count; p0 += kF) {
       const int64_t lanes = std::min(kF, count - p0);
       fVec acc[G];
       for (int g = 0; g < G; ++g) {
@@ -286,10 +288,11 @@ void attend(const float* q, const BFloat16* kc, const BFloat16* vc, const int64_
   }
   float total[G];
   for (int g = 0; g < G; ++g) {  // softmax, unnormalised; the output divides by the total
-    float* s = scores + g * length;
-    const float peak = at::vec::reduce_all([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, s, length);
-    at::vec::map([peak](fVec v) { return (v - fVec(peak)).exp(); }, s, s, length);
-    total[g] = at::vec::reduce_all([](fVec& a, fVec& b) { return a + b; }, s, length);
+    float* s = scores + g * length + start;
+    const int64_t n = length - start;
+    const float peak = at::vec::reduce_all([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, s, n);
+    at::vec::map([peak](fVec v) { return (v - fVec(peak)).exp(); }, s, s, n);
+    total[g] = at::vec::reduce_all([](fVec& a, fVec& b) { return a + b; }, s, n);
   }
   for (int64_t c = 0; c < d; c += kF) {  // values: kF features at a time, one value row per position
     const int64_t lanes = std::min(kF, d - c);
@@ -297,10 +300,10 @@ void attend(const float* q, const BFloat16* kc, const BFloat16* vc, const int64_
     for (int g = 0; g < G; ++g) {
       acc[g] = fVec(0.f);
     }
-    for (int64_t j = 0; j < num_blocks; ++j) {
+    for (int64_t j = first_block; j < num_blocks; ++j) {
       const BFloat16* values = vc + (blocks[j] * kv_heads + kvh) * block_size * d + c;
       const int64_t count = std::min(block_size, length - j * block_size);
-      for (int64_t p = 0; p < count; ++p) {
+      for (int64_t p = std::max<int64_t>(0, start - j * block_size); p < count; ++p) {
         const fVec v = load_floats(values + p * d, lanes);
         for (int g = 0; g < G; ++g) {
           acc[g] = at::vec::fmadd(fVec(scores[g * length + j * block_size + p]), v, acc[g]);
@@ -314,7 +317,7 @@ void attend(const float* q, const BFloat16* kc, const BFloat16* vc, const int64_
 }
 
 using AttendFn = void (*)(const float*, const BFloat16*, const BFloat16*, const int64_t*, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, float*, BFloat16*);
+                          int64_t, int64_t, int64_t, float*, BFloat16*);
 
 AttendFn attend_for(int64_t group) {  // GQA groups up to 8 share each key and value load; larger ones go head by head
   switch (group) {
@@ -332,9 +335,9 @@ AttendFn attend_for(int64_t group) {  // GQA groups up to 8 share each key and v
 
 // softmax(q·Kᵀ·scale)·V for the decode rows `tokens` (one query token each) of q [T, H, d] (rows may be strided,
 // heads not), reading each row's blocks `tables[r, :ceil(lens[r] / block_size)]` of the caches in place; writes
-// out[tokens[r]] of out [T, H, d].
+// out[tokens[r]] of out [T, H, d]. window > 0: a row sees only its last `window` keys (sliding-window layers).
 void decode_attention(const Tensor& q_heads, const Tensor& k_cache, const Tensor& v_cache, const Tensor& tokens,
-                      const Tensor& tables, const Tensor& lens, const Tensor& out, double scale) {
+                      const Tensor& tables, const Tensor& lens, const Tensor& out, double scale, int64_t window) {
   for (const auto& [t, name] : {std::pair{k_cache, "k_cache"}, {v_cache, "v_cache"}, {out, "out"}}) {
     check_bf16(t, name);
   }
@@ -369,17 +372,18 @@ void decode_attention(const Tensor& q_heads, const Tensor& k_cache, const Tensor
     std::vector<float> q(group * d), scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / num_kv_heads, kvh = item % num_kv_heads, length = len[r];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, length - window) : 0;
       scores.resize(group * length);
       to_float(x + tok[r] * width + kvh * group * d, q.data(), group * d);  // the group's query heads
       at::vec::map([sc](fVec v) { return v * fVec(sc); }, q.data(), q.data(), group * d);
       const int64_t* blocks = table + r * table_width;
       BFloat16* dst = o + (tok[r] * num_heads + kvh * group) * d;
       if (fn != nullptr) {
-        fn(q.data(), kc, vc, blocks, length, d, block_size, num_kv_heads, kvh, scores.data(), dst);
+        fn(q.data(), kc, vc, blocks, start, length, d, block_size, num_kv_heads, kvh, scores.data(), dst);
       } else {
         for (int64_t g = 0; g < group; ++g) {
-          attend<1>(q.data() + g * d, kc, vc, blocks, length, d, block_size, num_kv_heads, kvh, scores.data(),
-                    dst + g * d);
+          attend<1>(q.data() + g * d, kc, vc, blocks, start, length, d, block_size, num_kv_heads, kvh,
+                    scores.data(), dst + g * d);
         }
       }
     }
@@ -493,7 +497,7 @@ TORCH_LIBRARY(loraplex, m) {
       "int num_heads, int num_kv_heads) -> ()");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tokens, Tensor tables, Tensor lens, "
-      "Tensor(a!) out, float scale) -> ()");
+      "Tensor(a!) out, float scale, int window) -> ()");
   m.def(
       "lora_gather(Tensor x, Tensor(a!) y, Tensor rows, Tensor row_ranks, Tensor a_t, Tensor b_t, int start) -> ()");
 }
