@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tests.tokenizer import save_tiny_tokenizer
 
@@ -56,7 +56,7 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Reference greedy continuations from transformers `generate`, one prompt at a time (no padding effects)."""
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     outs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
@@ -69,7 +69,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
 def make_peft_adapter(model_dir: Path, path: Path, seed: int = 0, b_scale: float = 10.0, **lora_kwargs) -> Path:
     """A random (untrained) PEFT adapter for the checkpoint at `model_dir`, DoRA magnitudes moved off their init."""
     torch.manual_seed(seed)
-    base = LlamaForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = get_peft_model(base, LoraConfig(init_lora_weights=False, **lora_kwargs))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -83,7 +83,7 @@ def make_peft_adapter(model_dir: Path, path: Path, seed: int = 0, b_scale: float
 
 def peft_greedy(model_dir: Path, adapter: Path | None, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation by transformers + PEFT with one adapter (or none), EOS suppressed like min_tokens."""
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def peft_greedy(model_dir: Path, adapter: Path | None, prompt: list[int], max_ne
 
 def peft_logits(model_dir: Path, adapter: Path | None, token_ids: list[int]) -> torch.Tensor:
     """Logits `[len, vocab]` of transformers + PEFT with one adapter (or none) over `token_ids`."""
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     with torch.no_grad():

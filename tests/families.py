@@ -1,0 +1,69 @@
+"""Tiny random-weight checkpoints of every served family, built from each family's transformers config class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from tests.helpers import TINY_CONFIG
+from tests.tokenizer import save_tiny_tokenizer
+
+WINDOW = 8  # sliding windows are shorter than the test prompts, so every windowed layer masks something
+BASE = {k: v for k, v in TINY_CONFIG.items() if k != "tie_word_embeddings"}
+# Short original contexts, so the test prompts reach the scaled part of every rotary type.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.1, 1.9, 3.0, 4.5],
+            "original_max_position_embeddings": 64}  # fmt: skip
+
+# name -> (config class, options): each exercises what its family adds to the forward.
+FAMILIES = {
+    "llama3": (LlamaConfig, dict(rope_parameters=LLAMA3_ROPE, head_dim=24, attention_bias=True, mlp_bias=True,
+                                  tie_word_embeddings=True)),  # fmt: skip
+    "llama-linear": (LlamaConfig, dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})),
+    # transformers rescales dynamic NTK for the whole batch past max_position_embeddings; within it, it is exact
+    # (`server.model.rope` says what we do past it; tests/model/test_rope.py checks that)
+    "llama-dynamic": (LlamaConfig, dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})),
+    "llama-yarn": (LlamaConfig, dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                      "original_max_position_embeddings": 16})),  # fmt: skip
+    "qwen2": (Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen3": (Qwen3Config, dict(head_dim=32, tie_word_embeddings=True)),
+    "mistral": (MistralConfig, dict(sliding_window=WINDOW, head_dim=16)),
+    "gemma": (GemmaConfig, dict(head_dim=16)),
+    "gemma2": (Gemma2Config, dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),  # fmt: skip
+    "gemma3": (Gemma3TextConfig, dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                      layer_types=["sliding_attention", "full_attention"],
+                                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                       "full_attention": {"rope_type": "linear", "rope_theta": 1e6,
+                                                                          "factor": 4.0}})),  # fmt: skip
+    "phi3": (Phi3Config, dict(rope_parameters=LONGROPE, max_position_embeddings=256, sliding_window=None,
+                              pad_token_id=0)),  # fmt: skip
+}
+
+
+def make_family_checkpoint(path: Path, family: str, seed: int = 0) -> Path:
+    """Save a random-weight checkpoint of `family` (safetensors) plus the byte-level tokenizer to `path`."""
+    config_class, options = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_class(**{**BASE, **options})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the default init make logits distinct
+            p.normal_(0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    save_tiny_tokenizer(path, config.vocab_size)
+    return path
