@@ -87,6 +87,17 @@ class Settings(BaseSettings):
         2, gt=0, description="Adapter uploads checked at once; further ones get 429 with Retry-After"
     )
     seed: int = Field(0, description="Seed for requests that give none")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto",
+        description='How tool_choice "auto" reads calls out of an answer (vLLM\'s names): hermes (<tool_call> '
+        "blocks: Qwen2.5, Qwen3, Hermes, SmolLM3), llama3_json (the answer is JSON calls: Llama 3.1+), mistral "
+        "([TOOL_CALLS]); auto picks the one the chat template shows, else hermes",
+    )
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
+        None,
+        description="Read the <think>...</think> block that opens an answer into reasoning_content (vLLM's names: "
+        "qwen3, deepseek_r1, whose answers always start inside the block); off by default",
+    )
     health_stall_s: float = Field(
         60.0, gt=0, description="Seconds the engine may have work without finishing a step before /health answers 503"
     )

@@ -31,27 +31,56 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 
 # name -> (config class, options): each exercises what its family adds to the forward.
 FAMILIES = {
-    "llama3": (LlamaConfig, dict(rope_parameters=LLAMA3_ROPE, head_dim=24, attention_bias=True, mlp_bias=True,
-                                  tie_word_embeddings=True)),  # fmt: skip
+    "llama3": (
+        LlamaConfig,
+        dict(rope_parameters=LLAMA3_ROPE, head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    ),
     "llama-linear": (LlamaConfig, dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})),
     # transformers rescales dynamic NTK for the whole batch past max_position_embeddings; within it, it is exact
     # (`server.model.rope` says what we do past it; tests/model/test_rope.py checks that)
     "llama-dynamic": (LlamaConfig, dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})),
-    "llama-yarn": (LlamaConfig, dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
-                                                      "original_max_position_embeddings": 16})),  # fmt: skip
+    "llama-yarn": (
+        LlamaConfig,
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 1e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+    ),
     "qwen2": (Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen3": (Qwen3Config, dict(head_dim=32, tie_word_embeddings=True)),
     "mistral": (MistralConfig, dict(sliding_window=WINDOW, head_dim=16)),
     "gemma": (GemmaConfig, dict(head_dim=16)),
-    "gemma2": (Gemma2Config, dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
-                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),  # fmt: skip
-    "gemma3": (Gemma3TextConfig, dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
-                                      layer_types=["sliding_attention", "full_attention"],
-                                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-                                                       "full_attention": {"rope_type": "linear", "rope_theta": 1e6,
-                                                                          "factor": 4.0}})),  # fmt: skip
-    "phi3": (Phi3Config, dict(rope_parameters=LONGROPE, max_position_embeddings=256, sliding_window=None,
-                              pad_token_id=0)),  # fmt: skip
+    "gemma2": (
+        Gemma2Config,
+        dict(
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        dict(
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0},
+            },
+        ),
+    ),
+    "phi3": (
+        Phi3Config,
+        dict(rope_parameters=LONGROPE, max_position_embeddings=256, sliding_window=None, pad_token_id=0),
+    ),
 }
 
 

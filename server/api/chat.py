@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.generation import Generation, Indexed, collect, finish_reason_name, most_likely, start
 from server.api.logprobs import Decode, chat_logprobs
+from server.api.reply import ReplyReader, ReplyStream, reply_reader
 from server.api.responses import (
     AssistantMessage,
     ChatChoice,
@@ -26,7 +27,7 @@ from server.api.sampling import check_fits, plan_jobs
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.api.structured import compiled_grammar
-from server.api.tool_parser import ToolCallStream, call_deltas, parse_tool_calls
+from server.api.tool_parsers.base import call_deltas
 from server.api.tools import (
     forces_tool_call,
     parses_tool_calls,
@@ -52,6 +53,7 @@ async def create_chat_completion(
     fields = {"role", "content", "tool_calls", "tool_call_id"}
     messages = [message.model_dump(include=fields, exclude_none=True) for message in body.messages]
     prompt = await _prompt(engine, body, messages)
+    reader = reply_reader(request.app.state.settings, engine, body, prompt, structured is not None)
     generation = Generation(
         engine=engine,
         adapter=adapter,
@@ -62,15 +64,14 @@ async def create_chat_completion(
     )
     decode = engine.decode_tokens if body.logprobs else None
     calls = body if forces_tool_call(body) else None
-    parsed = parses_tool_calls(body)
     if body.stream:
         outputs = await start(request, generation)
-        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode, calls, parsed))
+        return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode, calls, reader))
     results = await collect(request, generation)
     choices = []
     for index, result in sorted(most_likely(results, body.samples_per_prompt(), body.n or 1).items()):
-        message = _parsed_message(result.text) if parsed else _message(result.text, result.finish_reason, calls)
-        called = bool(message.tool_calls) and (parsed or result.finish_reason == "stop")
+        message = reader.message(result.text) if reader else _message(result.text, result.finish_reason, calls)
+        called = bool(message.tool_calls) and (reader is not None or result.finish_reason == "stop")
         logprobs = chat_logprobs(result.logprobs, decode) if decode else None
         reason = "tool_calls" if called else result.finish_reason
         choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=reason))
@@ -87,17 +88,12 @@ async def create_chat_completion(
 
 async def _prompt(engine: AsyncEngine, body: ChatCompletionRequest, messages: list[dict]) -> list[int]:
     """The rendered conversation with its tools; "auto" is refused where the template does not render them."""
-    tools = template_tools(body)
-    prompt = await run_in_threadpool(partial(engine.encode_chat, messages, tools=tools))
-    if parses_tool_calls(body) and prompt == await run_in_threadpool(engine.encode_chat, messages):
+    tools, variables = template_tools(body), body.chat_template_kwargs
+    prompt = await run_in_threadpool(partial(engine.encode_chat, messages, tools=tools, template_kwargs=variables))
+    bare = partial(engine.encode_chat, messages, template_kwargs=variables)
+    if parses_tool_calls(body) and prompt == await run_in_threadpool(bare):
         raise refuse_auto_without_template()
     return prompt
-
-
-def _parsed_message(text: str) -> AssistantMessage:
-    """A free answer with its `<tool_call>` blocks read out as calls; the text left is the content."""
-    content, calls = parse_tool_calls(text)
-    return AssistantMessage(content=content, tool_calls=calls or None)
 
 
 def _message(text: str, finish_reason: str | None, calls: ChatCompletionRequest | None) -> AssistantMessage:
@@ -131,13 +127,13 @@ async def _chunks(
     include_usage: bool,
     decode: Decode | None,
     calls: ChatCompletionRequest | None,
-    parsed: bool,
+    reader: ReplyReader | None,
 ) -> AsyncGenerator[ChatCompletionChunk, None]:
     # As OpenAI does: each choice opens with the role and empty content, then content deltas, then the finish reason.
     completion_tokens: dict[int, int] = {}
     cached_tokens: dict[int, int] = {}
     held: dict[int, str] = {}  # a forced tool call's text, sent as whole calls once complete
-    parsers: dict[int, ToolCallStream] | None = {} if parsed else None  # "auto": calls read out as they close
+    readers: dict[int, ReplyStream] = {}  # reasoning and "auto" tool calls read out as they close
     async with aclosing(outputs):
         for index in generation.indices:
             yield _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
@@ -149,13 +145,13 @@ async def _chunks(
                 if output.finished:
                     yield _held_tool_call(generation, index, output, held[index], calls)
                 continue
-            text, deltas, reason = output.text, None, finish_reason_name(output)
-            if parsers is not None:
-                parser = parsers.setdefault(index, ToolCallStream())
-                text, deltas = parser.feed(output.text, output.finished)
+            reasoning, text, deltas, reason = "", output.text, None, finish_reason_name(output)
+            if reader is not None:
+                parser = readers.setdefault(index, reader.stream())
+                reasoning, text, deltas = parser.feed(output.text, output.finished)
                 reason = "tool_calls" if output.finished and parser.calls else reason
-            if text or deltas or output.finished or (decode and output.token_ids):
-                delta = ChatDelta(content=text or None, tool_calls=deltas or None)
+            if reasoning or text or deltas or output.finished or (decode and output.token_ids):
+                delta = ChatDelta(content=text or None, reasoning_content=reasoning or None, tool_calls=deltas or None)
                 logprobs = chat_logprobs(output.logprobs or [], decode) if decode else None
                 yield _chunk(
                     generation, [ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=reason)]

@@ -61,11 +61,13 @@ class AssistantMessage(BaseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # vLLM's field, with --reasoning-parser
     tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
-    def _drop_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if key != "tool_calls" or value is not None}
+    def _drop_absent_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        optional = ("reasoning_content", "tool_calls")
+        return {key: value for key, value in handler(self).items() if key not in optional or value is not None}
 
 
 class ChatChoice(BaseModel):
@@ -93,6 +95,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")

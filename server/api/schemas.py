@@ -22,6 +22,7 @@ from server.api.fields import (
 from server.api.limits import Bounded
 from server.api.prompts import ChatContent, PromptList, StopList
 from server.api.structured_schemas import ResponseFormat, StructuredOutputs
+from server.api.template_kwargs import ChatTemplateKwargs
 from server.api.tool_schemas import MAX_TOOLS, ChatTool, ToolChoice
 
 NOT_SUPPORTED = "not supported by this server"
@@ -267,6 +268,7 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: bool | None = Field(
         None, description='false: "required" makes exactly one call; "auto" returns the calls the model writes'
     )
+    chat_template_kwargs: ChatTemplateKwargs | None = None  # server.api.template_kwargs
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens

@@ -65,6 +65,7 @@ class AsyncEngine:
         self._thread.start()
         started.result()  # the engine thread has set self.core, self.adapters and self.served_model_name
         self.tokenizer = self.core.tokenizer
+        self.chat_template: str | None = self.tokenizer.chat_template  # what the API reads tool-call formats from
         metrics.set_base_model(self.served_model_name)
         self.max_model_len = self.core.max_model_len
         self.vocab_size = self.core.runner.loaded.spec.vocab_size
@@ -141,13 +142,15 @@ class AsyncEngine:
         add_generation_prompt: bool = True,
         add_special_tokens: bool = False,
         tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,
     ) -> list[int]:
         """The conversation (and the tools it may call) rendered by the chat template, which already holds the
-        special tokens, tokenized."""
+        special tokens, tokenized; `template_kwargs` are further template variables (`enable_thinking`...)."""
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False,
+                **(template_kwargs or {}),
+            )  # fmt: skip
         except Exception as exc:  # jinja templates raise arbitrary errors on bad conversations
             msg = f"the messages do not fit the model's chat template: {exc}"
             raise InvalidRequestError(msg, param="messages") from exc

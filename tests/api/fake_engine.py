@@ -47,6 +47,7 @@ class FakeEngine:
     cancelled: list[str] = field(default_factory=list)
     compiled: list[GrammarSpec] = field(default_factory=list)
     shut_down: bool = False
+    chat_template: str | None = None  # only what tool-call formats are chosen by: the rendering below is fixed
 
     def is_ready(self) -> bool:
         return self.ready
@@ -84,6 +85,7 @@ class FakeEngine:
         add_generation_prompt: bool = True,
         add_special_tokens: bool = False,
         tools: list[dict] | None = None,  # its template ignores tools, as many do
+        template_kwargs: dict | None = None,  # and every variable
     ) -> list[int]:
         if messages[-1]["role"] == "assistant":
             raise InvalidRequestError("the last message must not be the assistant's", param="messages")

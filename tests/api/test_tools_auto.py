@@ -10,7 +10,7 @@ import openai
 import pytest
 from fake_engine import FakeEngine
 
-from server.api.tool_parser import ToolCallStream, parse_tool_calls
+from server.api.tool_parsers.hermes import HermesStream, parse_tool_calls
 
 
 def block(name: str, arguments: object) -> str:
@@ -52,7 +52,7 @@ def test_parser_reads_calls_out_and_leaves_malformed_blocks_as_text(
     assert all(call.id.startswith("call_") and call.type == "function" for call in parsed_calls)
 
 
-def reassemble(stream: ToolCallStream, pieces: list[str]) -> tuple[str, list[tuple[str, object]]]:
+def reassemble(stream: HermesStream, pieces: list[str]) -> tuple[str, list[tuple[str, object]]]:
     """The content and the calls a client gets by joining the deltas of each call index."""
     content, calls = "", {}
     for i, piece in enumerate(pieces):
@@ -72,13 +72,13 @@ def reassemble(stream: ToolCallStream, pieces: list[str]) -> tuple[str, list[tup
 @pytest.mark.parametrize("size", [1, 3, 7, 1000])
 def test_streamed_pieces_give_the_same_calls_and_text(text: str, content: str | None, calls: list, size: int) -> None:
     pieces = [text[i : i + size] for i in range(0, len(text), size)]
-    streamed_content, streamed_calls = reassemble(ToolCallStream(), pieces)
+    streamed_content, streamed_calls = reassemble(HermesStream(), pieces)
     assert streamed_calls == calls
     assert (streamed_content.strip() or None if calls else streamed_content) == content
 
 
 def test_text_before_a_call_streams_before_the_call_closes() -> None:
-    stream = ToolCallStream()
+    stream = HermesStream()
     assert stream.feed("Hi <tool", final=False) == ("Hi ", [])
     assert stream.feed('_call>{"name": "a", ', final=False) == ("", [])
     text, deltas = stream.feed('"arguments": {}}</tool_call>', final=True)
@@ -97,6 +97,7 @@ class ToolTemplateEngine(FakeEngine):
         add_generation_prompt: bool = True,
         add_special_tokens: bool = False,
         tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,
     ) -> list[int]:
         prompt = super().encode_chat(messages, add_generation_prompt, add_special_tokens)
         return self.encode_prompt(f"<tools {len(tools)}>") + prompt if tools and self.renders_tools else prompt

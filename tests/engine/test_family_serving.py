@@ -75,7 +75,7 @@ def test_a_mixed_burst_then_prefix_hits_match_peft(served):
     engine = _engine(model_dir, store)
     try:
         _check(model_dir, store, jobs, _burst(engine, jobs))
-        again = [(adapter, prompt + [7, 8, 9]) for adapter, prompt in jobs]  # the same prompts, longer
+        again = [(adapter, [*prompt, 7, 8, 9]) for adapter, prompt in jobs]  # the same prompts, longer
         results = _burst(engine, again)
         _check(model_dir, store, again, results)
         assert all(cached >= 8 for _, cached in results)  # whole blocks of each prompt came from the cache

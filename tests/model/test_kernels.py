@@ -18,6 +18,7 @@ from server.model.lora import lora_reference
 from server.model.lora_weights import LoraWeights
 from server.model.rope import RopeSpec, RotaryEmbedding
 from server.model.routing import make_lora_batch
+from tests.families import make_family_checkpoint
 
 BF16 = torch.bfloat16
 ops = torch.ops.loraplex
@@ -86,35 +87,51 @@ def test_bad_arguments_raise_before_anything_is_written():
         ops.decode_attention(q, k_cache, v_cache, torch.tensor([0]), tables, lens, out, 0.25, 0)
 
 
-def test_the_fused_forward_agrees_with_the_torch_op_forward(tiny_model_dir):
+@pytest.mark.parametrize("family", [None, "mistral", "qwen3", "llama3"])  # None: the tiny Llama
+def test_the_fused_forward_agrees_with_the_torch_op_forward(tiny_model_dir, tmp_path, family):
     """Prefill, a chunked prefill and decode steps of a bf16 model: same greedy tokens, logits a few ulps apart
-    (decode attention sums in float32 where the torch path rounds its scores to bf16)."""
-    fused, plain = (load_model(tiny_model_dir, torch.device("cpu"), BF16, flag) for flag in (True, False))
+    (decode attention sums in float32 where the torch path rounds its scores to bf16). Mistral's sliding window runs
+    in the decode kernel, Qwen3's q/k norms before the fused rotary, Llama 3's biases and scaled rotary around them."""
+    model_dir = tiny_model_dir if family is None else make_family_checkpoint(tmp_path, family)
+    fused, plain = (load_model(model_dir, torch.device("cpu"), BF16, flag) for flag in (True, False))
     assert fused.model.fused and not plain.model.fused
     prompts = [[5, 9, 22, 41, 7, 3, 99], [17], list(range(3, 40))]
-    runs = []
-    for loaded in (fused, plain):
+    runs = {}
+    for loaded in (fused, plain):  # in lockstep: both continue with the torch-op path's greedy tokens
         seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
         for seq in seqs:
             seq.block_table.extend(range(16 * int(seq.request_id), 16 * int(seq.request_id) + 16))
-        cache = KVCache(loaded.spec, num_blocks=48, block_size=4, dtype=BF16, device="cpu")
-        steps = []
-        for _ in range(10):
+        runs[loaded.model.fused] = (loaded, seqs, KVCache(loaded.spec, 48, 4, BF16, torch.device("cpu")))
+    for _ in range(10):
+        step = {}
+        for flag, (loaded, seqs, cache) in runs.items():
             work = [(s, min(s.num_uncomputed_tokens, 16)) for s in seqs]
             batch = build_forward_batch(work, 4, torch.device("cpu"))
             with torch.inference_mode():
-                logits = loaded.model.compute_logits(loaded.model(batch, cache)[batch.logits_indices])
-            sampled = [s for s, n in work if s.num_computed_tokens + n == len(s)]
+                step[flag] = loaded.model.compute_logits(loaded.model(batch, cache)[batch.logits_indices])
             for s, n in work:
                 s.num_computed_tokens += n
-            for row, s in zip(logits, sampled, strict=True):
-                s.output_token_ids.append(int(row.argmax()))
-            steps.append(logits)
-        runs.append(([s.output_token_ids for s in seqs], steps))
-    (tokens, steps), (want_tokens, want_steps) = runs
-    assert tokens == want_tokens
-    for got, want in zip(steps, want_steps, strict=True):
-        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(step[True], step[False], atol=0.05, rtol=0.05)
+        want = step[False].argmax(-1)
+        got = step[True].argmax(-1)
+        # a different greedy token only where the torch-op path itself has a near-tie (bf16 rounding decides)
+        margin = step[False].gather(1, want[:, None]) - step[False].gather(1, got[:, None])
+        assert (margin[got != want] <= 0.05).all()
+        for flag in runs:
+            sampled = [s for s in runs[flag][1] if s.num_uncomputed_tokens == 0]
+            for token, s in zip(want.tolist(), sampled, strict=True):
+                s.output_token_ids.append(token)
+
+
+@pytest.mark.parametrize(("family", "reason"), [
+    ("gemma2", "RMSNorm scaled by (1 + w) in float32, gelu_tanh MLP activation, attention-logit soft-capping"),
+    ("phi3", "partial rotary embeddings"),
+])  # fmt: skip
+def test_families_the_kernels_do_not_cover_run_torch_ops_and_say_why(tmp_path, caplog, family, reason):
+    caplog.set_level("INFO", logger=kernels.__name__)
+    loaded = load_model(make_family_checkpoint(tmp_path, family), torch.device("cpu"), BF16)
+    assert not loaded.model.fused and loaded.spec.unfused_reason() == reason
+    assert f"fused kernels off for this model ({reason})" in caplog.text
 
 
 def test_fused_kernels_apply_to_bf16_on_cpu_only():

@@ -1,7 +1,7 @@
-"""Hermes-style tool calls read out of a model's free answer (`tool_choice: "auto"`), whole or as it streams.
+"""`hermes`: calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks anywhere in the answer.
 
-A call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as Hermes, Qwen2.5 and SmolLM3 templates ask
-for. A block whose body is not such an object stays text, as does a block the output never closes.
+The format of Hermes, Qwen2.5, Qwen3 and SmolLM3 templates. A block whose body is not such an object stays text, as
+does a block the output never closes; text between blocks is content.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from server.api.tool_schemas import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
+from server.api.tool_parsers.base import call_deltas, held_prefix, make_call
+from server.api.tool_schemas import ToolCall, ToolCallDelta
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + "(.*?)" + re.escape(CLOSE), re.DOTALL)
@@ -19,20 +20,9 @@ _BLOCK = re.compile(re.escape(OPEN) + "(.*?)" + re.escape(CLOSE), re.DOTALL)
 def parse_call(body: str) -> ToolCall | None:
     """The call a block's body holds, or None when it is not a JSON object with a name and object arguments."""
     try:
-        value = json.loads(body)
+        return make_call(json.loads(body))
     except ValueError:
         return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    arguments = value.get("arguments", {})
-    if isinstance(arguments, str):  # some models send the arguments already encoded
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return ToolCall(function=FunctionCall(name=value["name"], arguments=json.dumps(arguments)))
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -52,28 +42,10 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     return "".join(pieces).strip() or None, calls
 
 
-def call_deltas(index: int, call: ToolCall) -> list[ToolCallDelta]:
-    """A call as OpenAI streams one: its id, type and name with empty arguments, then the arguments."""
-    opening = ToolCallDelta(index=index, id=call.id, type="function",
-                            function=FunctionCallDelta(name=call.function.name, arguments=""))  # fmt: skip
-    return [opening, ToolCallDelta(index=index, function=FunctionCallDelta(arguments=call.function.arguments))]
-
-
-def _held_prefix(text: str, tag: str) -> int:
-    """How many characters at the end of `text` could be the start of `tag` (held back until the next piece)."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
-
-
 @dataclass
-class ToolCallStream:
-    """Splits a streamed answer into content to send now and tool-call deltas, agreeing with `parse_tool_calls`.
-
-    Text streams as content until `<tool_call>` opens a block; the block is held until it closes and then sent as
-    a call's deltas, or as content when it does not parse. A block still open when the answer ends is content.
-    """
+class HermesStream:
+    """Streams content until `<tool_call>` opens a block; the block is held until it closes and then sent as a
+    call's deltas, or as content when it does not parse. A block still open when the answer ends is content."""
 
     buffer: str = ""
     in_call: bool = False
@@ -88,7 +60,7 @@ class ToolCallStream:
             if not self.in_call:
                 start = self.buffer.find(OPEN)
                 if start < 0:
-                    held = 0 if final else _held_prefix(self.buffer, OPEN)
+                    held = 0 if final else held_prefix(self.buffer, OPEN)
                     content.append(self.buffer[: len(self.buffer) - held])
                     self.buffer = self.buffer[len(self.buffer) - held :]
                     break
@@ -108,3 +80,16 @@ class ToolCallStream:
                 self.calls += 1
             self.buffer, self.in_call = self.buffer[end + len(CLOSE) :], False
         return "".join(content), deltas
+
+
+@dataclass(frozen=True)
+class HermesFormat:
+    """`<tool_call>` blocks (Hermes, Qwen2.5, Qwen3, SmolLM3)."""
+
+    name: str = "hermes"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        return parse_tool_calls(text)
+
+    def stream(self) -> HermesStream:
+        return HermesStream()
