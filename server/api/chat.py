@@ -29,14 +29,13 @@ from server.api.streaming import EventStreamResponse
 from server.api.structured import compiled_grammar
 from server.api.tool_parsers.base import call_deltas
 from server.api.tools import (
+    forced_tool_calls,
     forces_tool_call,
     parses_tool_calls,
     refuse_auto_without_template,
     template_tools,
-    tool_calls,
 )
 from server.engine.outputs import RequestOutput
-from server.engine.sequence import FinishReason
 
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
@@ -97,22 +96,22 @@ async def _prompt(engine: AsyncEngine, body: ChatCompletionRequest, messages: li
 
 
 def _message(text: str, finish_reason: str | None, calls: ChatCompletionRequest | None) -> AssistantMessage:
-    """The reply: text, or the tool calls of a complete forced call (one cut by max_tokens stays text)."""
-    if calls is None or finish_reason != "stop":
-        return AssistantMessage(content=text)
-    return AssistantMessage(content=None, tool_calls=tool_calls(calls, text))
+    """The reply: text, or a forced reply's tool calls (the ones begun, when max_tokens cut it)."""
+    found = [] if calls is None else forced_tool_calls(calls, text, finish_reason)
+    return AssistantMessage(content=None, tool_calls=found) if found else AssistantMessage(content=text)
 
 
 def _held_tool_call(
     generation: Generation, index: int, last: RequestOutput, text: str, body: ChatCompletionRequest
 ) -> ChatCompletionChunk:
-    """A forced tool call's one chunk: its whole calls once complete, or (cut by max_tokens) its text."""
-    if last.finish_reason is not FinishReason.STOP:
-        choice = ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=finish_reason_name(last))
-        return _chunk(generation, [choice])
-    deltas = [delta for i, call in enumerate(tool_calls(body, text)) for delta in call_deltas(i, call)]
-    choice = ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas), finish_reason="tool_calls")
-    return _chunk(generation, [choice])
+    """A forced tool call's one chunk: its calls, whole or (cut by max_tokens) as far as generated; else its text."""
+    reason = finish_reason_name(last)
+    found = forced_tool_calls(body, text, reason)
+    if not found:
+        return _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(content=text), finish_reason=reason)])
+    deltas = [delta for i, call in enumerate(found) for delta in call_deltas(i, call)]
+    reason = "tool_calls" if reason == "stop" else reason
+    return _chunk(generation, [ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas), finish_reason=reason)])
 
 
 def _chunk(generation: Generation, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:

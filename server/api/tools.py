@@ -2,20 +2,24 @@
 JSON arguments, which come back as `tool_calls` with `finish_reason: "tool_calls"`.
 
 "required" generates a JSON array of `{"name", "arguments"}` objects, each function's arguments under its own
-schema; a named function generates its arguments object alone. "none" answers in text. "auto" (the default with
-tools) lets the model answer freely and reads Hermes-style `<tool_call>` blocks out of its answer
-(`server.api.tool_parser`); it needs a chat template that renders the tools. In every mode the tools go to the
-chat template.
+schema; a named function generates its arguments object alone. A reply cut by max_tokens still comes back as the
+calls it began, with `finish_reason: "length"`. "none" answers in text. "auto" (the default with tools) lets the
+model answer freely and reads Hermes-style `<tool_call>` blocks out of its answer (`server.api.tool_parser`); it
+needs a chat template that renders the tools. In every mode the tools go to the chat template.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from server.api.schemas import ChatCompletionRequest, GenerationRequest
 from server.api.tool_schemas import FunctionCall, NamedToolChoice, ToolCall
 from server.errors import InvalidRequestError
+
+# The opening of one call in a "required" array, up to its arguments; tool names are plain (`tool_schemas._NAME`).
+_CALL_OPENING = re.compile(r'\{"name": "(?P<name>[A-Za-z0-9_-]{1,64})", "arguments": ')
 
 
 def tool_schema(body: GenerationRequest) -> dict[str, Any] | None:
@@ -67,3 +71,35 @@ def tool_calls(body: ChatCompletionRequest, text: str) -> list[ToolCall]:
         return [ToolCall(function=FunctionCall(name=body.tool_choice.function.name, arguments=text))]
     return [ToolCall(function=FunctionCall(name=call["name"], arguments=json.dumps(call["arguments"])))
             for call in json.loads(text)]  # fmt: skip
+
+
+def forced_tool_calls(body: ChatCompletionRequest, text: str, finish_reason: str | None) -> list[ToolCall]:
+    """The calls of a forced reply: every call once it is complete ("stop"); cut by max_tokens ("length"), each call
+    begun, its arguments as generated (the last one possibly incomplete JSON), as OpenAI and vLLM return them.
+
+    Empty when there is no call to return (a reply cut before the first call's name): the reply is then text.
+    """
+    if finish_reason == "stop":
+        return tool_calls(body, text)
+    if finish_reason != "length":
+        return []
+    if isinstance(body.tool_choice, NamedToolChoice):
+        return [ToolCall(function=FunctionCall(name=body.tool_choice.function.name, arguments=text))]
+    return _begun_calls(text)
+
+
+def _begun_calls(text: str) -> list[ToolCall]:
+    """The calls of a "required" array cut short, read in the layout its grammar generates (`json.dumps`'s, keys in
+    the schema's order): `[{"name": "f", "arguments": {...}}, {"name": "g", "arguments": {...`."""
+    calls: list[ToolCall] = []
+    position = 1  # after "["
+    decoder = json.JSONDecoder()
+    while opening := _CALL_OPENING.match(text, position):
+        try:
+            _, end = decoder.raw_decode(text, opening.end())
+        except ValueError:  # the call max_tokens cut: its arguments so far
+            calls.append(ToolCall(function=FunctionCall(name=opening["name"], arguments=text[opening.end() :])))
+            break
+        calls.append(ToolCall(function=FunctionCall(name=opening["name"], arguments=text[opening.end() : end])))
+        position = end + len("}, ")
+    return calls
