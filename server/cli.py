@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -89,16 +90,28 @@ def _describe(error: Any) -> str:
     return f"{where}: {error['msg']}"
 
 
-def serve(settings: Settings) -> None:
-    """Run the API server until interrupted; the engine builds in the background while /health answers 503."""
+def serve(settings: Settings) -> int:
+    """Run the API server until interrupted; the engine builds in the background while /health answers 503.
+
+    A checkpoint the forward cannot serve stops it first: exit status 1 and the reason, not a server answering 503.
+    """
     import uvicorn
 
     from server.api import create_app
     from server.engine.factory import build_engine
+    from server.errors import ConfigurationError
+    from server.model.default_model import default_model_dir
+    from server.model.loader import check_checkpoint
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        check_checkpoint(settings.model or default_model_dir())
+    except ConfigurationError as e:
+        print(f"loraplex serve: error: {e}", file=sys.stderr)
+        return 1
     app = create_app(settings, build_engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=30)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.model.architecture import ModelSpec
+from server.model.architecture import ModelSpec, UnsupportedModelError
 from server.model.linear import TargetLinear
 
 
@@ -42,12 +42,12 @@ def layer_weights(spec: ModelSpec, w: dict[str, torch.Tensor], i: int) -> LayerW
         qkv_slices = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
         gate_up_slices = {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}
     attn, mlp = f"{p}self_attn.", f"{p}mlp."
-    sandwich = spec.family.sandwich_norms
+    sandwich, hidden = spec.family.sandwich_norms, spec.hidden_size
     return LayerWeights(
-        qkv=_linear(w, attn, qkv_slices, spec.qkv_bias),
-        o=_linear(w, attn, {"o_proj": (0, spec.hidden_size)}, spec.o_bias),
-        gate_up=_linear(w, mlp, gate_up_slices, spec.mlp_bias),
-        down=_linear(w, mlp, {"down_proj": (0, spec.hidden_size)}, spec.mlp_bias),
+        qkv=_linear(w, attn, qkv_slices, spec.qkv_bias, hidden),
+        o=_linear(w, attn, {"o_proj": (0, hidden)}, spec.o_bias, q),
+        gate_up=_linear(w, mlp, gate_up_slices, spec.mlp_bias, hidden),
+        down=_linear(w, mlp, {"down_proj": (0, hidden)}, spec.mlp_bias, inter),
         input_norm=w.pop(f"{p}input_layernorm.weight"),
         mlp_norm=w.pop(f"{p}pre_feedforward_layernorm.weight" if sandwich else f"{p}post_attention_layernorm.weight"),
         attn_out_norm=w.pop(f"{p}post_attention_layernorm.weight") if sandwich else None,
@@ -57,11 +57,25 @@ def layer_weights(spec: ModelSpec, w: dict[str, torch.Tensor], i: int) -> LayerW
     )
 
 
-def _linear(w: dict[str, torch.Tensor], prefix: str, slices: dict[str, tuple[int, int]], bias: bool) -> TargetLinear:
+def _linear(
+    w: dict[str, torch.Tensor], prefix: str, slices: dict[str, tuple[int, int]], bias: bool, in_features: int
+) -> TargetLinear:
     """One GEMM over the projections in `slices` (stored separately or as one tensor named like the only one)."""
-    weight = _cat([w.pop(f"{prefix}{name}.weight") for name in slices])
-    biases = _cat([w.pop(f"{prefix}{name}.bias") for name in slices]) if bias else None
-    return TargetLinear(weight, slices, biases)
+    weights, biases = [], []
+    for name, (start, end) in slices.items():
+        weights.append(_take(w, f"{prefix}{name}.weight", (end - start, in_features)))
+        if bias:
+            biases.append(_take(w, f"{prefix}{name}.bias", (end - start,)))
+    return TargetLinear(_cat(weights), slices, _cat(biases) if bias else None)
+
+
+def _take(w: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = w.pop(name)
+    if tuple(tensor.shape) != shape:
+        raise UnsupportedModelError(
+            f"tensor {name!r} has shape {list(tensor.shape)} where config.json implies {list(shape)}"
+        )
+    return tensor
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -41,23 +41,48 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype, fused_kerne
     `fused_kernels`: run the fused bf16 kernels where they apply (`server.model.kernels`).
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UnsupportedModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    spec = ModelSpec.from_hf_config(config)
+    spec = read_spec(path)
     weights = {k: t.to(device=device, dtype=dtype) for k, t in read_safetensors(path).items()}
     fused = use_fused_kernels(dtype, device, fused_kernels, spec.unfused_reason())
-    try:
-        model = DecoderModel(spec, weights, device, fused).eval()
-    except KeyError as e:
-        raise UnsupportedModelError(
-            f"{path} has no tensor {e.args[0]!r}, which a {spec.model_type} checkpoint needs"
-        ) from None
+    model = _build(path, spec, weights, device, fused).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return LoadedModel(path.name, spec, model, tokenizer, dtype, device)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_spec(path: Path) -> ModelSpec:
+    """The checkpoint's spec from its config.json; `UnsupportedModelError` says why a model cannot be served."""
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UnsupportedModelError(f"{path}/config.json cannot be read by transformers: {e}") from None
+    return ModelSpec.from_hf_config(config)
+
+
+def check_checkpoint(path: Path) -> ModelSpec:
+    """Everything `load_model` checks, without reading weights: config, family and every tensor's name and shape
+    (the model is built on the meta device from the safetensors headers). Takes well under a second."""
+    path = Path(path)
+    spec = read_spec(path)
+    meta = torch.device("meta")
+    weights = {name: torch.empty(shape, device=meta) for name, shape in _tensor_shapes(path).items()}
+    _build(path, spec, weights, meta, fused=False)
+    return spec
+
+
+def _build(path: Path, spec: ModelSpec, weights: dict, device: torch.device, fused: bool) -> DecoderModel:
+    try:
+        return DecoderModel(spec, weights, device, fused)
+    except KeyError as e:
+        raise UnsupportedModelError(
+            f"{path} has no tensor {e.args[0]!r}, which a {spec.model_type} model needs"
+        ) from None
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from None
+
+
+def _safetensors_files(path: Path) -> list[str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -65,8 +90,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"{path} holds no .safetensors weights (pickled .bin/.pt files are never loaded)")
+    return files
+
+
+def _tensor_shapes(path: Path) -> dict[str, list[int]]:
+    shapes = {}
+    for name in _safetensors_files(path):
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[key] = f.get_slice(key).get_shape()
+    return shapes
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in _safetensors_files(path):
         with safe_open(path / name, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 tensors[key] = f.get_tensor(key)

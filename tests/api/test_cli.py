@@ -115,3 +115,32 @@ def test_python_dash_m_server() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--kv-cache-bytes" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported; supported: "),
+        ({"hidden_size": 96}, "has shape [64, 64] where config.json implies [64, 96]"),
+    ],
+)
+def test_serve_exits_with_the_reason_when_the_checkpoint_cannot_be_served(
+    tiny_model_dir: Path, tmp_path: Path, change: dict, message: str
+) -> None:
+    """An orchestrator learns at once why: exit status 1 and the message, not a server answering 503 forever."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text()) | change
+    (folder / "config.json").write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--model", str(folder), "--port", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert message in result.stderr
