@@ -24,8 +24,8 @@ class ReasoningFormat:
     end: str = "</think>"
 
     def opened_by(self, prompt_tail: str) -> bool:
-        """Whether the answer starts inside the block, given the rendered prompt's last few tokens."""
-        return self.always_open or prompt_tail.rstrip().endswith(self.start)
+        """Whether the rendered prompt, of which these are the last few tokens, ends by opening the block."""
+        return prompt_tail.rstrip().endswith(self.start)
 
     def parse(self, text: str, opened: bool) -> tuple[str | None, str | None]:
         """The whole answer's reasoning (None when empty or absent) and content (None when a block took it all)."""
@@ -36,7 +36,7 @@ class ReasoningFormat:
         return reasoning or None, content or None
 
     def stream(self, opened: bool) -> ReasoningStream:
-        return ReasoningStream(self, opened)
+        return ReasoningStream(self, opened or self.always_open)
 
 
 REASONING_FORMATS = {format.name: format for format in (ReasoningFormat("qwen3"), ReasoningFormat("deepseek_r1", True))}
