@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.errors import ConfigurationError
 
 
 class Settings(BaseSettings):
@@ -35,6 +37,17 @@ class Settings(BaseSettings):
         "served)",
     )
     max_model_len: int | None = Field(None, gt=0, description="Context length limit (default: the model's)")
+    generation_config: str = Field(
+        "auto",
+        description="Default sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty) for requests "
+        "that leave them out: auto reads the model folder's generation_config.json, vllm ignores it (the server's "
+        "own defaults), a folder path reads that folder's generation_config.json",
+    )
+    override_generation_config: str | None = Field(
+        None,
+        description="JSON object of default sampling parameters that wins over --generation-config, e.g. "
+        "'{\"temperature\": 0.5}'",
+    )
     max_queue: int = Field(256, ge=0, description="Waiting requests allowed before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -115,6 +128,26 @@ class Settings(BaseSettings):
     metrics_max_tenants: int = Field(
         100, gt=0, description="Distinct tenant names in metric labels; further tenants are reported as 'other'"
     )
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config_source(cls, value: str) -> str:
+        if value not in ("auto", "vllm") and not (Path(value) / "generation_config.json").is_file():
+            raise ValueError(f"must be auto, vllm or a folder holding a generation_config.json; got {value!r}")
+        return value
+
+    @field_validator("override_generation_config")
+    @classmethod
+    def _overrides_checked(cls, value: str | None) -> str | None:
+        if value is not None:
+            # Imported here: the engine's checks import torch, which commands that never serve need not wait for.
+            from server.engine.generation_defaults import parse_overrides
+
+            try:
+                parse_overrides(value)
+            except ConfigurationError as exc:
+                raise ValueError(exc.message) from exc
+        return value
 
     @model_validator(mode="after")
     def _merge_shares_ordered(self) -> Settings:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.generation import Generation, Indexed, collect, finish_reason_name, most_likely, start
+from server.api.generation import ChoiceResult, Generation, Indexed, collect, finish_reason_name, start
 from server.api.logprobs import Decode, chat_logprobs
 from server.api.reply import ReplyReader, ReplyStream, reply_reader
 from server.api.responses import (
@@ -23,7 +23,7 @@ from server.api.responses import (
     ChatDelta,
     Usage,
 )
-from server.api.sampling import check_fits, plan_jobs
+from server.api.sampling import check_fits, sampling_request
 from server.api.schemas import ChatCompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.api.structured import compiled_grammar
@@ -47,18 +47,18 @@ async def create_chat_completion(
     """Generate the reply, as one `chat.completion` or as a stream of `chat.completion.chunk` events."""
     check_fits(1, body.samples_per_prompt(), request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
-    structured = await compiled_grammar(engine, body)
+    sampling = sampling_request(body, await compiled_grammar(engine, body))
     # `name` is ignored; tool calls and tool results go to the template as they are.
     fields = {"role", "content", "tool_calls", "tool_call_id"}
     messages = [message.model_dump(include=fields, exclude_none=True) for message in body.messages]
     prompt = await _prompt(engine, body, messages)
-    reader = reply_reader(request.app.state.settings, engine, body, prompt, structured is not None)
+    reader = reply_reader(request.app.state.settings, engine, body, prompt, sampling.structured is not None)
     generation = Generation(
         engine=engine,
         adapter=adapter,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         model=body.model,
-        jobs=plan_jobs(body, [prompt], engine.max_model_len, structured),
+        jobs=engine.plan(sampling, [prompt]),
         num_prompt_tokens=len(prompt),
     )
     decode = engine.decode_tokens if body.logprobs else None
@@ -68,7 +68,7 @@ async def create_chat_completion(
         return EventStreamResponse(_chunks(generation, outputs, body.include_usage, decode, calls, reader))
     results = await collect(request, generation)
     choices = []
-    for index, result in sorted(most_likely(results, body.samples_per_prompt(), body.n or 1).items()):
+    for index, result in sorted(sampling.most_likely(results, ChoiceResult.total_logprob).items()):
         message = reader.message(result.text) if reader else _message(result.text, result.finish_reason, calls)
         called = bool(message.tool_calls) and (reader is not None or result.finish_reason == "stop")
         logprobs = chat_logprobs(result.logprobs, decode) if decode else None

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.generation import ChoiceResult, Generation, Indexed, collect, finish_reason_name, most_likely, start
+from server.api.generation import ChoiceResult, Generation, Indexed, collect, finish_reason_name, start
 from server.api.logprobs import completion_logprobs
 from server.api.responses import CompletionChoice, CompletionResponse, Usage
-from server.api.sampling import check_fits, plan_jobs
+from server.api.sampling import check_fits, sampling_request
 from server.api.schemas import CompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.api.structured import compiled_grammar
@@ -30,14 +30,14 @@ async def create_completion(
     """Generate the completion, as one body or as a stream of `text_completion` chunks."""
     check_fits(len(body.prompt), body.samples_per_prompt(), request.app.state.settings)
     adapter = engine.resolve_adapter(body.model)
-    structured = await compiled_grammar(engine, body)
+    sampling = sampling_request(body, await compiled_grammar(engine, body))
     prompts = await run_in_threadpool(_tokenize, engine, body.prompt)
     generation = Generation(
         engine=engine,
         adapter=adapter,
         request_id=f"cmpl-{uuid.uuid4().hex}",
         model=body.model,
-        jobs=plan_jobs(body, prompts, engine.max_model_len, structured),
+        jobs=engine.plan(sampling, prompts),
         num_prompt_tokens=sum(map(len, prompts)),
     )
     shaper = _Shaper(engine, body, prompts)
@@ -47,7 +47,7 @@ async def create_completion(
     results = await collect(request, generation)
     completion_tokens = sum(result.num_output_tokens for result in results.values())  # best_of: every sample
     cached_tokens = generation.cached_tokens({index: result.num_cached_tokens for index, result in results.items()})
-    best = most_likely(results, body.samples_per_prompt(), body.n or 1)
+    best = sampling.most_likely(results, ChoiceResult.total_logprob)
     choices = [shaper.choice(index, result) for index, result in sorted(best.items())]
     return _envelope(generation, choices, Usage.of(generation.num_prompt_tokens, completion_tokens, cached_tokens))
 

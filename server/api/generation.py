@@ -18,7 +18,8 @@ from starlette.requests import ClientDisconnect
 
 from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import RequestOutput
-from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.request import Job
+from server.engine.sequence import FinishReason
 from server.errors import LoraplexError, ServiceUnavailableError
 
 if TYPE_CHECKING:
@@ -27,15 +28,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Indexed = tuple[int, RequestOutput]
 EngineStream = AsyncGenerator[RequestOutput, None]
-
-
-@dataclass(frozen=True)
-class Job:
-    """One choice to generate: its index in the response, its prompt and its sampling parameters."""
-
-    index: int
-    prompt_token_ids: list[int]
-    params: SamplingParams
 
 
 @dataclass(frozen=True)
@@ -82,6 +74,10 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., when asked for
+
+    def total_logprob(self) -> float:
+        """How likely the whole choice is, for best_of's ranking (its tokens' log-probabilities, added up)."""
+        return sum(score.logprob for score in self.logprobs)
 
 
 def _checked(output: RequestOutput) -> RequestOutput:
@@ -209,15 +205,3 @@ async def _pump(index: int, stream: EngineStream, queue: asyncio.Queue) -> None:
     except Exception as exc:
         queue.put_nowait((index, exc))
     queue.put_nowait((index, None))
-
-
-def most_likely(results: dict[int, ChoiceResult], samples: int, n: int) -> dict[int, ChoiceResult]:
-    """best_of: each prompt's n samples with the highest total log-probability, most likely first, as `p * n + j`."""
-    if samples == n:
-        return results
-    best = {}
-    for prompt in range(len(results) // samples):
-        group = [results[prompt * samples + i] for i in range(samples)]
-        group.sort(key=lambda result: sum(score.logprob for score in result.logprobs), reverse=True)
-        best.update({prompt * n + j: result for j, result in enumerate(group[:n])})
-    return best

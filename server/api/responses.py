@@ -133,6 +133,11 @@ class ModelObject(BaseModel):
     parent: str | None
     root: str
     permission: list[Any] = Field(default_factory=list)
+    generation_defaults: dict[str, float | int] = Field(
+        default_factory=dict,
+        description="Sampling values a request that leaves these fields out gets: the model's generation_config.json "
+        "(--generation-config) and --override-generation-config; empty when the server's own defaults apply",
+    )
 
 
 class ModelList(BaseModel):

@@ -47,4 +47,10 @@ def retrieve_model(model: str, engine: ScopedEngineDep) -> ModelObject:
 
 
 def _model_object(card: ModelCard) -> ModelObject:
-    return ModelObject(id=card.name, created=card.created, parent=card.parent, root=card.parent or card.name)
+    return ModelObject(
+        id=card.name,
+        created=card.created,
+        parent=card.parent,
+        root=card.parent or card.name,
+        generation_defaults=card.generation_defaults,
+    )

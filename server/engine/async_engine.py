@@ -21,6 +21,7 @@ from server.engine.inbox import Abort, Call, Submit, hand_over
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import ModelCard, RequestOutput, engine_error
 from server.engine.penalties import validate_token_ids
+from server.engine.request import Job, SamplingRequest
 from server.engine.sequence import SamplingParams
 from server.engine.structured import GrammarSpec
 from server.errors import (
@@ -68,6 +69,7 @@ class AsyncEngine:
         self.chat_template: str | None = self.tokenizer.chat_template  # what the API reads tool-call formats from
         metrics.set_base_model(self.served_model_name)
         self.max_model_len = self.core.max_model_len
+        self.generation_defaults = self.core.generation_defaults
         self.vocab_size = self.core.runner.loaded.spec.vocab_size
 
     def is_ready(self) -> bool:
@@ -79,8 +81,14 @@ class AsyncEngine:
 
     def list_models(self) -> list[ModelCard]:
         """The base model, then every adapter in the store (loaded or not)."""
-        base = ModelCard(self.served_model_name, None, self.created)
-        return [base, *(ModelCard(name, self.served_model_name, created) for name, created in self.adapters.listing())]
+        defaults = self.generation_defaults.as_dict()
+        base = ModelCard(self.served_model_name, None, self.created, defaults)
+        adapters = self.adapters.listing()
+        return [base, *(ModelCard(name, self.served_model_name, created, defaults) for name, created in adapters)]
+
+    def plan(self, request: SamplingRequest, prompts: list[list[int]]) -> list[Job]:
+        """The request's jobs, one per (prompt, sample), with the model's generation defaults filled in."""
+        return request.jobs(prompts, self.max_model_len, self.generation_defaults)
 
     def resolve_adapter(self, model: str) -> str | None:
         """None for the base model, the adapter name for an adapter in the store; 404 otherwise."""

@@ -11,6 +11,7 @@ from server.adapters.store import AdapterStore
 from server.adapters.weights import ModelInfo
 from server.engine.async_engine import AsyncEngine
 from server.engine.block_manager import BlockManager
+from server.engine.generation_defaults import load_generation_defaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.merge_controller import MergeController
 from server.engine.merge_policy import MergePolicy, MergePolicyConfig, start_modes
@@ -38,6 +39,7 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     path = settings.model or default_model_dir()
+    defaults = load_generation_defaults(path, settings.generation_config, settings.override_generation_config)
     loaded = load_model(path, device, dtype, settings.fused_kernels)
     spec = loaded.spec
     num_blocks = KVCache.blocks_for_budget(spec, settings.kv_cache_bytes, settings.block_size, dtype)
@@ -65,7 +67,7 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
     )
     policy = MergePolicy(MergePolicyConfig.from_settings(settings), start_modes(settings, adapters.mode))
     merger = MergeController(loaded.model, policy, adapters.cache.host_weights, record=metrics.record_merge)
-    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters.cache, merger)
+    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters.cache, merger, defaults)
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else loaded.name)
     log.info("serving %s on %s (%s): %d KV blocks, max_model_len %d", name, device, dtype, num_blocks, max_model_len)
     return core, adapters, name

@@ -10,6 +10,7 @@ import torch
 
 from server.adapters.cache import AdapterSlots
 from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from server.engine.generation_defaults import GenerationDefaults
 from server.engine.logprobs import TokenLogprob
 from server.engine.merge_controller import MergeController
 from server.engine.outputs import RequestOutput, engine_error
@@ -50,8 +51,10 @@ class LLMEngine:
         server_seed: int,
         adapters: AdapterSlots,
         merger: MergeController,
+        generation_defaults: GenerationDefaults | None = None,
     ) -> None:
         self.runner = runner
+        self.generation_defaults = generation_defaults or GenerationDefaults()  # what requests that omit fields get
         self.adapters = adapters
         self.merger = merger
         self.scheduler = scheduler

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.engine.logprobs import TokenLogprob
 from server.engine.sequence import FinishReason
@@ -38,3 +38,4 @@ class ModelCard:
     name: str
     parent: str | None  # None for the base model
     created: int  # unix seconds
+    generation_defaults: dict[str, float | int] = field(default_factory=dict)  # for the fields a request leaves out

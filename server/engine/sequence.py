@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from server.engine.logprobs import MAX_TOP_LOGPROBS
+from server.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from server.engine.logprobs import TokenLogprob
     from server.engine.structured import GrammarSpec
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a generator's seed takes
+MIN_REPETITION_PENALTY = 0.01  # dividing a logit by less can overflow to infinity
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's; -100 effectively bans a token
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Validated per-request sampling and stopping parameters."""
+    """Per-request sampling and stopping parameters, checked when built: whoever builds one (the HTTP routes, a Ray
+    replica, a test) gets an InvalidRequestError naming the field for a value the engine cannot honour.
+
+    Ranges are what the engine computes; the HTTP API may be stricter (temperature at most 2, as OpenAI's). A tiny
+    temperature is taken as asked (its row fails if its logits overflow): requests turn it into greedy sampling
+    (`server.engine.request`).
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -33,6 +48,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # generation stops after any of these (kept out of the text, like EOS)
     structured: GrammarSpec | None = None  # what the output must match (server.engine.structured)
 
+    def __post_init__(self) -> None:
+        _check_sampling(self)
+        _check_stopping(self)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -40,6 +59,46 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _check_sampling(params: SamplingParams) -> None:
+    _check_number("temperature", params.temperature, low=0.0)
+    _check_number("top_p", params.top_p, low=0.0, high=1.0, low_open=True)
+    _check_int("top_k", params.top_k, low=0)
+    _check_number("min_p", params.min_p, low=0.0, high=1.0)
+    _check_number("presence_penalty", params.presence_penalty, low=-MAX_PENALTY, high=MAX_PENALTY)
+    _check_number("frequency_penalty", params.frequency_penalty, low=-MAX_PENALTY, high=MAX_PENALTY)
+    _check_number("repetition_penalty", params.repetition_penalty, low=MIN_REPETITION_PENALTY)
+    for token, bias in params.logit_bias:
+        _check_int("logit_bias", token, low=0)
+        _check_number("logit_bias", bias, low=-MAX_LOGIT_BIAS, high=MAX_LOGIT_BIAS)
+    if params.seed is not None:
+        _check_int("seed", params.seed, low=INT64_MIN, high=INT64_MAX)
+    for name, wanted in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+        if wanted is not None:
+            _check_int(name, wanted, low=0, high=MAX_TOP_LOGPROBS)
+
+
+def _check_stopping(params: SamplingParams) -> None:
+    _check_int("max_tokens", params.max_tokens, low=0)  # 0: score the prompt only
+    _check_int("min_tokens", params.min_tokens, low=0)
+    if any(not isinstance(stop, str) or not stop for stop in params.stop):
+        raise InvalidRequestError("stop strings must be non-empty strings", param="stop")
+    for token in params.stop_token_ids:
+        _check_int("stop_token_ids", token, low=0)
+
+
+def _check_number(name: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not (low < value if low_open else low <= value) or value > high:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        raise InvalidRequestError(f"{name} must be a finite number in {bounds}, got {value!r}", param=name)
+
+
+def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidRequestError(f"{name} must be an integer {bounds}, got {value!r}", param=name)
 
 
 class SequenceStatus(enum.Enum):

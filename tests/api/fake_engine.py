@@ -12,9 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.engine.generation_defaults import GenerationDefaults
 from server.engine.logprobs import TokenLogprob
 from server.engine.outputs import ModelCard, RequestOutput
 from server.engine.penalties import validate_token_ids
+from server.engine.request import Job, SamplingRequest
 from server.engine.sequence import FinishReason, SamplingParams
 from server.engine.structured import GrammarSpec, check_grammar
 from server.errors import InvalidRequestError, QueueFullError, model_not_found
@@ -43,6 +45,7 @@ class FakeEngine:
     step_delay_s: float = 0.0
     fail_after: int | None = None  # report an engine error after this many tokens
     problem: str | None = None  # what health_problem reports
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # the model's, if any
     submitted: list[Submitted] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     compiled: list[GrammarSpec] = field(default_factory=list)
@@ -56,8 +59,12 @@ class FakeEngine:
         return self.problem
 
     def list_models(self) -> list[ModelCard]:
-        base = ModelCard(name=self.served_model_name, parent=None, created=1_700_000_000)
-        return [base, *(ModelCard(name=a, parent=self.served_model_name, created=1_700_000_001) for a in self.adapters)]
+        defaults = self.generation_defaults.as_dict()
+        base = ModelCard(self.served_model_name, None, 1_700_000_000, defaults)
+        return [base, *(ModelCard(a, self.served_model_name, 1_700_000_001, defaults) for a in self.adapters)]
+
+    def plan(self, request: SamplingRequest, prompts: list[list[int]]) -> list[Job]:
+        return request.jobs(prompts, self.max_model_len, self.generation_defaults)
 
     def resolve_adapter(self, model: str) -> str | None:
         if model == self.served_model_name:

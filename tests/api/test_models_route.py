@@ -19,6 +19,7 @@ async def test_list_models(client: httpx.AsyncClient) -> None:
                 "parent": None,
                 "root": "base-model",
                 "permission": [],
+                "generation_defaults": {},
             },
             *(
                 {
@@ -29,6 +30,7 @@ async def test_list_models(client: httpx.AsyncClient) -> None:
                     "parent": "base-model",
                     "root": "base-model",
                     "permission": [],
+                    "generation_defaults": {},
                 }
                 for name in ("sql-writer", "poet")
             ),
