@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(
         2, gt=0, description="Adapter uploads checked at once; further ones get 429 with Retry-After"
     )
+    lora_path_root: Path | None = Field(
+        None,
+        description="Folder whose adapter subfolders POST /v1/load_lora_adapter (vLLM's route, admin token) may "
+        "load by path; loading by path is off without it",
+    )
     seed: int = Field(0, description="Seed for requests that give none")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto",

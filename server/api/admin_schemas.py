@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import pydantic
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import FormData, UploadFile
 
 from server.adapters.store import MODES, NAME_PATTERN, Mode
@@ -114,3 +114,21 @@ class AdapterList(BaseModel):
 class AdapterDeleted(BaseModel):
     name: str
     deleted: Literal[True] = True
+
+
+class LoadLoraAdapter(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter`: serve the PEFT folder `lora_path` (on the server) as `lora_name`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(pattern=f"^{NAME_PATTERN.pattern}$")
+    lora_path: str = Field(min_length=1, max_length=4096, description="a folder under the server's --lora-path-root")
+
+
+class UnloadLoraAdapter(BaseModel):
+    """vLLM's `POST /v1/unload_lora_adapter`: stop serving `lora_name` and take it out of the store."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(pattern=f"^{NAME_PATTERN.pattern}$")
+    lora_int_id: int | None = Field(None, description="accepted and ignored, as vLLM's server does")

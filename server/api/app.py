@@ -10,7 +10,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import server
-from server.api import routes_admin, routes_health, routes_metrics, routes_openai, routes_tokenize, tenancy
+from server.api import (
+    routes_admin,
+    routes_health,
+    routes_metrics,
+    routes_openai,
+    routes_tokenize,
+    routes_vllm_lora,
+    tenancy,
+)
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.deps import EngineFactory, EngineState
 from server.api.errors import install_error_handlers
@@ -55,4 +63,5 @@ def create_app(settings: Settings, engine_factory: EngineFactory, *, clock: Cloc
     app.include_router(routes_tokenize.router, **tenancy.guard(tenants))
     app.include_router(routes_metrics.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_vllm_lora.router)
     return app

@@ -8,6 +8,10 @@ from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.openapi import ENGINE_ERRORS, EVENT_STREAM, GENERATION_ERRORS, error_responses
 from server.api.responses import ChatCompletionResponse, CompletionResponse, ModelList, ModelObject
+from server.api.responses_api import create_response
+from server.api.responses_objects import ResponseObject
+from server.api.responses_schemas import ResponsesRequest
+from server.api.responses_stream import ResponseEventStream
 from server.api.routing import BoundedRoute
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.streaming import EventStreamResponse
@@ -31,6 +35,13 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, engine: AdmittedEngineDep
 ) -> ChatCompletionResponse | EventStreamResponse:
     return await create_chat_completion(engine, body, request)
+
+
+@router.post("/responses", response_model=ResponseObject, responses=GENERATION_RESPONSES)
+async def responses(
+    body: ResponsesRequest, request: Request, engine: AdmittedEngineDep
+) -> ResponseObject | ResponseEventStream:
+    return await create_response(engine, body, request)
 
 
 @router.get("/models", responses=error_responses(*ENGINE_ERRORS))
