@@ -4,7 +4,7 @@ JSON arguments, which come back as `tool_calls` with `finish_reason: "tool_calls
 "required" generates a JSON array of `{"name", "arguments"}` objects, each function's arguments under its own
 schema; a named function generates its arguments object alone. A reply cut by max_tokens still comes back as the
 calls it began, with `finish_reason: "length"`. "none" answers in text. "auto" (the default with tools) lets the
-model answer freely and reads Hermes-style `<tool_call>` blocks out of its answer (`server.api.tool_parser`); it
+model answer freely and reads its calls out of its answer in its family's format (`server.api.tool_parsers`); it
 needs a chat template that renders the tools. In every mode the tools go to the chat template.
 """
 
