@@ -16,7 +16,11 @@ The store holds 32 random r=8 q,v LoRA adapters for the default model. The clien
 
 Then the ratios against the targets of issue #15. Timings only mean something on a quiet machine.
 
-Usage: .venv/bin/python -m bench.bench_vs_vllm [--num-requests 128] [--concurrency 32] [--out bench_vs_vllm.json]
+`--shape qwen3-0.6b` or `--shape llama3.2-1b` (issue #24) serves a random-weight checkpoint of that published shape
+instead (`bench.real_shapes`, built once into `--shape-dir`) with 32 random rank-16 LoRA adapters on all seven
+projections; both servers get `--max-model-len 4096`.
+
+Usage: .venv/bin/python -m bench.bench_vs_vllm [--shape S] [--num-requests 128] [--concurrency 32] [--out F.json]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from bench.real_shapes import make_checkpoint, make_lora_store
 from load_tests.readiness import wait_until_ok
 from load_tests.report import build_report
 from load_tests.runner import run
@@ -52,6 +57,8 @@ VLLM_DIR = Path(os.environ.get("VLLM_PEER_DIR", "/tmp/loraplex-peers/vllm-cpu"))
 KV_BYTES = 2**30  # serve.sh gives vLLM VLLM_CPU_KVCACHE_SPACE=1 (GiB)
 ADMIN_TOKEN = "bench-vs-vllm"
 ADAPTERS, RANK = 32, 8
+SHAPE_RANK, SHAPE_MAX_LEN = 16, 4096
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def peer_scripts() -> Path:
@@ -124,17 +131,23 @@ def tree_memory(root: psutil.Process) -> dict[str, float]:
     return {"rss_mib": rss / 2**20, "pss_mib": pss / 2**20, "processes": len(procs)}
 
 
-def start(server: Server, model_dir: Path, store: Path, port: int, log: Path) -> psutil.Process:
-    """Start `server` in its own process group; returns the group leader."""
+def start(server: Server, model_dir: Path, store: Path, port: int, log: Path, shaped: bool) -> psutil.Process:
+    """Start `server` in its own process group; returns the group leader. `shaped`: a `bench.real_shapes` model."""
+    rank = SHAPE_RANK if shaped else RANK
     if server.kind == "vllm":
-        env = {**os.environ, "BIND": "0-1", "MAX_LORA_RANK": str(RANK), "DTYPE": server.dtype}
+        env = {**os.environ, "BIND": "0-1", "MAX_LORA_RANK": str(rank), "DTYPE": server.dtype}
+        if shaped:  # a later --hf-overrides wins over serve.sh's Llama one
+            model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+            overrides = json.dumps({"architectures": [ARCHITECTURES[model_type]]}, separators=(",", ":"))
+            env["EXTRA_ARGS"] = f"--max-model-len {SHAPE_MAX_LEN} --hf-overrides {overrides}"
         subprocess.run(
             [peer_scripts() / "serve.sh", model_dir, store, str(port)], env=env, check=True, stdout=subprocess.DEVNULL
         )
         return psutil.Process(int((VLLM_DIR / "serve.pid").read_text()))
+    shape_flags = ("--model", str(model_dir), "--max-model-len", str(SHAPE_MAX_LEN)) if shaped else ()
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapters-store", str(store),
            "--dtype", server.dtype, "--kv-cache-bytes", str(KV_BYTES), "--max-loras", str(ADAPTERS),
-           *server.flags]  # fmt: skip
+           *shape_flags, *server.flags]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # both cores compute, as for vLLM
     env["LORAPLEX_ADMIN_TOKEN"] = ADMIN_TOKEN
     with log.open("w") as out:
@@ -202,7 +215,7 @@ def measure(server: Server, model_dir: Path, store: Path, adapters: list[str], a
     url = f"http://127.0.0.1:{port}"
     log = args.log_dir / f"{server.name}.log"
     began = time.monotonic()
-    proc = start(server, model_dir, store, port, log)
+    proc = start(server, model_dir, store, port, log, args.shape is not None)
     try:
         wait_until_ok(f"{url}/health", args.start_timeout, alive=lambda: _running(proc), poll_s=0.5)
         started_s = time.monotonic() - began
@@ -270,13 +283,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     add("--start-timeout", type=float, default=600.0, help="seconds a server may take to become healthy")
     add("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench_vs_vllm", help="server logs")
     add("--out", type=Path, help="write every figure here as JSON")
+    add("--shape", choices=["qwen3-0.6b", "llama3.2-1b"], help="a real-size random-weight base instead of the default")
+    add("--shape-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraplex-shapes", help="where shapes are kept")
     args = parser.parse_args(argv)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = default_model_dir()
+    model_dir = default_model_dir() if args.shape is None else make_checkpoint(args.shape, args.shape_dir / args.shape)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-vs-vllm-store-") as tmp:
         store = Path(tmp)
-        adapters = make_store(model_dir, store)
+        adapters = make_store(model_dir, store) if args.shape is None else make_lora_store(model_dir, store, 32, 16)
         for name in args.servers.split(","):
             results[name] = measure(SERVERS[name], model_dir, store, adapters, args)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
