@@ -77,3 +77,16 @@ def test_an_unknown_model_type_names_the_supported_ones(tiny_model_dir, tmp_path
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=r"model_type 'gpt2' is not supported; supported: .*'qwen3'"):
         load_model(folder, torch.device("cpu"), torch.float32)
+
+
+def test_a_sharded_checkpoint_loads_as_the_whole_one(tmp_path):
+    whole = make_family_checkpoint(tmp_path / "whole", "qwen3")
+    reference = AutoModelForCausalLM.from_pretrained(whole, dtype=torch.float32)
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "sharded" / name).write_bytes((whole / name).read_bytes())
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    loaded = [load_model(path, torch.device("cpu"), torch.float32).model for path in (whole, tmp_path / "sharded")]
+    for a, b in zip(*(m.state_dict().values() for m in loaded), strict=True):
+        assert a.equal(b)
