@@ -49,7 +49,7 @@ async def create_chat_completion(
     adapter = engine.resolve_adapter(body.model)
     sampling = sampling_request(body, await compiled_grammar(engine, body))
     # `name` is ignored; tool calls and tool results go to the template as they are.
-    fields = {"role", "content", "tool_calls", "tool_call_id"}
+    fields = {"role", "content", "tool_calls", "tool_call_id", "reasoning_content"}
     messages = [message.model_dump(include=fields, exclude_none=True) for message in body.messages]
     prompt = await _prompt(engine, body, messages)
     reader = reply_reader(request.app.state.settings, engine, body, prompt, sampling.structured is not None)

@@ -192,6 +192,8 @@ class ChatMessage(BaseModel):
     # Tool calls and their results, passed to the chat template.
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # What an assistant message reasoned: --reasoning-parser returns it, and clients send the message back whole.
+    reasoning_content: ChatContent | None = None
 
     @field_validator("content")
     @classmethod

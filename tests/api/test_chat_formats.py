@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from api_helpers import sse_payloads
 from fake_engine import FakeEngine
@@ -27,12 +28,13 @@ CALL = {"name": "a", "arguments": {"x": 1}}
 class ScriptedEngine(FakeEngine):
     """The echo engine saying `reply` whatever the prompt. Its template renders tools, and with `thinks` it ends
     the prompt by opening a `<think>` block unless `enable_thinking` is false, as Qwen3's does. `variables` holds the
-    template variables of every rendering."""
+    template variables of every rendering, `conversations` its messages."""
 
     reply: str = "Hello."
     thinks: bool = False
     max_model_len: int = 1024
     variables: list[dict | None] = field(default_factory=list)
+    conversations: list[list[dict]] = field(default_factory=list)
 
     def encode_chat(
         self,
@@ -43,6 +45,7 @@ class ScriptedEngine(FakeEngine):
         template_kwargs: dict | None = None,
     ) -> list[int]:
         self.variables.append(template_kwargs)
+        self.conversations.append(messages)
         prompt = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
         prompt = (f"<tools {len(tools)}>" if tools else "") + prompt
         if self.thinks:
@@ -143,6 +146,17 @@ async def test_reasoning_is_split_off_whole_and_streamed(
     answer = {"reasoning": expected[0], "content": expected[1], "calls": []}
     await assert_answer(client, answer, reason, max_tokens=max_tokens, **extra)
     assert engine.variables[-1] == variables
+
+
+@pytest.mark.parametrize("settings", [QWEN3], indirect=True)
+async def test_a_reply_sent_back_whole_takes_its_reasoning_to_the_template(
+    oai: openai.AsyncOpenAI, engine: ScriptedEngine
+) -> None:
+    engine.reply = "<think>x</think>y"
+    first = await oai.chat.completions.create(model="base-model", messages=ASK)
+    again = [*ASK, first.choices[0].message, {"role": "user", "content": "And?"}]  # as agent loops do
+    await oai.chat.completions.create(model="base-model", messages=again)
+    assert engine.conversations[-1][1] == {"role": "assistant", "content": "y", "reasoning_content": "x"}
 
 
 async def test_without_the_flag_a_think_block_is_content(client: httpx.AsyncClient, engine: ScriptedEngine) -> None:
