@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +18,10 @@ from transformers import (
     Qwen3Config,
 )
 
+from server.engine.batch_builder import build_forward_batch
+from server.engine.sequence import SamplingParams, Sequence
+from server.model.kv_cache import KVCache
+from server.model.loader import LoadedModel
 from tests.helpers import TINY_CONFIG
 from tests.tokenizer import save_tiny_tokenizer
 
@@ -96,3 +101,35 @@ def make_family_checkpoint(path: Path, family: str, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     save_tiny_tokenizer(path, config.vocab_size)
     return path
+
+
+def lockstep_logits(models: list[LoadedModel], prompts: list[list[int]], steps: int) -> Iterator[list[torch.Tensor]]:
+    """Each step's logits `[rows, vocab]` of every model over the same prompts (prefill chunks of 16, then decode);
+    all models continue with the first model's greedy tokens, so their logits stay comparable step by step."""
+    runs = []
+    for loaded in models:
+        seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
+        for i, seq in enumerate(seqs):
+            seq.block_table.extend(range(16 * i, 16 * i + 16))
+        runs.append((loaded, seqs, KVCache(loaded.spec, 16 * len(seqs), 4, loaded.dtype, torch.device("cpu"))))
+    for _ in range(steps):
+        step = []
+        for loaded, seqs, cache in runs:
+            work = [(s, min(s.num_uncomputed_tokens, 16)) for s in seqs]
+            batch = build_forward_batch(work, 4, torch.device("cpu"))
+            with torch.inference_mode():
+                step.append(loaded.model.compute_logits(loaded.model(batch, cache)[batch.logits_indices]))
+            for s, n in work:
+                s.num_computed_tokens += n
+        yield step
+        tokens = step[0].argmax(-1).tolist()
+        for _, seqs, _ in runs:
+            for token, s in zip(tokens, [s for s in seqs if s.num_uncomputed_tokens == 0], strict=True):
+                s.output_token_ids.append(token)
+
+
+def near_tie_margins(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Where the greedy tokens differ: how far the reference prefers its token over the other's (logits)."""
+    want, got = reference.argmax(-1), other.argmax(-1)
+    margin = reference.gather(1, want[:, None]) - reference.gather(1, got[:, None])
+    return margin[got != want].flatten()

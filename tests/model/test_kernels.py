@@ -7,10 +7,7 @@ import threading
 import pytest
 import torch
 
-from server.engine.batch_builder import build_forward_batch
-from server.engine.sequence import SamplingParams, Sequence
 from server.model import kernels
-from server.model.kv_cache import KVCache
 from server.model.layers import RMSNorm, apply_rotary, gated_act
 from server.model.linear import TargetLinear
 from server.model.loader import load_model
@@ -18,7 +15,7 @@ from server.model.lora import lora_reference
 from server.model.lora_weights import LoraWeights
 from server.model.rope import RopeSpec, RotaryEmbedding
 from server.model.routing import make_lora_batch
-from tests.families import make_family_checkpoint
+from tests.families import lockstep_logits, make_family_checkpoint, near_tie_margins
 
 BF16 = torch.bfloat16
 ops = torch.ops.loraplex
@@ -96,31 +93,10 @@ def test_the_fused_forward_agrees_with_the_torch_op_forward(tiny_model_dir, tmp_
     fused, plain = (load_model(model_dir, torch.device("cpu"), BF16, flag) for flag in (True, False))
     assert fused.model.fused and not plain.model.fused
     prompts = [[5, 9, 22, 41, 7, 3, 99], [17], list(range(3, 40))]
-    runs = {}
-    for loaded in (fused, plain):  # in lockstep: both continue with the torch-op path's greedy tokens
-        seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
-        for seq in seqs:
-            seq.block_table.extend(range(16 * int(seq.request_id), 16 * int(seq.request_id) + 16))
-        runs[loaded.model.fused] = (loaded, seqs, KVCache(loaded.spec, 48, 4, BF16, torch.device("cpu")))
-    for _ in range(10):
-        step = {}
-        for flag, (loaded, seqs, cache) in runs.items():
-            work = [(s, min(s.num_uncomputed_tokens, 16)) for s in seqs]
-            batch = build_forward_batch(work, 4, torch.device("cpu"))
-            with torch.inference_mode():
-                step[flag] = loaded.model.compute_logits(loaded.model(batch, cache)[batch.logits_indices])
-            for s, n in work:
-                s.num_computed_tokens += n
-        torch.testing.assert_close(step[True], step[False], atol=0.05, rtol=0.05)
-        want = step[False].argmax(-1)
-        got = step[True].argmax(-1)
+    for want, got in lockstep_logits([plain, fused], prompts, 10):  # both continue with the torch-op path's tokens
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
         # a different greedy token only where the torch-op path itself has a near-tie (bf16 rounding decides)
-        margin = step[False].gather(1, want[:, None]) - step[False].gather(1, got[:, None])
-        assert (margin[got != want] <= 0.05).all()
-        for flag in runs:
-            sampled = [s for s in runs[flag][1] if s.num_uncomputed_tokens == 0]
-            for token, s in zip(want.tolist(), sampled, strict=True):
-                s.output_token_ids.append(token)
+        assert (near_tie_margins(want, got) <= 0.05).all()
 
 
 @pytest.mark.parametrize(("family", "reason"), [
