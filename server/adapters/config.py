@@ -231,9 +231,7 @@ def _targeted_modules(raw: Mapping[str, Any], num_layers: int, modules: ModuleNa
     """(layer, projection) pairs PEFT would wrap, after refusing targets that are not projections of this model."""
     targeting = _targeting(raw, modules)
     _refuse_foreign_targets(targeting, num_layers, modules)
-    found = [
-        (i, n) for i in range(num_layers) for n in modules.targets if targeting.matches(modules.projection(i, n))
-    ]
+    found = [(i, n) for i in range(num_layers) for n in modules.targets if targeting.matches(modules.projection(i, n))]
     if not found:
         raise AdapterError("target_modules: the adapter targets no projection of this model", param="target_modules")
     return found

@@ -42,9 +42,7 @@ print("done", time.perf_counter() - start, flush=True)
 """
 
 
-def check_config_patterns(
-    raw: Mapping[str, Any], num_layers: int, modules: ModuleNames = module_names.LLAMA
-) -> None:
+def check_config_patterns(raw: Mapping[str, Any], num_layers: int, modules: ModuleNames = module_names.LLAMA) -> None:
     """Refuse a config whose regexes are too long, too many or too slow on this model's module names."""
     probes = _probes(raw)
     if not probes:
