@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
 
     model: Path | None = Field(
-        None, description="Local Hugging Face Llama-family checkpoint directory (default: SmolLM2-135M-Instruct)"
+        None, description="Local Hugging Face checkpoint directory of a served family (default: SmolLM2-135M-Instruct)"
     )
     served_model_name: str | None = Field(None, description="Name of the base model in the API (default: model's name)")
     host: str = Field("127.0.0.1", description="Interface to bind")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -22,8 +21,7 @@ from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
-from tests.helpers import TINY_CONFIG
-from tests.tokenizer import save_tiny_tokenizer
+from tests.helpers import TINY_CONFIG, save_random_checkpoint
 
 WINDOW = 8  # sliding windows are shorter than the test prompts, so every windowed layer masks something
 BASE = {k: v for k, v in TINY_CONFIG.items() if k != "tie_word_embeddings"}
@@ -36,6 +34,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 
 # name -> (config class, options): each exercises what its family adds to the forward.
 FAMILIES = {
+    "llama": (LlamaConfig, dict(tie_word_embeddings=False)),  # the tiny Llama of most tests
     "llama3": (
         LlamaConfig,
         dict(rope_parameters=LLAMA3_ROPE, head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
@@ -92,15 +91,7 @@ FAMILIES = {
 def make_family_checkpoint(path: Path, family: str, seed: int = 0) -> Path:
     """Save a random-weight checkpoint of `family` (safetensors) plus the byte-level tokenizer to `path`."""
     config_class, options = FAMILIES[family]
-    torch.manual_seed(seed)
-    config = config_class(**{**BASE, **options})
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # larger weights than the default init make logits distinct
-            p.normal_(0, 0.2)
-    model.save_pretrained(path, safe_serialization=True)
-    save_tiny_tokenizer(path, config.vocab_size)
-    return path
+    return save_random_checkpoint(path, config_class(**{**BASE, **options}), seed)
 
 
 def lockstep_logits(models: list[LoadedModel], prompts: list[list[int]], steps: int) -> Iterator[list[torch.Tensor]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tests.tokenizer import save_tiny_tokenizer
 
@@ -43,9 +43,13 @@ def ray_ingress_port() -> int:
 
 def make_tiny_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     """Save a random-weight LlamaForCausalLM (safetensors) plus a byte-level tokenizer to `path`."""
+    return save_random_checkpoint(path, LlamaConfig(**{**TINY_CONFIG, **overrides}), seed)
+
+
+def save_random_checkpoint(path: Path, config, seed: int = 0) -> Path:
+    """Save a random-weight model of `config` (any causal LM transformers knows) with the byte-level tokenizer."""
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**TINY_CONFIG, **overrides})
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():  # larger weights than the default init make logits distinct
             p.normal_(0, 0.2)

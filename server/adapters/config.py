@@ -146,7 +146,7 @@ def _check_supported(raw: Mapping[str, Any]) -> None:
         raise AdapterError(f"bias: {show(raw['bias'])} is not supported; only 'none'", param="bias")
     if raw.get("fan_in_fan_out", False) is not False:
         raise AdapterError(
-            "fan_in_fan_out: only false is supported (Llama projections are nn.Linear)", param="fan_in_fan_out"
+            "fan_in_fan_out: only false is supported (the projections are nn.Linear)", param="fan_in_fan_out"
         )
     if raw.get("modules_to_save"):
         raise AdapterError(
