@@ -8,7 +8,10 @@ exactly as an upload is (`server.adapters.validation.stage_adapter`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from server.adapters.store import CONFIG_FILE
 from server.adapters.weights import PICKLED_FILES, WEIGHTS_FILE
@@ -30,6 +33,13 @@ def adapter_files(root: Path | None, lora_path: str, param: str = "lora_path") -
             param=param,
         )
     base = root.resolve()
+    try:
+        return _files(base, lora_path, param)
+    except OSError as exc:  # a name too long, no permission: nothing the server holds is at fault
+        raise InvalidRequestError(f"{param}: {lora_path!r} cannot be read: {exc.strerror}", param=param) from exc
+
+
+def _files(base: Path, lora_path: str, param: str) -> tuple[Path, Path]:
     folder = _inside(base, base / lora_path, lora_path, param)
     if not folder.is_dir():
         raise InvalidRequestError(f"{param}: {lora_path!r} is not a folder under {ROOT_FLAG}", param=param)
@@ -53,10 +63,22 @@ def _inside(base: Path, path: Path, lora_path: str, param: str) -> Path:
     """`path` with every symlink followed, if that stays inside `base`; PermissionDeniedError otherwise."""
     try:
         resolved = path.resolve()
-    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long, a NUL byte
+    except (RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
         raise InvalidRequestError(f"{param}: {lora_path!r} cannot be followed: {exc}", param=param) from exc
     if not resolved.is_relative_to(base):
         raise PermissionDeniedError(
             f"{param}: {lora_path!r} leads outside {ROOT_FLAG}; only folders under it can be loaded", param=param
         )
     return resolved
+
+
+@contextmanager
+def opened(files: tuple[Path, Path], param: str = "lora_path") -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """The config and weights files open for reading; InvalidRequestError if the server may not read them (or one
+    went away since it was looked at)."""
+    with ExitStack() as stack:
+        try:
+            config, weights = (stack.enter_context(path.open("rb")) for path in files)
+        except OSError as exc:
+            raise InvalidRequestError(f"{param}: {exc.filename} cannot be read: {exc.strerror}", param=param) from exc
+        yield config, weights

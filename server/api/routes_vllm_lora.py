@@ -10,15 +10,15 @@ A name that is already served is a 409 (vLLM answers 400), an unknown one on unl
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from server import errors
-from server.adapters.local_folders import adapter_files
+from server.adapters.local_folders import adapter_files, opened
 from server.api.admin_schemas import LoadLoraAdapter, UnloadLoraAdapter
 from server.api.auth import require_admin
 from server.api.deps import EngineDep
@@ -30,39 +30,37 @@ if TYPE_CHECKING:
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[Depends(require_admin)], route_class=BoundedRoute)
 ADMIN_ERRORS = (errors.AuthenticationError, errors.PermissionDeniedError, *ENGINE_ERRORS, *JSON_BODY_ERRORS)
+# vLLM answers plain text on success; errors stay JSON in the OpenAI shape. The routes' response class is the bare
+# Response, which has no media type, so /openapi.json keeps the errors as JSON and the success as text only.
 SUCCESS = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "what vLLM answers"}}
 
 
 @router.post(
     "/load_lora_adapter",
-    response_class=PlainTextResponse,
+    response_class=Response,
     responses={**SUCCESS, **error_responses(*ADMIN_ERRORS, errors.ConflictError, errors.UnsupportedMediaError,
                                             errors.ValidationError, errors.QueueFullError)},
 )  # fmt: skip
-async def load_lora_adapter(body: LoadLoraAdapter, request: Request, engine: EngineDep) -> str:
+async def load_lora_adapter(body: LoadLoraAdapter, request: Request, engine: EngineDep) -> PlainTextResponse:
     """Serve the adapter folder `lora_path` (under the server's --lora-path-root) as `lora_name`."""
     with _named("lora_name"):
         _refuse_served(engine, body.lora_name)
-        config, weights = await run_in_threadpool(adapter_files, request.app.state.settings.lora_path_root,
-                                                  body.lora_path)  # fmt: skip
-        with engine.upload_slot(), ExitStack() as files:
-            await engine.add_adapter(
-                body.lora_name, files.enter_context(config.open("rb")), files.enter_context(weights.open("rb")),
-                replace=False, mode=None, pinned=None,
-            )  # fmt: skip
-    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+        files = await run_in_threadpool(adapter_files, request.app.state.settings.lora_path_root, body.lora_path)
+        with engine.upload_slot(), opened(files) as (config, weights):
+            await engine.add_adapter(body.lora_name, config, weights, replace=False, mode=None, pinned=None)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 @router.post(
     "/unload_lora_adapter",
-    response_class=PlainTextResponse,
+    response_class=Response,
     responses={**SUCCESS, **error_responses(*ADMIN_ERRORS, errors.NotFoundError)},
 )
-def unload_lora_adapter(body: UnloadLoraAdapter, engine: EngineDep) -> str:
+def unload_lora_adapter(body: UnloadLoraAdapter, engine: EngineDep) -> PlainTextResponse:
     """Stop serving `lora_name` and remove it from the store; its running requests finish."""
     with _named("lora_name"):
         engine.remove_adapter(body.lora_name)
-    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 def _refuse_served(engine: AsyncEngine, name: str) -> None:

@@ -90,6 +90,7 @@ async def test_a_served_name_is_409_and_an_unknown_one_on_unload_404(client: htt
         ("pickled", 415, "adapter_model.bin"),
         ("wrong-rank", 422, "shape"),
         ("bad\x00byte", 400, "cannot be followed"),
+        ("y" * 300, 400, "cannot be read"),  # a name over the file system's limit
     ],
 )
 async def test_folders_that_cannot_be_loaded(
