@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import make_tiny_checkpoint
+if not torch.cuda.is_available():  # Triton kernels run on CPU in its interpreter; read as Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.helpers import make_tiny_checkpoint  # imports Triton (through transformers)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from server.model import backend
 from server.model.lora_weights import LoraWeights, scale_outputs_
 from server.model.routing import MERGED_SLOT, LoraBatch, buffer_row, buffer_rows
 
@@ -277,6 +278,8 @@ class LoraSlots:
         With an adapter merged, the other tokens' `y` is first corrected back to the base model's.
         """
         # x: [T, in], y: [T, out]
+        if backend.triton_kernels(x.device):
+            return self._apply_triton(x, y, batch)
         if self.correction is not None and batch.unmerged_runs:
             self._correct(x, y, batch.unmerged_runs)
         slices = [s for s in self._slices.values() if not batch.active_slots.isdisjoint(s.rank)]
@@ -288,6 +291,22 @@ class LoraSlots:
         if batch.gemm_runs:
             for piece in slices:
                 piece.gemm_runs(x, y, batch)
+        return y
+
+    def _apply_triton(self, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """`apply` as one shrink and one expand launch per projection (`server.model.triton.lora`)."""
+        from server.model.triton import lora as kernels  # Triton is imported only where its kernels run
+
+        segs = kernels.segments(batch, self.max_loras)
+        if self.correction is not None and batch.unmerged_runs:
+            for name, update in self.correction.items():
+                kernels.remove_merged(x, y, update, self._slices[name].start, segs)
+        for piece in self._slices.values():
+            if batch.active_slots.isdisjoint(piece.rank):
+                continue
+            g = None if piece.dora.isdisjoint(batch.active_slots) else piece.g
+            weights = kernels.SlotWeights.of_slots(piece.a_t, piece.b_t, g, piece.row_ranks)
+            kernels.apply_adapters(x, y, weights, piece.start, piece.out_features, segs)
         return y
 
     def _correct(self, x: torch.Tensor, y: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> None:
