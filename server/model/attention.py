@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.model import backend
 from server.model.architecture import ModelSpec
 from server.model.batch import ForwardBatch
 
@@ -94,7 +95,7 @@ def _decode_plan(batch: ForwardBatch, rows: list[int], block_size: int, spec: Mo
     tables = batch.block_tables.to(device)[index, :num_blocks]  # [D, n]
     lens = batch.context_lens.to(device)[index]  # [D]
     tokens = batch.query_start[:-1].to(device)[index]
-    bags = None if fused else _decode_bags(tables, lens, block_size, spec)
+    bags = None if fused or backend.triton_kernels(device) else _decode_bags(tables, lens, block_size, spec)
     return DecodePlan(tokens, num_blocks, tables.contiguous(), lens, bags)
 
 
@@ -200,10 +201,15 @@ def _decode_attention(
 ) -> torch.Tensor:
     """softmax(q·Kᵀ/√d)·V for every decode row, reduced straight out of the pools. Returns [D, heads, head_dim]."""
     _, num_heads, head_dim = q.shape
+    scale = options.scale if options.scale is not None else head_dim**-0.5
+    bags = plan.bags
+    if bags is None:  # planned for the Triton kernel (`server.model.backend`)
+        from server.model.triton.attention import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, plan.tokens, plan.tables, plan.lens, scale, options.window,
+                                options.softcap)  # fmt: skip
     rows = plan.tokens.shape[0]
     q_d = q if q.shape[0] == rows else q.index_select(0, plan.tokens)  # [D, H, head_dim]
-    bags = plan.bags
-    scale = options.scale if options.scale is not None else head_dim**-0.5
     weights = q_d.unsqueeze(2).expand(rows, num_heads, plan.blocks, head_dim) * scale  # [D, H, n, hd]
     keys = k_cache.view(-1, k_cache.shape[-1])  # [blocks * kv_heads * head_dim, block_size]
     scores = F.embedding_bag(
