@@ -1,12 +1,17 @@
-"""Helpers for the API tests: waiting for the app, reading SSE bodies, driving ASGI by hand."""
+"""Helpers for the API tests: waiting for the app, serving it on a real port, reading SSE, driving ASGI by hand."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import uvicorn
 
 
 async def wait_until_healthy(client: httpx.AsyncClient, timeout_s: float = 5.0) -> None:
@@ -16,6 +21,30 @@ async def wait_until_healthy(client: httpx.AsyncClient, timeout_s: float = 5.0) 
             return
         await asyncio.sleep(0.01)
     raise TimeoutError("the app never became healthy")
+
+
+@contextmanager
+def served_over_http(app: Any, timeout_s: float = 10.0) -> Iterator[str]:
+    """The app on a real port (uvicorn in a thread of its own, lifespan included), yielding its base URL once healthy:
+    for clients that open their own HTTP connections (the Agents SDK, LangChain) rather than take an ASGI transport."""
+    server = uvicorn.Server(uvicorn.Config(app, port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise TimeoutError("uvicorn never started")
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        while httpx.get(f"{url}/health").status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the app never became healthy")
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def sse_payloads(response: httpx.Response) -> list[dict[str, Any]]:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import agents
-import httpx
 import openai
 import pytest
-import uvicorn
+from api_helpers import served_over_http
 from tool_script_engine import ToolScriptEngine
 
 from server.api import create_app
@@ -21,18 +18,8 @@ from server.settings import Settings
 def served(settings: Settings) -> Iterator[tuple[str, ToolScriptEngine]]:
     """The app on a real port (uvicorn in a thread of its own), over an engine scripted to call a tool."""
     engine = ToolScriptEngine()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, lambda *_: engine), port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    yield url, engine
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served_over_http(create_app(settings, lambda *_: engine)) as url:
+        yield url, engine
 
 
 @pytest.mark.parametrize("streamed", [False, True])
