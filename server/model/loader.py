@@ -11,8 +11,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from server.model.architecture import ModelSpec, UnsupportedModelError
+from server.model.backend import pick_kernels
 from server.model.decoder import DecoderModel
-from server.model.kernels import use_fused_kernels
 
 
 @dataclass
@@ -38,13 +38,13 @@ def resolve_device(device: str) -> torch.device:
 def load_model(path: Path, device: torch.device, dtype: torch.dtype, fused_kernels: bool = True) -> LoadedModel:
     """Read config, tokenizer and safetensors weights from `path`; never unpickles anything.
 
-    `fused_kernels`: run the fused bf16 kernels where they apply (`server.model.kernels`).
+    `fused_kernels`: run the fused bf16 kernels where they apply; `server.model.backend` picks every kernel.
     """
     path = Path(path)
     spec = read_spec(path)
     weights = {k: t.to(device=device, dtype=dtype) for k, t in read_safetensors(path).items()}
-    fused = use_fused_kernels(dtype, device, fused_kernels, spec.unfused_reason())
-    model = _build(path, spec, weights, device, fused).eval()
+    kernels = pick_kernels(dtype, device, fused_kernels, spec.unfused_reason())
+    model = _build(path, spec, weights, device, kernels.fused_cpu).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return LoadedModel(path.name, spec, model, tokenizer, dtype, device)
 
