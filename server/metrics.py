@@ -27,6 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 
+from server.adapter_metrics import AdapterTierMetrics
+
 # `*_created` series would double the series count, and neither the dashboard nor the gateway reads them.
 disable_created_metrics()
 
@@ -146,6 +148,7 @@ class Metrics:
         self._define_request_collectors(PREFIX)
         self._define_engine_collectors(PREFIX)
         self._define_adapter_collectors(PREFIX)
+        self.adapter_tiers = AdapterTierMetrics(self.registry, PREFIX)  # loads between tiers, bytes per tier
         self._define_tenant_collectors(PREFIX)
 
     def _define_request_collectors(self, p: str) -> None:

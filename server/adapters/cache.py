@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import Set
 from typing import TYPE_CHECKING, Protocol
@@ -22,13 +23,14 @@ from typing import TYPE_CHECKING, Protocol
 from torch import nn
 
 from server.adapters.device_slots import DeviceSlots
-from server.adapters.loader import AdapterLoader, Read
+from server.adapters.loader import AdapterLoader, Read, Size
 from server.adapters.lru import RefLRU
 from server.adapters.slots import load_adapter_slot
 from server.adapters.versions import Tier, adapter_name
 from server.adapters.weights import AdapterWeights
 
 if TYPE_CHECKING:
+    from server.adapter_metrics import LoadOutcome
     from server.metrics import CacheEvent, CacheTier, Metrics
 
 
@@ -45,7 +47,7 @@ class AdapterCache:
 
     def __init__(
         self, model: nn.Module, read: Read, max_loras: int, max_cpu_loras: int, max_cpu_lora_bytes: int,
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, size: Size | None = None, max_load_bytes: int = 2**30,
     ) -> None:  # fmt: skip
         self.model = model
         self.metrics = metrics
@@ -56,7 +58,8 @@ class AdapterCache:
         self._slots = DeviceSlots(max_loras)
         self._retired: set[str] = set()
         self._requests: Counter[str] = Counter()  # per key: held, loading included, and not released
-        self._loader = AdapterLoader(read, self._loaded, metrics)
+        self._prefetched: set[str] = set()  # warmed ahead of any request, not held since; only keys in host memory
+        self._loader = AdapterLoader(read, self._loaded, metrics, size, max_load_bytes)
 
     # --- requests (event loop) --------------------------------------------------------------------------------
     async def hold(self, key: str) -> None:
@@ -68,7 +71,12 @@ class AdapterCache:
             self._requests[key] += 1
             if self._host.hold(key) is not None:
                 self._record("hit", "host")
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    if self.metrics is not None:
+                        self.metrics.adapter_tiers.record_prefetch_hit()
                 return
+            self._prefetched.discard(key)
             future = self._loader.load(key)
             self._record("miss", "host")
         try:  # shielded: one caller giving up must not cancel a load others wait for
@@ -110,14 +118,17 @@ class AdapterCache:
         if not binding.load:
             self._record("hit", "device")
             return binding.slot
+        start = time.perf_counter()
         try:  # outside the lock: only this thread binds, and a bound key's slot is never given away
             load_adapter_slot(self.model, binding.slot, weights.updates)
         except BaseException:
             with self._lock:
                 self._slots.unbind(key)
                 self._slots.free(key)
+            self._record_load("error")
             raise
         self._record("load", "device")
+        self._record_load("ok", time.perf_counter() - start)
         with self._lock:
             self._set_resident()
         return binding.slot
@@ -152,6 +163,8 @@ class AdapterCache:
         """Start loading `key` into host memory ahead of its first request, unless it is there."""
         with self._lock:
             if key not in self._host:
+                if not self._requests[key]:  # no request waits for it: a prefetch, counted when one finds it
+                    self._prefetched.add(key)
                 self._loader.load(key)
 
     def retire(self, key: str) -> None:
@@ -192,6 +205,7 @@ class AdapterCache:
         for _ in gone + self._host.shrink(keep=in_slot):
             self._record("eviction", "host")
         self._retired = {k for k in self._retired if k in self._host or in_slot(k)}
+        self._prefetched = {k for k in self._prefetched if k in self._host or self._loader.loading(k)}
         self._set_resident()
 
     def _forget(self, key: str) -> None:
@@ -210,8 +224,16 @@ class AdapterCache:
         if self.metrics is not None:
             self.metrics.record_adapter_event(event, tier)
 
+    def _record_load(self, outcome: LoadOutcome, seconds: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_tiers.record_load("device", outcome, seconds)
+
     def _set_resident(self) -> None:
         if self.metrics is not None:
+            resident = self._slots.resident()
             self.metrics.set_adapters_resident("host", len(self._host))
             self.metrics.set_adapter_host_bytes(self._host.num_bytes)
-            self.metrics.set_adapters_resident("device", len(self._slots.resident()))
+            self.metrics.set_adapters_resident("device", len(resident))
+            tiers = self.metrics.adapter_tiers
+            tiers.set_bytes("host", self._host.num_bytes)
+            tiers.set_bytes("device", sum(w.num_bytes for w in map(self._host.get, resident) if w is not None))

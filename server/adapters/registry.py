@@ -34,7 +34,7 @@ from server.adapters.records import describe_adapter_dir
 from server.adapters.store import AdapterMeta, AdapterStore, Mode, check_name, now
 from server.adapters.validation import StagedAdapter, load_from_store, stage_adapter
 from server.adapters.versions import AdapterState, AdapterView, adapter_key, adapter_name
-from server.adapters.weights import AdapterWeights, ModelInfo
+from server.adapters.weights import WEIGHTS_FILE, AdapterWeights, ModelInfo
 from server.errors import ConflictError, LoraplexError, NotFoundError, QueueFullError
 
 if TYPE_CHECKING:
@@ -58,8 +58,9 @@ class AdapterRegistry:
         self.limits = limits
         self.max_pinned = limits.max_loras - 1  # one slot always serves the unpinned adapters
         self.cache = AdapterCache(
-            model, self._read, limits.max_loras, limits.max_cpu_loras, limits.max_cpu_lora_bytes, metrics
-        )
+            model, self._read, limits.max_loras, limits.max_cpu_loras, limits.max_cpu_lora_bytes, metrics,
+            size=self._size, max_load_bytes=limits.max_adapter_bytes,  # loads in flight: one largest upload's worth
+        )  # fmt: skip
         self._admin = threading.Lock()
         self._lock = threading.Lock()
         self._states: dict[str, AdapterState] = {}
@@ -312,6 +313,13 @@ class AdapterRegistry:
             if state is not None and adapter_key(name, state.version) == key:
                 state.record = record
         return weights
+
+    def _size(self, key: str) -> int:
+        """Bytes of `key`'s weights file (the loader's worker thread), 0 if it is gone: the read will say why."""
+        try:
+            return (self.store.path(adapter_name(key)) / WEIGHTS_FILE).stat().st_size
+        except (OSError, LoraplexError):
+            return 0
 
     def _version_mark(self) -> int:
         with self._lock:

@@ -82,8 +82,9 @@ class AdapterStore:
         """Adapters on disk: folders with a valid name and an adapter_config.json, sorted; hidden folders skipped."""
         if not self.root.is_dir():
             return []
-        found = (p.name for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name))
-        return sorted(name for name in found if (self.root / name / CONFIG_FILE).is_file())
+        with os.scandir(self.root) as entries:  # the entry's type comes with it: no stat per folder of thousands
+            found = [e.name for e in entries if NAME_PATTERN.fullmatch(e.name) and e.is_dir()]
+        return sorted(name for name in found if os.path.isfile(os.path.join(self.root, name, CONFIG_FILE)))
 
     def read_meta(self, name: str) -> AdapterMeta:
         """The adapter's loraplex.json; defaults (added when its folder was) for a folder without a valid one."""

@@ -147,6 +147,14 @@ class ModelList(BaseModel):
     data: list[ModelObject]
 
 
+class ModelPage(ModelList):
+    """Body of `GET /v1/models?after=...&limit=...`: one page, as OpenAI's paginated lists are."""
+
+    first_id: str | None
+    last_id: str | None
+    has_more: bool  # more models follow `last_id`: ask again with `after=<last_id>`
+
+
 class Health(BaseModel):
     """Body of a healthy `GET /health`."""
 

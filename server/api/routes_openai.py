@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.openapi import ENGINE_ERRORS, EVENT_STREAM, GENERATION_ERRORS, error_responses
-from server.api.responses import ChatCompletionResponse, CompletionResponse, ModelList, ModelObject
+from server.api.responses import ChatCompletionResponse, CompletionResponse, ModelList, ModelObject, ModelPage
 from server.api.responses_api import create_response
 from server.api.responses_objects import ResponseObject
 from server.api.responses_schemas import ResponsesRequest
@@ -17,7 +19,7 @@ from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.api.streaming import EventStreamResponse
 from server.api.tenancy import AdmittedEngineDep, ScopedEngineDep
 from server.engine.outputs import ModelCard
-from server.errors import NotFoundError, model_not_found
+from server.errors import InvalidRequestError, NotFoundError, model_not_found
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=BoundedRoute)
 GENERATION_RESPONSES = {**EVENT_STREAM, **error_responses(*GENERATION_ERRORS)}
@@ -44,9 +46,29 @@ async def responses(
     return await create_response(engine, body, request)
 
 
-@router.get("/models", responses=error_responses(*ENGINE_ERRORS))
-def list_models(engine: ScopedEngineDep) -> ModelList:
-    return ModelList(data=[_model_object(card) for card in engine.list_models()])
+MAX_MODELS_PAGE = 10_000
+
+
+@router.get("/models", responses=error_responses(*ENGINE_ERRORS, InvalidRequestError))
+def list_models(
+    engine: ScopedEngineDep,
+    after: Annotated[str | None, Query(description="Return the models listed after this id")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_MODELS_PAGE, description="Most models to return")] = None,
+) -> ModelList | ModelPage:
+    """The base model, then every adapter by name; without `after`/`limit`, all of them (adapter weights are not
+    read: a store of thousands lists in milliseconds)."""
+    cards = engine.list_models()
+    if after is None and limit is None:
+        return ModelList(data=[_model_object(card) for card in cards])
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, card in enumerate(cards) if card.name == after), -1)
+        if start < 0:
+            raise InvalidRequestError(f"after={after!r} names no model of this list", param="query.after")
+    end = len(cards) if limit is None else min(len(cards), start + limit)
+    page = [_model_object(card) for card in cards[start:end]]
+    first, last = (page[0].id, page[-1].id) if page else (None, None)
+    return ModelPage(data=page, first_id=first, last_id=last, has_more=end < len(cards))
 
 
 @router.get("/models/{model}", responses=error_responses(*ENGINE_ERRORS, NotFoundError))
