@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         description="JSON object of default sampling parameters that wins over --generation-config, e.g. "
         "'{\"temperature\": 0.5}'",
     )
+    speculative_config: str | None = Field(
+        None,
+        description='Speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 4}\' proposes up to 4 tokens per row and step by prompt '
+        "lookup and verifies them in one forward under each row's adapter; off without it",
+    )
     max_queue: int = Field(256, ge=0, description="Waiting requests allowed before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -150,6 +156,18 @@ class Settings(BaseSettings):
 
             try:
                 parse_overrides(value)
+            except ConfigurationError as exc:
+                raise ValueError(exc.message) from exc
+        return value
+
+    @field_validator("speculative_config")
+    @classmethod
+    def _speculation_checked(cls, value: str | None) -> str | None:
+        if value is not None:
+            from server.engine.speculative.config import parse_speculative_config
+
+            try:
+                parse_speculative_config(value)
             except ConfigurationError as exc:
                 raise ValueError(exc.message) from exc
         return value

@@ -17,6 +17,9 @@ def build_forward_batch(
 ) -> ForwardBatch:
     """Pack each sequence's next `n` tokens; logits are kept for sequences whose chunk reaches their end.
 
+    A chunk may run past the sequence's end into its proposed tokens (`seq.draft_token_ids`, speculative
+    decoding): then logits are kept at its last token and at every proposal, each verifying the next.
+
     `adapter_slots[i]` is the adapter slot of `work[i]` (BASE_SLOT for the base model, MERGED_SLOT for the merged
     adapter); callers order `work` so that equal slots are adjacent, which makes each adapter's tokens one contiguous
     segment.
@@ -31,14 +34,16 @@ def build_forward_batch(
     for i, (seq, n) in enumerate(work):
         start = seq.num_computed_tokens
         end = start + n
-        ids.extend(seq.token_slice(start, end))
+        num_draft = max(0, end - len(seq))
+        ids.extend(seq.token_slice(start, end - num_draft))
+        ids.extend(seq.draft_token_ids[:num_draft])
         positions.extend(range(start, end))
         table = seq.block_table
         kv_slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
         query_start.append(query_start[-1] + n)
         context_lens.append(end)
-        if end == len(seq):
-            logits_indices.append(query_start[-1] - 1)
+        if end >= len(seq):
+            logits_indices.extend(range(query_start[-1] - 1 - num_draft, query_start[-1]))
         if adapter_slots is not None:
             token_adapter_slots.extend([adapter_slots[i]] * n)
 

@@ -104,10 +104,13 @@ class BlockManager:
         return prefix
 
     def completed_blocks(self, seq: Sequence, start: int, end: int) -> list[BlockHash]:
-        """Hashes of the full blocks a chunk computing tokens `[start, end)` of `seq` completes (none uncached)."""
+        """Hashes of the full blocks a chunk computing tokens `[start, end)` of `seq` completes (none uncached).
+
+        Proposed tokens past the sequence's end (speculative decoding) complete no block: they may be rejected.
+        """
         if not self.enable_caching:
             return []
-        return self._hashes(seq, end // self.block_size)[start // self.block_size :]
+        return self._hashes(seq, min(end, len(seq)) // self.block_size)[start // self.block_size :]
 
     def first_missing_block(self, seq: Sequence, num_cached_blocks: int) -> BlockHash | None:
         """Hash of `seq`'s first full block past its `num_cached_blocks` cached ones, if `cached_prefix` could ever
@@ -156,6 +159,22 @@ class BlockManager:
                 self._hash_of[block] = digest
                 self._block_of[digest] = block
         seq.num_cached_blocks = num_full
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free `seq`'s blocks past those holding its first `num_tokens` tokens: the K/V of rejected proposals.
+
+        They were allocated for this sequence alone and never cached (`cache_computed` stops at its computed
+        tokens), so they go back to the plain free list.
+        """
+        keep = self.num_blocks_for(num_tokens)
+        if keep < seq.num_cached_blocks:
+            raise KVCacheError(f"{seq.request_id}: trimming to {num_tokens} tokens would drop cached blocks")
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            holders = self._holders[block]
+            holders.discard(seq)
+            if not holders and self._hash_of[block] is None:
+                self._free_plain.append(block)
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s hold on its blocks and clear its table; freeing an empty table does nothing.

@@ -16,8 +16,10 @@ from server.engine.merge_controller import MergeController
 from server.engine.outputs import RequestOutput, engine_error
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import INVALID_TOKEN, GeneratorFactory, SamplingRow
-from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.engine.speculative.config import SpeculativeConfig
+from server.engine.speculative.speculator import Speculator
 from server.engine.structured import GrammarCompiler, GrammarState
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class LLMEngine:
         adapters: AdapterSlots,
         merger: MergeController,
         generation_defaults: GenerationDefaults | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.runner = runner
         self.generation_defaults = generation_defaults or GenerationDefaults()  # what requests that omit fields get
@@ -63,6 +66,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, runner.loaded.spec.vocab_size, runner.loaded.spec.eos_token_ids)
         self.eos_token_ids = frozenset(runner.loaded.spec.eos_token_ids)
         self.max_model_len = scheduler.config.max_model_len
+        self.speculator = None if speculative is None else Speculator(speculative, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
         self.last_step_tokens = 0  # tokens (prefill + decode) the latest step computed, for the metrics
         self.last_step_failed = False  # the latest step failed as a whole, for health and metrics
@@ -112,9 +116,12 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         self._update_merge()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self._may_speculate, self._generator_of)
         plan = self.scheduler.schedule()
         self.last_step_tokens = plan.num_batched_tokens
         for seq in plan.preempted:
+            seq.draft_token_ids = []
             self._unbind(seq)
         outputs = self._prepare(plan)
         if plan.is_empty:
@@ -126,7 +133,19 @@ class LLMEngine:
             self.last_step_failed = True
             return outputs + [out for item in plan.scheduled for out in self._fail(item.seq, "its step failed")]
         self.scheduler.advance(plan)
-        return outputs + self._postprocess(step)
+        outputs += self._postprocess(step)
+        if self.speculator is not None:
+            self.speculator.end_step(plan.scheduled, sum(len(out.token_ids) for out in outputs))
+        return outputs
+
+    def _may_speculate(self, seq: Sequence) -> bool:
+        """Rows with a grammar do not speculate (see `server.engine.speculative.speculator`), nor those opting out."""
+        state = self.requests.get(seq.request_id)
+        return state is not None and state.grammar is None and seq.params.speculative
+
+    def _generator_of(self, seq: Sequence) -> torch.Generator | None:
+        state = self.requests.get(seq.request_id)
+        return None if state is None else state.generator
 
     def _update_merge(self) -> None:
         """Merged-mode swaps happen here, between steps. One that fails (out of memory for the merged weights, say)
@@ -192,22 +211,37 @@ class LLMEngine:
             if (state := self.requests.get(request_id)) is not None:
                 state.seq.prompt_logprobs.extend(scored)
         outputs = []
-        for item, token in step.sampled:
+        for item, sampled in step.sampled:
             state = self.requests.get(item.seq.request_id)
-            if state is None:
-                continue
-            if token == INVALID_TOKEN:
-                outputs += self._fail(item.seq, "sampling failed: non-finite logits or probabilities, or its generator")
-                continue
-            if state.grammar is not None and not state.grammar.accept(token):
-                outputs += self._fail(item.seq, f"its grammar refused token {token}: {state.grammar.error}")
-                continue
-            try:
-                out = self._score_only(state) if item.seq.params.max_tokens == 0 else self._append_token(state, token)
-                outputs.append(self._with_logprobs(out, state.seq, step.logprobs.get(item.seq.request_id)))
-            except Exception as exc:
-                outputs += self._fail(item.seq, "turning its token into its output failed", exc)
+            if state is not None:
+                outputs += self._take_tokens(state, item, sampled, step.logprobs.get(item.seq.request_id, []))
         return outputs
+
+    def _take_tokens(
+        self, state: RequestState, item: ScheduledSequence, sampled: list[int], logprobs: list[TokenLogprob]
+    ) -> list[RequestOutput]:
+        """Append the tokens `item` keeps (one, or the accepted proposals and the bonus token), one at a time so
+        that stop strings, EOS and max_tokens end it exactly where decoding token by token would; one output."""
+        seq = item.seq
+        kept = sampled
+        if item.num_draft and self.speculator is not None:
+            kept = self.speculator.verify(item, sampled, state.generator)
+        pieces: list[RequestOutput] = []
+        for token in kept:
+            if token == INVALID_TOKEN:
+                return self._fail(seq, "sampling failed: non-finite logits or probabilities, or its generator")
+            if state.grammar is not None and not state.grammar.accept(token):
+                return self._fail(seq, f"its grammar refused token {token}: {state.grammar.error}")
+            try:
+                scored = seq.params.max_tokens == 0
+                pieces.append(self._score_only(state) if scored else self._append_token(state, token))
+            except Exception as exc:
+                return self._fail(seq, "turning its token into its output failed", exc)
+            if pieces[-1].finished:
+                break
+        if item.num_draft and not pieces[-1].finished:
+            Speculator.roll_back(seq, len(kept) - 1, self.scheduler.block_manager)
+        return [self._with_logprobs(_joined(pieces), seq, logprobs)]
 
     def _score_only(self, state: RequestState) -> RequestOutput:
         """End a `max_tokens: 0` request (prompt scoring) once its prompt is computed; its sampled token is dropped."""
@@ -216,9 +250,9 @@ class LLMEngine:
         return self._output(state, "", [], FinishReason.LENGTH)
 
     @staticmethod
-    def _with_logprobs(out: RequestOutput, seq: Sequence, sampled: TokenLogprob | None) -> RequestOutput:
-        if sampled is not None and out.token_ids:
-            out.logprobs = [sampled]
+    def _with_logprobs(out: RequestOutput, seq: Sequence, sampled: list[TokenLogprob]) -> RequestOutput:
+        if sampled and out.token_ids:
+            out.logprobs = sampled[: len(out.token_ids)]
         if seq.params.prompt_logprobs is not None and seq.num_output_tokens <= 1:  # the request's first output
             out.prompt_logprobs = seq.prompt_logprobs
         return out
@@ -268,3 +302,12 @@ class LLMEngine:
             scheduled_time=seq.first_scheduled_time,
             num_cached_tokens=seq.num_cached_tokens or 0,
         )
+
+
+def _joined(pieces: list[RequestOutput]) -> RequestOutput:
+    """One output for the tokens a request took in one step: the last piece's state, every piece's tokens and text."""
+    out = pieces[-1]
+    if len(pieces) > 1:
+        out.text = "".join(piece.text for piece in pieces)
+        out.token_ids = [token for piece in pieces for token in piece.token_ids]
+    return out

@@ -45,17 +45,6 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: list[
     ]
 
 
-def sampled_logprobs(logits: torch.Tensor, tokens: list[int], seqs: list[Sequence]) -> dict[str, TokenLogprob]:
-    """The sampled token's log-probability per request that asks for it; `logits: [L, V]`, one row per seq."""
-    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-    if not rows:
-        return {}
-    idx = torch.tensor(rows, device=logits.device)
-    chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
-    found = token_logprobs(logits[idx], chosen, [seqs[i].params.logprobs or 0 for i in rows])
-    return {seqs[i].request_id: found[n] for n, i in enumerate(rows)}
-
-
 def prompt_positions(seq: Sequence, start: int, end: int) -> range:
     """Positions of the chunk `[start, end)` whose logits score a prompt token not scored yet.
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.batch_builder import build_forward_batch
-from server.engine.logprobs import TokenLogprob, prompt_positions, sampled_logprobs, score_prompt
+from server.engine.logprobs import TokenLogprob, prompt_positions, score_prompt, token_logprobs
 from server.engine.sampler import INVALID_TOKEN, Sampler, SamplingRow
 from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
+from server.engine.speculative.verification import tokens_per_item, verification_rows
 from server.engine.structured import MaskBuilder
 from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
@@ -20,10 +21,13 @@ from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
 
 @dataclass
 class StepResult:
-    """What one step produced: a next token per sampling item, and the log-probabilities asked for."""
+    """What one step produced: the tokens sampled per sampling item, and the log-probabilities asked for.
 
-    sampled: list[tuple[ScheduledSequence, int]]
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # request id -> its sampled token's
+    An item gets one token, or one per position it verifies when it carried proposals (speculative decoding).
+    """
+
+    sampled: list[tuple[ScheduledSequence, list[int]]]
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # request id -> its sampled tokens'
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # request id -> this chunk's
 
 
@@ -65,26 +69,33 @@ class ModelRunner:
         batch = build_forward_batch(work, self.block_size, self.device, adapter_slots if with_adapters else None)
         lora = make_lora_batch(batch.adapter_slots) if batch.adapter_slots is not None else None
         sampling = [item for item in items if item.samples]
-        rows = [row_of(item.seq) for item in sampling]
+        rows = [row for item in sampling for row in verification_rows(item, row_of(item.seq))]
         masks = self.masks.start([row.grammar for row in rows])  # computed while the forward runs
         hidden = self.model(batch, self.kv_cache, lora)  # [T, hidden]
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [L, vocab]
         tokens = self.sampler.sample(logits, rows, masks)
         return StepResult(
-            list(zip(sampling, tokens, strict=True)),
-            self._sampled_logprobs(logits, tokens, sampling),
+            list(zip(sampling, tokens_per_item(sampling, tokens), strict=True)),
+            self._sampled_logprobs(logits, tokens, rows),
             self._prompt_logprobs(hidden, batch.query_start.tolist(), items),
         )
 
     @staticmethod
     def _sampled_logprobs(
-        logits: torch.Tensor, tokens: list[int], sampling: list[ScheduledSequence]
-    ) -> dict[str, TokenLogprob]:
-        """Logprobs of the sampled tokens; rows whose sampling failed (INVALID_TOKEN) have none. `logits: [L, V]`."""
-        kept = [i for i, token in enumerate(tokens) if token != INVALID_TOKEN]
-        if len(kept) < len(tokens):
-            logits, tokens, sampling = logits[kept], [tokens[i] for i in kept], [sampling[i] for i in kept]
-        return sampled_logprobs(logits, tokens, [item.seq for item in sampling])
+        logits: torch.Tensor, tokens: list[int], rows: list[SamplingRow]
+    ) -> dict[str, list[TokenLogprob]]:
+        """Logprobs of the sampled tokens of the rows that ask, in row order per request; rows whose sampling failed
+        (INVALID_TOKEN) have none. `logits: [L, V]`, one row per entry of `rows`."""
+        kept = [i for i, token in enumerate(tokens) if token != INVALID_TOKEN and rows[i].params.logprobs is not None]
+        if not kept:
+            return {}
+        index = torch.tensor(kept, device=logits.device)
+        chosen = torch.tensor([tokens[i] for i in kept], device=logits.device)
+        found = token_logprobs(logits[index], chosen, [rows[i].params.logprobs or 0 for i in kept])
+        scored: dict[str, list[TokenLogprob]] = {}
+        for n, i in enumerate(kept):
+            scored.setdefault(rows[i].request_id, []).append(found[n])
+        return scored
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, query_start: list[int], items: list[ScheduledSequence]

@@ -51,11 +51,13 @@ class ScheduledSequence:
     num_new_tokens: int
     start: int  # the sequence's num_computed_tokens when scheduled
     samples: bool  # the chunk ends at the sequence's last token, so the step samples its next token
+    num_draft: int = 0  # trailing tokens of the chunk that are proposals (`seq.draft_token_ids`), not yet its own
 
     @classmethod
     def chunk(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        return cls(seq, num_new_tokens, start, start + num_new_tokens == len(seq))
+        num_draft = max(0, start + num_new_tokens - len(seq))
+        return cls(seq, num_new_tokens, start, start + num_new_tokens >= len(seq), num_draft)
 
     @property
     def end(self) -> int:
@@ -197,7 +199,7 @@ class Scheduler:
         """Count the tokens the step computed; sequences finished since `schedule()` are skipped."""
         for item in output.scheduled:
             if item.seq.status is SequenceStatus.RUNNING:
-                item.seq.num_computed_tokens = item.end
+                item.seq.num_computed_tokens = item.end - item.num_draft  # the engine adds the accepted proposals
                 self.block_manager.cache_computed(item.seq)
 
     def _schedule_running(self, output: SchedulerOutput) -> int:
@@ -207,11 +209,17 @@ class Scheduler:
         while pending and budget > 0:
             seq = pending.popleft()
             self._check_runnable(seq)
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens + self._num_draft(seq), budget)
+            del seq.draft_token_ids[max(0, num_new - seq.num_uncomputed_tokens) :]  # what the budget leaves room for
             if self._reserve_blocks(seq, seq.num_computed_tokens + num_new, pending, output):
                 output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
                 budget -= num_new
         return budget
+
+    @staticmethod
+    def _num_draft(seq: Sequence) -> int:
+        """Proposals verified with a decoding sequence's next token (speculative decoding); none mid-prompt."""
+        return len(seq.draft_token_ids) if seq.num_uncomputed_tokens == 1 else 0
 
     def _reserve_blocks(
         self, seq: Sequence, num_tokens: int, pending: deque[Sequence], output: SchedulerOutput

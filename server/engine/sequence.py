@@ -47,6 +47,7 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     stop_token_ids: tuple[int, ...] = ()  # generation stops after any of these (kept out of the text, like EOS)
     structured: GrammarSpec | None = None  # what the output must match (server.engine.structured)
+    speculative: bool = True  # False: never propose tokens for it, even when the server speculates
 
     def __post_init__(self) -> None:
         _check_sampling(self)
@@ -140,6 +141,7 @@ class Sequence:
     num_cached_blocks: int = 0  # leading blocks of block_table that the prefix cache can find
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked for
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed next tokens the next step verifies
 
     @property
     def token_ids(self) -> list[int]:

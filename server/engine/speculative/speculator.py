@@ -1,0 +1,96 @@
+"""The engine's side of speculative decoding: proposals before a step, acceptance and roll-back after it.
+
+Rows propose only when decoding (one token left to compute) and only where the prompt lookup finds a match; a row
+never proposes more tokens than its max_tokens and the context length leave room for. Rows with a grammar do not
+speculate (their masks are computed once per row and step), nor requests that opt out (`speculative: false`).
+
+Sampled rows speculate too, exactly: the row at each verified position draws the uniform that decoding would draw
+for that token, and after acceptance the request's generator is rewound to just past the uniforms of the kept
+tokens. A seeded request therefore gets the same tokens with and without speculation; an unseeded one its target
+distribution (a proposal is kept with the target's probability of it, else the target's draw without it is).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from server.engine.block_manager import BlockManager
+from server.engine.scheduler import ScheduledSequence
+from server.engine.sequence import Sequence
+from server.engine.speculative.acceptance import accepted_tokens
+from server.engine.speculative.config import SpeculativeConfig
+from server.engine.speculative.ngram import propose_ngram
+from server.engine.speculative.policy import SpeculationPolicy
+
+
+class Speculator:
+    """Proposes tokens for the running rows, keeps what verification accepts and counts both per adapter."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.policy = SpeculationPolicy()
+        self.proposed: Counter[str | None] = Counter()  # adapter -> proposed tokens verified, since start
+        self.accepted: Counter[str | None] = Counter()  # adapter -> of those, kept
+        self._generator_states: dict[str, torch.Tensor] = {}  # request id -> generator state before the step
+        self._step_start = 0.0
+
+    def propose(
+        self,
+        running: list[Sequence],
+        allowed: Callable[[Sequence], bool],
+        generator_of: Callable[[Sequence], torch.Generator | None],
+    ) -> None:
+        """Set `draft_token_ids` of the running rows that speculate this step; clear everyone else's."""
+        self._step_start = time.perf_counter()
+        for seq in running:
+            seq.draft_token_ids = []
+        decoding = [seq for seq in running if seq.num_uncomputed_tokens == 1]
+        if not decoding or not self.policy.speculate(len(decoding)):
+            return
+        for seq in decoding:
+            seq.draft_token_ids = self._proposal(seq) if allowed(seq) else []
+            if seq.draft_token_ids and (generator := generator_of(seq)) is not None:
+                self._generator_states[seq.request_id] = generator.get_state()
+
+    def _proposal(self, seq: Sequence) -> list[int]:
+        room = min(
+            self.config.num_speculative_tokens,
+            seq.params.max_tokens - seq.num_output_tokens - 1,
+            self.max_model_len - len(seq) - 1,
+        )
+        config = self.config
+        return propose_ngram(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
+
+    def verify(self, item: ScheduledSequence, sampled: list[int], generator: torch.Generator | None) -> list[int]:
+        """The tokens `item` keeps of its `sampled` ones; its generator rewound to just past the kept ones' draws."""
+        seq = item.seq
+        proposed = seq.draft_token_ids[: item.num_draft]
+        kept = accepted_tokens(proposed, sampled)
+        self.proposed[seq.adapter] += len(proposed)
+        self.accepted[seq.adapter] += len(kept) - 1
+        state = self._generator_states.pop(seq.request_id, None)
+        if generator is not None and state is not None:
+            generator.set_state(state)
+            torch.rand(len(kept), dtype=torch.float64, generator=generator)  # the draws of the kept tokens
+        return kept
+
+    @staticmethod
+    def roll_back(seq: Sequence, num_accepted: int, blocks: BlockManager) -> None:
+        """Count the accepted proposals as computed and free the blocks only rejected ones reached."""
+        seq.num_computed_tokens += num_accepted
+        blocks.cache_computed(seq)
+        blocks.trim(seq, len(seq))
+
+    def end_step(self, scheduled: list[ScheduledSequence], num_tokens: int) -> None:
+        """Clear this step's proposals and record, for a decode-only step, what it cost per generated token."""
+        for item in scheduled:
+            item.seq.draft_token_ids = []
+        self._generator_states.clear()
+        if scheduled and all(item.num_new_tokens - item.num_draft == 1 for item in scheduled):
+            speculated = any(item.num_draft for item in scheduled)
+            self.policy.record(len(scheduled), speculated, time.perf_counter() - self._step_start, num_tokens)

@@ -1,0 +1,204 @@
+"""Prompt lookup speculation: exact against decoding one token per step, in mixed-adapter batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from server.adapters.registry import AdapterRegistry
+from server.engine.block_manager import ROOT_HASH, block_hash
+from server.engine.factory import build_core
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampler import Sampler, SamplingRow
+from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.speculative.acceptance import accepted_tokens
+from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
+from server.engine.speculative.ngram import propose_ngram
+from server.errors import ConfigurationError
+from server.metrics import Metrics
+from server.settings import Settings
+from tests.helpers import make_adapter_store, peft_greedy
+
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
+LOOP = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]  # repeats, so proposals exist from the first decode step
+GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)
+
+
+def test_config_parses_vllm_spelling_and_refuses_bad_ones() -> None:
+    assert parse_speculative_config(NGRAM) == SpeculativeConfig(4, 1, 3)
+    assert parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 5}') == (
+        SpeculativeConfig(2, 5, 5)
+    )
+    for bad, words in [
+        ("not json", "not JSON"),
+        ("[1]", "JSON object"),
+        ('{"method": "eagle", "num_speculative_tokens": 2, "prompt_lookup_max": 2}', "not supported"),
+        ('{"method": "ngram", "prompt_lookup_max": 2}', "needs num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": 0, "prompt_lookup_max": 2}', "positive integer"),
+        ('{"method": "ngram", "num_speculative_tokens": 99, "prompt_lookup_max": 2}', "at most"),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}', "above"),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2, "x": 1}', "unknown keys"),
+        ('{"method": "ngram", "num_speculative_tokens": 2}', "needs prompt_lookup_min"),
+    ]:
+        with pytest.raises(ConfigurationError, match=words):
+            parse_speculative_config(bad)
+    with pytest.raises(ValueError, match="above"):
+        Settings(speculative_config='{"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}')
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match() -> None:
+    tokens = [1, 2, 3, 9, 1, 2, 3, 4, 5, 6, 0, 2, 3]
+    assert propose_ngram(tokens, 3, 1, 3) == [4, 5, 6]  # "2 3" last seen before 4 5 6 (the latest match)
+    assert propose_ngram(tokens, 2, 3, 3) == []  # "0 2 3" never occurred before
+    assert propose_ngram(tokens, 0, 1, 3) == []
+    assert propose_ngram([7, 7], 4, 1, 2) == [7]  # a match may not run into the suffix itself
+    assert propose_ngram([1, 2, 3], 4, 1, 2) == []
+
+
+def test_acceptance_keeps_the_matching_prefix_and_a_bonus_token() -> None:
+    assert accepted_tokens([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]
+    assert accepted_tokens([4, 5, 6], [4, 9, 6, 7]) == [4, 9]
+    assert accepted_tokens([4, 5, 6], [1, 5, 6, 7]) == [1]
+    with pytest.raises(ValueError):
+        accepted_tokens([4], [4])
+
+
+def test_a_proposal_is_kept_with_the_target_probability_and_otherwise_the_target_draws_without_it() -> None:
+    """The point-mass draft's rejection sampling, statistically: the first kept token has the target distribution."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    target = torch.softmax(logits[0], dim=-1)
+    params = SamplingParams(temperature=1.0)
+    sampler = Sampler([])
+    generator = torch.Generator().manual_seed(1234)
+    draws = 6000
+    counts = torch.zeros(5)
+    kept_proposal = 0
+    for _ in range(draws):
+        token = sampler.sample(logits, [SamplingRow(params, generator, 0)])[0]
+        first = accepted_tokens([1], [token, 0])[0]  # proposal 1; the second row's token is irrelevant here
+        counts[first] += 1
+        kept_proposal += first == 1
+    chi2 = float((((counts - draws * target) ** 2) / (draws * target)).sum())
+    assert chi2 < 20.5  # 4 degrees of freedom, p = 0.0004
+    assert abs(kept_proposal / draws - float(target[1])) < 0.02
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, tmp_path_factory):
+    return make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("spec-store"), {
+        "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "wide": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+        "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj"]),
+    })  # fmt: skip
+
+
+def _core(model_dir, store, speculative: str | None, **extra) -> Iterator[tuple[LLMEngine, AdapterRegistry]]:
+    settings = Settings(
+        model=model_dir, adapters_store=store, kv_cache_bytes=2**20, block_size=4, max_loras=4,
+        speculative_config=speculative, **extra,
+    )  # fmt: skip
+    engine, registry, _ = build_core(settings, Metrics(10, 4))
+    yield engine, registry
+    registry.shutdown()
+
+
+def _run(core: LLMEngine, registry: AdapterRegistry, jobs: list[tuple[str, list[int], SamplingParams, str | None]]):
+    keys = {rid: asyncio.run(registry.acquire(adapter)) if adapter else None for rid, _, _, adapter in jobs}
+    outputs: dict[str, list] = {}
+    for rid, prompt, params, _ in jobs:
+        core.add_request(rid, prompt, params, keys[rid])
+    for _ in range(300):
+        if not core.has_work:
+            break
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        for seq in core.scheduler.running:  # rejected proposals' blocks are given back within the step
+            assert len(seq.block_table) <= core.scheduler.block_manager.num_blocks_for(len(seq))
+    for key in keys.values():
+        if key is not None:
+            registry.release(key)
+    blocks = core.scheduler.block_manager
+    assert not core.requests and blocks.num_free_blocks == blocks.num_blocks
+    return {
+        rid: (
+            [t for o in outs for t in o.token_ids],
+            "".join(o.text for o in outs),
+            outs[-1].finish_reason,
+            [(lp.token_id, round(lp.logprob, 4)) for o in outs for lp in o.logprobs or ()],
+        )
+        for rid, outs in outputs.items()
+    }
+
+
+JOBS = [
+    ("base", LOOP, GREEDY, None),
+    ("lora", LOOP[2:], GREEDY, "lora"),
+    ("wide", LOOP[1:] + LOOP, GREEDY, "wide"),
+    ("dora", LOOP[3:], GREEDY, "dora"),
+    ("seeded", LOOP, SamplingParams(max_tokens=20, temperature=0.8, top_k=30, seed=7), "lora"),
+    ("unseeded", LOOP[4:], SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9), "wide"),
+    ("penalised", LOOP, SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.3,
+                                        frequency_penalty=0.5, logit_bias=((6, 3.0),)), "dora"),  # fmt: skip
+    ("logprobs", LOOP[1:], SamplingParams(max_tokens=15, temperature=0.0, logprobs=2), None),
+    ("short", LOOP, SamplingParams(max_tokens=3, temperature=0.0), "wide"),
+    ("min-tokens", LOOP[2:], SamplingParams(max_tokens=10, min_tokens=6, temperature=0.0), None),
+    ("opt-out", LOOP, SamplingParams(max_tokens=12, temperature=0.0, speculative=False), "lora"),
+]
+
+
+@pytest.mark.parametrize("merged", [[], ["wide"]])
+def test_mixed_adapter_batches_give_the_tokens_of_plain_decoding(tiny_model_dir, store, merged) -> None:
+    with_spec = _core(tiny_model_dir, store, NGRAM, merged=merged)
+    core, registry = next(with_spec)
+    plain = _core(tiny_model_dir, store, None, merged=merged)
+    reference = _run(*next(plain), JOBS)
+    assert _run(core, registry, JOBS) == reference
+    spec = core.speculator
+    assert spec is not None and sum(spec.proposed.values()) > 0 and sum(spec.accepted.values()) > 0
+    assert {"lora", "dora", "wide"} <= {key.split("@")[0] for key in spec.proposed if key}
+    for job in ("short", "min-tokens"):
+        assert len(reference[job][0]) == {"short": 3, "min-tokens": 10}[job] or reference[job][2] is FinishReason.STOP
+    for gen in (with_spec, plain):
+        next(gen, None)
+
+
+def test_stop_strings_end_a_speculating_row_where_plain_decoding_does(tiny_model_dir, store) -> None:
+    probe = _core(tiny_model_dir, store, None)
+    text = _run(*next(probe), [("probe", LOOP, GREEDY, None)])["probe"][1]
+    next(probe, None)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    jobs = [("stopped", LOOP, SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,)), None)]
+    plain, spec = _core(tiny_model_dir, store, None), _core(tiny_model_dir, store, NGRAM)
+    assert _run(*next(spec), jobs) == _run(*next(plain), jobs)
+    for gen in (plain, spec):
+        next(gen, None)
+
+
+def test_greedy_speculation_matches_peft(tiny_model_dir, store) -> None:
+    gen = _core(tiny_model_dir, store, NGRAM)
+    core, registry = next(gen)
+    got = _run(core, registry, [("a", LOOP, GREEDY, "dora"), ("b", LOOP[1:], GREEDY, "lora")])
+    assert got["a"][0] == peft_greedy(tiny_model_dir, store / "dora", LOOP, 24)
+    assert got["b"][0] == peft_greedy(tiny_model_dir, store / "lora", LOOP[1:], 24)
+    next(gen, None)
+
+
+def test_the_prefix_cache_never_holds_a_block_with_rejected_tokens(tiny_model_dir, store) -> None:
+    gen = _core(tiny_model_dir, store, NGRAM)
+    core, registry = next(gen)
+    jobs = [("x", LOOP * 2, GREEDY, "lora"), ("y", LOOP, GREEDY, None)]
+    got = _run(core, registry, jobs)
+    blocks = core.scheduler.block_manager
+    allowed = set()
+    for rid, prompt, _, adapter in jobs:
+        key = None if adapter is None else next(k for k in core.speculator.proposed if k and k.startswith(adapter))
+        tokens, parent = prompt + got[rid][0], ROOT_HASH
+        for start in range(0, len(tokens) - blocks.block_size + 1, blocks.block_size):
+            parent = block_hash(parent, tokens[start : start + blocks.block_size], key)
+            allowed.add(parent)
+    assert blocks.num_cached_blocks > 0 and set(blocks._block_of) <= allowed
+    assert sum(core.speculator.proposed.values()) > sum(core.speculator.accepted.values())  # some were rejected
+    next(gen, None)
