@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Set
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
@@ -159,13 +160,14 @@ class AdapterCache:
             self._slots.pin(key, pinned)
             self._evict()
 
-    def warm(self, key: str) -> None:
-        """Start loading `key` into host memory ahead of its first request, unless it is there."""
+    def warm(self, key: str) -> Future[AdapterWeights] | None:
+        """Start loading `key` into host memory ahead of its first request; its load, None if it is there."""
         with self._lock:
-            if key not in self._host:
-                if not self._requests[key]:  # no request waits for it: a prefetch, counted when one finds it
-                    self._prefetched.add(key)
-                self._loader.load(key)
+            if key in self._host:
+                return None
+            if not self._requests[key]:  # no request waits for it: a prefetch, counted when one finds it
+                self._prefetched.add(key)
+            return self._loader.load(key)
 
     def retire(self, key: str) -> None:
         """A version no longer served to new requests: it leaves each tier once its last user there is done."""

@@ -135,6 +135,15 @@ class AdapterRegistry:
             return key
         raise ConflictError(f"adapter {name!r} kept changing while it loaded; retry", param="model")
 
+    async def prefetch(self, name: str) -> None:
+        """Load the current version of `name` into host memory ahead of its requests, without holding it.
+
+        Shares a load in flight; raises what the load raises (NotFoundError for an adapter not in the store).
+        """
+        load = self.cache.warm(adapter_key(name, self._current(name).version))
+        if load is not None:  # shielded: this caller giving up must not cancel a load requests may share
+            await asyncio.shield(asyncio.wrap_future(load))
+
     def release(self, key: str) -> None:
         """End one request's hold on `key`."""
         self.cache.release(key)
