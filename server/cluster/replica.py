@@ -74,7 +74,7 @@ class EngineReplica:
     async def handle(self, request: ProxiedRequest) -> AsyncIterator[ResponseHead | bytes]:
         """Serve one forwarded request: the response head (naming this replica), then its body chunks."""
         adapter = serve.get_multiplexed_model_id()
-        if adapter and self.engine.adapters.exists(adapter):  # for an unknown one the app answers 404
+        if adapter and self._serves(adapter):  # for an unknown one the app answers 404
             with contextlib.suppress(NotFoundError):  # deleted meanwhile: the app answers 404 too
                 await self.load_adapter(adapter)
         async for part in run_request(self.app, request):
@@ -107,11 +107,10 @@ class EngineReplica:
         """
         if origin == self.replica_id:
             return
-        registry = self.engine.adapters
-        registry.refresh(name)
+        self.engine.refresh_adapter(name)
         with contextlib.suppress(NotFoundError):  # removed
-            if registry.view(name).meta.pinned:
-                registry.release(await registry.acquire(name))
+            if self.engine.adapter_view(name).meta.pinned:
+                await self.engine.prefetch_adapter(name)
 
     def reload_keys(self) -> None:
         """Re-read the key file as a SIGHUP does to one server: `serve-ray` forwards its SIGHUP to every replica."""
@@ -135,9 +134,14 @@ class EngineReplica:
 
     async def _lease(self, name: str) -> AdapterLease:
         """Load `name` into host memory here (a cold load runs off the engine thread); NotFoundError if unknown."""
-        key = await self.engine.adapters.acquire(name)
-        self.engine.adapters.release(key)
+        await self.engine.prefetch_adapter(name)
         return AdapterLease(name, self._unload_soon)
+
+    def _serves(self, name: str) -> bool:
+        try:
+            return self.engine.resolve_adapter(name) is not None
+        except LoraplexError:
+            return False
 
     def _unload_soon(self, name: str) -> None:
         if not self._loop.is_closed():
@@ -145,7 +149,7 @@ class EngineReplica:
 
     def _unload(self, name: str) -> None:
         try:
-            if not self.engine.adapters.view(name).meta.pinned:  # pinned adapters stay resident by contract
-                self.engine.adapters.refresh(name)
+            if not self.engine.adapter_view(name).meta.pinned:  # pinned adapters stay resident by contract
+                self.engine.refresh_adapter(name)
         except LoraplexError:
             return  # removed meanwhile: nothing left to unload

@@ -126,6 +126,19 @@ class AsyncEngine:
         """Take an adapter out of the store; its running requests finish."""
         self.adapters.remove(name)
 
+    async def prefetch_adapter(self, name: str) -> None:
+        """Load `name` into host memory ahead of its requests, sharing a load in flight; NotFoundError if unknown.
+
+        The one way in for callers other than a request (Ray's multiplexed loader, a pin elsewhere), so their
+        loads are deduplicated and bounded with the requests' own.
+        """
+        await self.adapters.prefetch(name)
+
+    def refresh_adapter(self, name: str) -> None:
+        """Serve `name` as the store holds it now, as a new version (another process changed it, or it is
+        unloaded here); running requests keep the version they hold."""
+        self.adapters.refresh(name)
+
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
@@ -176,6 +189,7 @@ class AsyncEngine:
                 f"{self._in_flight} requests are in flight and the queue holds {self.max_queue}; retry shortly",
                 retry_after_s=1,
             )
+        arrival = time.monotonic()  # its place in the queue, kept while its adapter loads
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._in_flight += 1
@@ -183,9 +197,9 @@ class AsyncEngine:
         submitted = finished = False
         key = None  # the adapter version this request runs with, held until it ends
         try:
-            if adapter is not None:
-                key = await self.adapters.acquire(adapter)  # a cold adapter loads off the engine thread
-            self._post(Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait))
+            if adapter is not None:  # loads on arrival, off the engine thread; the batch runs on without it
+                key = await self.adapters.acquire(adapter)
+            self._post(Submit(request_id, prompt_token_ids, params, key, loop, outputs.put_nowait, arrival))
             submitted = True
             while not finished:
                 out = await outputs.get()
@@ -309,7 +323,9 @@ class AsyncEngine:
                 command.run(self.core)
                 continue
             try:
-                self.core.add_request(command.request_id, command.prompt_token_ids, command.params, command.adapter)
+                self.core.add_request(
+                    command.request_id, command.prompt_token_ids, command.params, command.adapter, command.arrival_time
+                )
             except Exception as exc:
                 log.exception("request %s failed: it could not be added", command.request_id)
                 self.metrics.record_request_failures(1)

@@ -27,6 +27,7 @@ class Submit:
     adapter: str | None  # adapter key (name@version), see server.adapters.versions
     loop: asyncio.AbstractEventLoop  # the caller's loop; outputs are handed over on it
     put: Callable[[RequestOutput], None]
+    arrival_time: float | None = None  # time.monotonic() when the request arrived, before its adapter loaded
 
     def error(self, message: str) -> RequestOutput:
         """The one output of a request that ends with `message` before it produced anything."""

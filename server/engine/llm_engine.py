@@ -76,12 +76,16 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None):
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None,
+        arrival_time: float | None = None,
+    ):  # fmt: skip
         """Queue a request. Everything that can fail for it is built before the scheduler sees it, so a failure
-        here raises and leaves nothing behind."""
+        here raises and leaves nothing behind. `arrival_time` (monotonic) orders it in the queue; now if None."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id} is already running")
-        seq = Sequence(request_id, list(prompt_token_ids), params, adapter, arrival_time=time.monotonic())
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter, arrival_time=arrival)
         generator = None if params.greedy else self.generators.create(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         grammar = None if params.structured is None else self.grammars.start(params.structured)

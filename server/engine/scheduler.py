@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockHash, BlockManager
+from server.engine.overtaking import OvertakeGuard, insert_by_arrival
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 from server.errors import InvalidRequestError
 from server.settings import Settings
@@ -127,6 +128,7 @@ class Scheduler:
         self.adapter_fits = adapter_fits  # False while no device slot can take it next to those in use (pinned ones)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # ordered by arrival_time
+        self._overtakes = OvertakeGuard()  # bounds how often ready requests without a free adapter slot are passed
         self._watermark_blocks = int(config.watermark * block_manager.num_blocks)
         self.num_preemptions = 0  # since start, for metrics
 
@@ -161,7 +163,7 @@ class Scheduler:
             )
         if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
             raise ValueError(f"{seq.request_id} is not a fresh sequence")
-        self.waiting.append(seq)
+        insert_by_arrival(self.waiting, seq)  # one whose adapter loaded since it arrived takes back its place
 
     def abort(self, request_id: str) -> Sequence | None:
         """Cancel a waiting or running sequence; None when no unfinished sequence has this id."""
@@ -286,10 +288,16 @@ class Scheduler:
         """
         adapters = set(self.running_adapters)
         manager = self.block_manager
+        guard = self._overtakes
+        guard.start()
         for seq in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if not guard.allows(seq):
+                continue
             if not self._adapter_allows(seq, adapters):
+                if seq.adapter is not None and self.adapter_ready(seq.adapter):
+                    guard.skip(seq)
                 continue
             self._check_runnable(seq)
             prefix = self._reusable_prefix(seq)
@@ -299,8 +307,10 @@ class Scheduler:
             if num_new is None:
                 break  # FCFS: later, smaller requests must not starve this one
             budget -= self._start(seq, num_new, adapters, output)
+            guard.admitted()
             in_flight.update(manager.completed_blocks(seq, seq.num_computed_tokens, seq.num_computed_tokens + num_new))
         self.waiting = deque(seq for seq in self.waiting if seq.status is SequenceStatus.WAITING)
+        guard.finish(self.waiting)
 
     def _admit(self, seq: Sequence, budget: int, prefix: list[int] | None = None) -> int | None:
         """Give `seq` its cached prefix (`_reusable_prefix`, unless given) and blocks for its next chunk; the
