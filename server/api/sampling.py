@@ -31,6 +31,7 @@ def sampling_request(body: GenerationRequest, structured: GrammarSpec | None = N
         stop_token_ids=tuple(body.stop_token_ids or ()),
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
+        speculative=body.speculative,
         logprobs=body.wanted_logprobs(),
         prompt_logprobs=body.wanted_prompt_logprobs(),
         presence_penalty=body.presence_penalty or 0.0,

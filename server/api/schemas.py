@@ -63,6 +63,7 @@ class GenerationRequest(BaseModel):
     stop: StopList | None = None
     min_tokens: MinTokens = 0
     ignore_eos: bool = False
+    speculative: bool = Field(True, description="false: this request never uses speculative decoding")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")

@@ -58,6 +58,7 @@ class SamplingRequest:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    speculative: bool = True  # False: this request opts out of speculative decoding
     logprobs: int | None = None  # alternatives reported per generated token; None: no log-probabilities
     prompt_logprobs: int | None = None  # the same for prompt tokens; None: the prompt is not scored
     presence_penalty: float = 0.0
@@ -117,6 +118,7 @@ class SamplingRequest:
             stop_token_ids=self.stop_token_ids,
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
+            speculative=self.speculative,
             logprobs=0 if self.logprobs is None and self.ranks else self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
             presence_penalty=self.presence_penalty,

@@ -9,14 +9,18 @@ import pytest
 import torch
 
 from server.adapters.registry import AdapterRegistry
+from server.api.sampling import sampling_request
+from server.api.schemas import ChatCompletionRequest
 from server.engine.block_manager import ROOT_HASH, block_hash
 from server.engine.factory import build_core
+from server.engine.generation_defaults import GenerationDefaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampler import Sampler, SamplingRow
 from server.engine.sequence import FinishReason, SamplingParams
 from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
 from server.engine.speculative.ngram import propose_ngram
+from server.engine.speculative.policy import EXPLORE_EVERY, SpeculationPolicy
 from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.settings import Settings
@@ -25,6 +29,9 @@ from tests.helpers import make_adapter_store, peft_greedy
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
 LOOP = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]  # repeats, so proposals exist from the first decode step
 GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)
+PENALISED = SamplingParams(
+    max_tokens=20, temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, logit_bias=((6, 3.0),)
+)
 
 
 def test_config_parses_vllm_spelling_and_refuses_bad_ones() -> None:
@@ -140,8 +147,7 @@ JOBS = [
     ("dora", LOOP[3:], GREEDY, "dora"),
     ("seeded", LOOP, SamplingParams(max_tokens=20, temperature=0.8, top_k=30, seed=7), "lora"),
     ("unseeded", LOOP[4:], SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9), "wide"),
-    ("penalised", LOOP, SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.3,
-                                        frequency_penalty=0.5, logit_bias=((6, 3.0),)), "dora"),  # fmt: skip
+    ("penalised", LOOP, PENALISED, "dora"),
     ("logprobs", LOOP[1:], SamplingParams(max_tokens=15, temperature=0.0, logprobs=2), None),
     ("short", LOOP, SamplingParams(max_tokens=3, temperature=0.0), "wide"),
     ("min-tokens", LOOP[2:], SamplingParams(max_tokens=10, min_tokens=6, temperature=0.0), None),
@@ -202,3 +208,26 @@ def test_the_prefix_cache_never_holds_a_block_with_rejected_tokens(tiny_model_di
     assert blocks.num_cached_blocks > 0 and set(blocks._block_of) <= allowed
     assert sum(core.speculator.proposed.values()) > sum(core.speculator.accepted.values())  # some were rejected
     next(gen, None)
+
+
+def test_a_request_opts_out_through_its_speculative_field() -> None:
+    for value in (True, False):
+        body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], speculative=value)
+        params = sampling_request(body).params(0, 3, 100, GenerationDefaults())
+        assert params.speculative is value
+    with pytest.raises(ValueError):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], speculative="sometimes")
+
+
+def test_the_policy_backs_off_where_speculating_costs_more_per_token_and_retries_now_and_then() -> None:
+    policy = SpeculationPolicy()
+    assert policy.speculate(32)  # unmeasured: try it
+    policy.record(32, True, seconds=0.30, num_tokens=40)  # 7.5 ms per token with proposals
+    assert not policy.speculate(32)  # the plain step is not measured yet
+    policy.record(32, False, seconds=0.16, num_tokens=32)  # 5 ms per token without
+    choices = [policy.speculate(32) for _ in range(EXPLORE_EVERY * 2)]
+    assert 1 <= choices.count(True) <= 2  # it backs off, re-measuring once per EXPLORE_EVERY steps
+    assert policy.speculate(1)  # another batch size is measured on its own
+    policy.record(1, True, seconds=0.01, num_tokens=4)
+    policy.record(1, False, seconds=0.01, num_tokens=1)
+    assert sum(policy.speculate(1) for _ in range(EXPLORE_EVERY)) >= EXPLORE_EVERY - 1
