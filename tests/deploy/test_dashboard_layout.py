@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+from server.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "loraplex.json"
 
@@ -32,3 +35,14 @@ def test_prefix_cache_hit_rate_is_hits_over_queries_per_adapter() -> None:
     hits, queries = per_adapter.split(" / ")
     assert "loraplex_prefix_cache_hits_total" in hits and "by (adapter)" in hits
     assert "loraplex_prefix_cache_queries_total" in queries and "by (adapter)" in queries
+
+
+def test_the_adapter_tier_row_reads_metrics_the_server_exposes() -> None:
+    panels = _panels()
+    (row,) = [panel for panel in panels if panel["type"] == "row" and "tier" in panel["title"].lower()]
+    below = [p for p in panels if p["gridPos"]["y"] > row["gridPos"]["y"]]
+    names = {m for panel in below for t in panel["targets"] for m in re.findall(r"loraplex_\w+", t["expr"])}
+    assert {"loraplex_adapter_loads_total", "loraplex_adapter_prefetch_hits_total"} <= names
+    exposed = Metrics(10, 4).render().decode()
+    for name in names:
+        assert f"\n{name}" in exposed, f"the dashboard reads {name}, which the server does not expose"
