@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+NO_WINDOW = 2**30  # the window of a layer without one: longer than any context
+
 
 @triton.jit
 def _decode_kernel(
@@ -28,9 +30,7 @@ def _decode_kernel(
     offs_d = tl.arange(0, HEAD)
     d_mask = offs_d < head_dim
     query = tl.load(q + token * sq_t + head * sq_h + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
-    first = 0
-    if window > 0:
-        first = tl.maximum(length - window, 0)
+    first = tl.maximum(length - window, 0)  # the first key the window sees; `window` is huge without one
     offs_p = tl.arange(0, BLOCK_P)
     m_i = -float("inf")
     l_i = 0.0
@@ -71,7 +71,7 @@ def decode_attention(
     if rows == 0:
         return out
     _decode_kernel[(rows, num_heads)](
-        q, k_cache, v_cache, out, tokens, tables, lens, scale, softcap or 1.0, window or 0,
+        q, k_cache, v_cache, out, tokens, tables, lens, scale, softcap or 1.0, window or NO_WINDOW,
         num_heads // kv_heads, head_dim, block_size,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], k_cache.stride(3), *v_cache.stride(), out.stride(0),
         out.stride(1), tables.stride(0),

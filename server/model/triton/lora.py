@@ -57,7 +57,8 @@ def segments(batch: LoraBatch, max_loras: int) -> Segments:
 def _build_segments(token_slots: torch.Tensor, max_loras: int) -> Segments:
     key = token_slots - MERGED_SLOT  # merged 0, base 1, slot j at j + 2: adapter tokens sort after the others
     order = torch.sort(key, stable=True).indices.to(torch.int32)
-    counts = torch.bincount(key, minlength=max_loras + 2)  # [N + 2]
+    # [N + 2]; a scatter, not bincount, which reads the largest key back to the host (a sync, and no graph capture)
+    counts = torch.zeros(max_loras + 2, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
     starts = torch.cumsum(counts, 0) - counts
     num_tokens = token_slots.shape[0]
     as_int = {"dtype": torch.int32}
@@ -188,7 +189,7 @@ def shrink_expand(
     num_segs = seg_rows.shape[0]
     if num_tokens == 0 or w.cap == 0:
         return
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    precision = "ieee" if x.dtype == torch.float32 else None  # float32 stays exact: no tf32
     # Triton's interpreter (3.9) multiplies bf16 tiles as their raw bits; there the dots run in float32
     upcast = bool(triton.knobs.runtime.interpret) and x.dtype != torch.float32
     xa = torch.empty(num_tokens, w.cap, dtype=torch.float32, device=x.device)  # [T, cap]; rows of other slots unread
