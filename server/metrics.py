@@ -150,6 +150,7 @@ class Metrics:
         self._define_adapter_collectors(PREFIX)
         self.adapter_tiers = AdapterTierMetrics(self.registry, PREFIX)  # loads between tiers, bytes per tier
         self._define_tenant_collectors(PREFIX)
+        self._define_speculation_collectors(PREFIX)
 
     def _define_request_collectors(self, p: str) -> None:
         r = self.registry
@@ -246,11 +247,22 @@ class Metrics:
             ["tenant", "status"], registry=r,
         )  # fmt: skip
 
+    def _define_speculation_collectors(self, p: str) -> None:
+        """vLLM's names; the acceptance rate is accepted over proposed (the dashboard divides their rates)."""
+        r = self.registry
+        self.spec_proposed = Counter(
+            f"{p}spec_decode_num_draft_tokens", "Proposed tokens verified (speculation).", ["adapter"], registry=r
+        )
+        self.spec_accepted = Counter(
+            f"{p}spec_decode_num_accepted_tokens", "Proposed tokens accepted by verification.", ["adapter"], registry=r
+        )
+
     def set_base_model(self, name: str) -> None:
         """Name the base model: its own `adapter` label value, and the merged one until an adapter is merged."""
         self._base_model = name
         self.adapter_labels.reserve(name)
         self._set_merged(name)
+        self.record_speculation([(None, 0, 0)])  # the base model's series exist (at 0) whether or not it speculates
 
     def render(self, labels: Mapping[str, str] | None = None) -> bytes:
         """The exposition text of every collector (serve with CONTENT_TYPE), each sample with `labels` added.
@@ -283,6 +295,13 @@ class Metrics:
         """Record one engine step that computed `batch_tokens` tokens."""
         self.step_seconds.observe(seconds)
         self.step_tokens.observe(batch_tokens)
+
+    def record_speculation(self, counts: Iterable[tuple[str | None, int, int]]) -> None:
+        """Count proposed and accepted tokens per adapter name (None: the base model) since the last call."""
+        for adapter, proposed, accepted in counts:
+            label = self.adapter_labels(adapter or self._base_model or "base")
+            self.spec_proposed.labels(label).inc(proposed)
+            self.spec_accepted.labels(label).inc(accepted)
 
     def record_step_failure(self) -> None:
         self.step_failures.inc()

@@ -339,6 +339,7 @@ class AsyncEngine:
         outputs = self.core.step()  # contains its own failures, see LLMEngine
         if self.core.last_step_tokens:
             self.metrics.record_step(time.perf_counter() - start, self.core.last_step_tokens)
+            self.metrics.record_speculation(self.core.speculation_counts())
         self._finish_step(outputs, self.core.last_step_failed)
 
     def _finish_step(self, outputs: list[RequestOutput], failed: bool) -> None:

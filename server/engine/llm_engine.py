@@ -142,6 +142,10 @@ class LLMEngine:
             self.speculator.end_step(plan.scheduled, sum(len(out.token_ids) for out in outputs))
         return outputs
 
+    def speculation_counts(self) -> list[tuple[str | None, int, int]]:
+        """Proposed and accepted tokens per adapter name since the previous call (none without speculation)."""
+        return [] if self.speculator is None else self.speculator.take_counts()
+
     def _may_speculate(self, seq: Sequence) -> bool:
         """Rows with a grammar do not speculate (see `server.engine.speculative.speculator`), nor those opting out."""
         state = self.requests.get(seq.request_id)

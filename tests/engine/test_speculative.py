@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -21,9 +22,11 @@ from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
 from server.engine.speculative.ngram import propose_ngram
 from server.engine.speculative.policy import EXPLORE_EVERY, SpeculationPolicy
+from server.engine.speculative.speculator import Speculator
 from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.settings import Settings
+from tests.deploy.test_dashboard_layout import DASHBOARD
 from tests.helpers import make_adapter_store, peft_greedy
 
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
@@ -231,3 +234,31 @@ def test_the_policy_backs_off_where_speculating_costs_more_per_token_and_retries
     policy.record(1, True, seconds=0.01, num_tokens=4)
     policy.record(1, False, seconds=0.01, num_tokens=1)
     assert sum(policy.speculate(1) for _ in range(EXPLORE_EVERY)) >= EXPLORE_EVERY - 1
+
+
+def test_metrics_count_proposed_and_accepted_per_adapter_and_the_dashboard_divides_them() -> None:
+    metrics = Metrics(2, 4)
+    metrics.set_base_model("tiny")
+    exposed = metrics.render().decode()
+    assert 'loraplex_spec_decode_num_draft_tokens_total{adapter="tiny"} 0.0' in exposed
+    metrics.record_speculation([("sql", 8, 5), (None, 4, 1), ("a", 1, 0), ("b", 2, 2), ("sql", 2, 2)])
+    exposed = metrics.render().decode()
+    assert 'loraplex_spec_decode_num_draft_tokens_total{adapter="sql"} 10.0' in exposed
+    assert 'loraplex_spec_decode_num_accepted_tokens_total{adapter="sql"} 7.0' in exposed
+    assert 'loraplex_spec_decode_num_accepted_tokens_total{adapter="tiny"} 1.0' in exposed
+    assert 'loraplex_spec_decode_num_draft_tokens_total{adapter="other"} 2.0' in exposed  # past the label cap
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    (panel,) = [p for p in panels if "speculative" in p["title"].lower()]
+    accepted, proposed = panel["targets"][0]["expr"].split(" / ")
+    assert "loraplex_spec_decode_num_accepted_tokens_total" in accepted and "by (adapter)" in accepted
+    assert "loraplex_spec_decode_num_draft_tokens_total" in proposed and "by (adapter)" in proposed
+
+
+def test_take_counts_hands_out_what_was_gained_since_the_last_call() -> None:
+    spec = Speculator(SpeculativeConfig(2, 1, 2), 100)
+    spec.proposed.update({"sql@1": 4, None: 2})
+    spec.accepted.update({"sql@1": 3})
+    assert sorted(spec.take_counts(), key=str) == sorted([("sql", 4, 3), (None, 2, 0)], key=str)
+    assert spec.take_counts() == []
+    spec.proposed["sql@1"] += 2
+    assert spec.take_counts() == [("sql", 2, 0)]

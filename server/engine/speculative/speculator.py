@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from server.adapters.versions import adapter_name
 from server.engine.block_manager import BlockManager
 from server.engine.scheduler import ScheduledSequence
 from server.engine.sequence import Sequence
@@ -34,8 +35,9 @@ class Speculator:
         self.config = config
         self.max_model_len = max_model_len
         self.policy = SpeculationPolicy()
-        self.proposed: Counter[str | None] = Counter()  # adapter -> proposed tokens verified, since start
-        self.accepted: Counter[str | None] = Counter()  # adapter -> of those, kept
+        self.proposed: Counter[str | None] = Counter()  # adapter key -> proposed tokens verified, since start
+        self.accepted: Counter[str | None] = Counter()  # adapter key -> of those, kept
+        self._reported: dict[str | None, tuple[int, int]] = {}  # what `take_counts` handed out so far
         self._generator_states: dict[str, torch.Tensor] = {}  # request id -> generator state before the step
         self._step_start = 0.0
 
@@ -78,6 +80,18 @@ class Speculator:
             generator.set_state(state)
             torch.rand(len(kept), dtype=torch.float64, generator=generator)  # the draws of the kept tokens
         return kept
+
+    def take_counts(self) -> list[tuple[str | None, int, int]]:
+        """(adapter name or None, proposed, accepted) gained per adapter since the previous call, for the metrics."""
+        gained = []
+        for key, proposed in self.proposed.items():
+            accepted = self.accepted[key]
+            before = self._reported.get(key, (0, 0))
+            if (proposed, accepted) != before:
+                name = None if key is None else adapter_name(key)
+                gained.append((name, proposed - before[0], accepted - before[1]))
+                self._reported[key] = (proposed, accepted)
+        return gained
 
     @staticmethod
     def roll_back(seq: Sequence, num_accepted: int, blocks: BlockManager) -> None:
