@@ -3,6 +3,8 @@ checkpoint with a LoRA and a DoRA adapter; under Triton's interpreter on CPU, na
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -70,3 +72,32 @@ def test_cuda_forward_matches_cpu_forward(tiny_model_dir, tmp_path, monkeypatch)
     gpu = _model(tiny_model_dir, tmp_path / "gpu", torch.device("cuda"))
     got = _logits_of_two_steps(gpu.model, gpu.spec, torch.device("cuda"), triton=True, monkeypatch=monkeypatch)
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_engine_burst_matches_peft_greedy(tiny_model_dir, tmp_path):
+    """The fidelity burst of `tests/engine/test_mixed_adapters.py` served on CUDA in float32: greedy equal to PEFT."""
+    from server.engine.factory import build_engine
+    from server.settings import Settings
+    from tests.engine.test_mixed_adapters import ADAPTERS, _prompt
+    from tests.helpers import make_adapter_store, peft_greedy
+
+    store = make_adapter_store(tiny_model_dir, tmp_path / "store", ADAPTERS)
+    settings = Settings(model=tiny_model_dir, adapters_store=store, kv_cache_bytes=2**20, block_size=4,
+                        max_num_batched_tokens=48, max_loras=6, dtype="float32", device="cuda")  # fmt: skip
+    engine = build_engine(settings)
+    jobs = [(name, _prompt(i)) for i, name in enumerate(ADAPTERS)] + [(None, _prompt(20)), ("dora-all", _prompt(23))]
+    params = SamplingParams(max_tokens=10, min_tokens=10, temperature=0.0)
+
+    async def burst() -> list[list[int]]:
+        async def one(i: int, adapter: str | None, prompt: list[int]) -> list[int]:
+            return [t async for o in engine.generate(prompt, params, adapter, f"c{i}") for t in o.token_ids]
+
+        return await asyncio.gather(*[one(i, a, p) for i, (a, p) in enumerate(jobs)])
+
+    try:
+        results = asyncio.run(burst())
+    finally:
+        engine.shutdown()
+    for (adapter, prompt), got in zip(jobs, results, strict=True):
+        assert got == peft_greedy(tiny_model_dir, store / adapter if adapter else None, prompt, 10), adapter
