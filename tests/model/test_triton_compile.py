@@ -29,7 +29,7 @@ EXPAND = (
 )
 DECODE = ({"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "out": "*bf16", "tokens": "*i64", "tables": "*i64",
            "lens": "*i64"}, ("scale", "softcap"),
-          [{"BLOCK_P": 16, "HEAD": 64, "SOFTCAP": s} for s in (False, True)])  # fmt: skip
+          [{"GROUP": 4, "BLOCK_P": 16, "HEAD": 64, "SOFTCAP": s} for s in (False, True)])  # fmt: skip
 INDEX_POINTERS = ("order", "seg_starts", "seg_counts", "seg_rows")
 
 
