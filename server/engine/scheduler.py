@@ -211,17 +211,21 @@ class Scheduler:
         while pending and budget > 0:
             seq = pending.popleft()
             self._check_runnable(seq)
-            num_new = min(seq.num_uncomputed_tokens + self._num_draft(seq), budget)
-            del seq.draft_token_ids[max(0, num_new - seq.num_uncomputed_tokens) :]  # what the budget leaves room for
+            num_new = self._num_new_tokens(seq, budget)
             if self._reserve_blocks(seq, seq.num_computed_tokens + num_new, pending, output):
                 output.scheduled.append(ScheduledSequence.chunk(seq, num_new))
                 budget -= num_new
         return budget
 
-    @staticmethod
-    def _num_draft(seq: Sequence) -> int:
-        """Proposals verified with a decoding sequence's next token (speculative decoding); none mid-prompt."""
-        return len(seq.draft_token_ids) if seq.num_uncomputed_tokens == 1 else 0
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Tokens a running `seq` computes this step within `budget`: what it has left, plus the proposals verified
+        with a decoding sequence's next token (speculative decoding) that fit; those that don't are dropped."""
+        num_new = min(seq.num_uncomputed_tokens, budget)
+        extra = min(len(seq.draft_token_ids), budget - num_new) if seq.num_uncomputed_tokens == 1 else 0
+        if extra and not self.block_manager.can_allocate(seq, len(seq) + extra):
+            extra = 0  # proposals never cost another sequence its KV cache
+        del seq.draft_token_ids[extra:]
+        return num_new + extra
 
     def _reserve_blocks(
         self, seq: Sequence, num_tokens: int, pending: deque[Sequence], output: SchedulerOutput

@@ -9,20 +9,23 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from server import cli
 from server.adapters.registry import AdapterRegistry
 from server.api.sampling import sampling_request
 from server.api.schemas import ChatCompletionRequest
-from server.engine.block_manager import ROOT_HASH, block_hash
+from server.engine.block_manager import ROOT_HASH, BlockManager, block_hash
 from server.engine.factory import build_core
 from server.engine.generation_defaults import GenerationDefaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampler import Sampler, SamplingRow
-from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
 from server.engine.speculative.ngram import propose_ngram
 from server.engine.speculative.policy import EXPLORE_EVERY, SpeculationPolicy
 from server.engine.speculative.speculator import Speculator
+from server.engine.structured import GrammarSpec
 from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.settings import Settings
@@ -32,6 +35,7 @@ from tests.helpers import make_adapter_store, peft_greedy
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
 LOOP = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]  # repeats, so proposals exist from the first decode step
 GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0.0)
+REGEX = GrammarSpec("regex", r"[a-c]{2,4}-\d{3}", "structured_outputs.regex")
 PENALISED = SamplingParams(
     max_tokens=20, temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, logit_bias=((6, 3.0),)
 )
@@ -154,6 +158,7 @@ JOBS = [
     ("logprobs", LOOP[1:], SamplingParams(max_tokens=15, temperature=0.0, logprobs=2), None),
     ("short", LOOP, SamplingParams(max_tokens=3, temperature=0.0), "wide"),
     ("min-tokens", LOOP[2:], SamplingParams(max_tokens=10, min_tokens=6, temperature=0.0), None),
+    ("regex", LOOP, SamplingParams(max_tokens=12, temperature=0.0, structured=REGEX), "lora"),  # never speculates
     ("opt-out", LOOP, SamplingParams(max_tokens=12, temperature=0.0, speculative=False), "lora"),
 ]
 
@@ -262,3 +267,37 @@ def test_take_counts_hands_out_what_was_gained_since_the_last_call() -> None:
     assert spec.take_counts() == []
     spec.proposed["sql@1"] += 2
     assert spec.take_counts() == [("sql", 2, 0)]
+
+
+def test_a_bad_speculative_config_stops_serve_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli.build_parser()
+    good = cli.settings_from_args(parser.parse_args(["serve", "--speculative-config", NGRAM]), parser)
+    assert good.speculative_config == NGRAM
+    args = parser.parse_args(["serve", "--speculative-config", '{"method": "draft_model"}'])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.settings_from_args(args, parser)
+    assert exit_info.value.code == 2
+    assert "--speculative-config" in capsys.readouterr().err
+
+
+def test_proposals_that_do_not_fit_are_dropped_rather_than_preempting_anyone() -> None:
+    blocks = BlockManager(4, 4)
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=16, max_loras=4), blocks
+    )
+    a, b = Sequence("a", [1, 2, 3, 4, 5, 6, 7], GREEDY), Sequence("b", [8, 9, 1, 2, 3, 4, 5], GREEDY)
+    for seq in (a, b):
+        scheduler.add(seq)
+    scheduler.advance(scheduler.schedule())
+    for seq in (a, b):
+        seq.output_token_ids.append(6)
+    a.draft_token_ids = [7, 8, 9]  # 11 tokens need a third block; none is free
+    plan = scheduler.schedule()
+    assert not plan.preempted and [item.num_draft for item in plan.scheduled] == [0, 0] and a.draft_token_ids == []
+    scheduler.advance(plan)
+    scheduler.finish(b, FinishReason.STOP)
+    a.output_token_ids.append(7)
+    a.draft_token_ids = [8, 9, 1]
+    (item,) = scheduler.schedule().scheduled
+    assert (item.num_draft, item.num_new_tokens, item.samples) == (3, 4, True)
+    assert len(a.block_table) == 3
