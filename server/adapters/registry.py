@@ -138,11 +138,20 @@ class AdapterRegistry:
     async def prefetch(self, name: str) -> None:
         """Load the current version of `name` into host memory ahead of its requests, without holding it.
 
-        Shares a load in flight; raises what the load raises (NotFoundError for an adapter not in the store).
+        Shares a load in flight; raises what the load raises (NotFoundError for an adapter not in the store). A
+        version replaced while it loads is followed, as `acquire` does; past that the requests load it themselves.
         """
-        load = self.cache.warm(adapter_key(name, self._current(name).version))
-        if load is not None:  # shielded: this caller giving up must not cancel a load requests may share
-            await asyncio.shield(asyncio.wrap_future(load))
+        for _ in range(ACQUIRE_TRIES):
+            state = self._current(name)
+            load = self.cache.warm(adapter_key(name, state.version))
+            if load is None:
+                return
+            try:  # shielded: this caller giving up must not cancel a load requests may share
+                await asyncio.shield(asyncio.wrap_future(load))
+                return
+            except LoraplexError:
+                if not await self._replaced(name, state):
+                    raise
 
     def release(self, key: str) -> None:
         """End one request's hold on `key`."""

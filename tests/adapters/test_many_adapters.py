@@ -18,6 +18,7 @@ from server.adapters import validation
 from server.adapters.versions import adapter_name
 from server.engine.async_engine import AsyncEngine
 from server.engine.sequence import SamplingParams
+from server.errors import NotFoundError
 from tests.adapters.test_registry import PROMPT, start
 from tests.helpers import make_peft_adapter
 
@@ -139,3 +140,11 @@ async def test_a_prefetched_adapter_is_a_prefetch_hit_for_its_first_request(engi
     [out async for out in engine.generate(PROMPT, SamplingParams(max_tokens=1), "a042", "r")]
     assert reads == ["a042"] and engine.metrics.adapter_tiers.prefetch_hits._value.get() == 1
     assert adapter_name(next(iter(engine.adapters.cache._host.keys()))) == "a042"
+
+
+async def test_prefetching_an_unknown_adapter_is_a_404_and_a_warm_one_reads_nothing(engine, reads):
+    with pytest.raises(NotFoundError):
+        await engine.prefetch_adapter("no-such-adapter")
+    await asyncio.gather(*(engine.prefetch_adapter("a001") for _ in range(5)))
+    await engine.prefetch_adapter("a001")
+    assert reads == ["a001"]
