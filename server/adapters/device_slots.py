@@ -59,6 +59,20 @@ class DeviceSlots:
         self._table.put(key, slot := self._free.pop(), refs=1)
         return Binding(slot, load=True, evicted=victim)
 
+    def reserve(self, key: str) -> int | None:
+        """A free slot for `key` ahead of its first sequence (a prefetch); None if it has one or none is free.
+
+        Evicts nothing: the slot stays idle, so the next `bind` of another key may take it back.
+        """
+        if key in self._table or not self._free:
+            return None
+        self._table.put(key, slot := self._free.pop())
+        return slot
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
     def unbind(self, key: str) -> int:
         """Drop one running user of `key`; returns how many are left."""
         return self._table.release(key)

@@ -4,6 +4,7 @@ asyncio callers hand it work through a queue and get their tokens streamed back 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -53,6 +54,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_queue = settings.max_queue
         self.max_num_seqs = settings.max_num_seqs
+        self.max_loras = settings.max_loras  # how deep into the queue the device-slot prefetch looks
         self.created = int(time.time())
         self._inbox: queue.SimpleQueue[Submit | Abort | Call | None] = queue.SimpleQueue()
         self._subscribers: dict[str, Submit] = {}
@@ -294,6 +296,7 @@ class AsyncEngine:
                 if not self._drain(block=not self.core.has_work):
                     break
                 if self.core.has_work:
+                    self._prefetch_slot()
                     self._step()
                 else:
                     self._record_state()  # aborts can empty the engine without a step
@@ -333,6 +336,21 @@ class AsyncEngine:
                 hand_over(command.loop, [(command.put, command.error(message))])
                 continue
             self._subscribers[command.request_id] = command
+
+    def _prefetch_slot(self) -> None:
+        """Copy the adapter of the first waiting request that lacks one into a free device slot, ahead of its
+        admission: one per step, so a copy never lengthens the gap between two steps by more than one adapter.
+        Best effort: a failure here is the request's own to meet when it binds its slot."""
+        cache = self.adapters.cache
+        if not cache.free_slots():
+            return
+        waiting = itertools.islice(self.core.scheduler.waiting, self.max_loras)
+        try:
+            for key in dict.fromkeys(seq.adapter for seq in waiting if seq.adapter is not None):
+                if cache.prefetch_slot(key):
+                    return
+        except Exception:
+            log.exception("prefetching an adapter into a device slot failed")
 
     def _step(self) -> None:
         start = time.perf_counter()

@@ -148,3 +148,26 @@ async def test_prefetching_an_unknown_adapter_is_a_404_and_a_warm_one_reads_noth
     await asyncio.gather(*(engine.prefetch_adapter("a001") for _ in range(5)))
     await engine.prefetch_adapter("a001")
     assert reads == ["a001"]
+
+
+async def test_a_waiting_requests_adapter_is_copied_into_a_free_slot_before_it_runs(tiny_model_dir, big_store):
+    engine = start(tiny_model_dir, big_store, max_loras=4, max_num_seqs=1)  # one runs, the next one waits
+    try:
+        long = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0)
+        running = asyncio.create_task(anext(aiter(engine.generate(PROMPT, long, None, "long"))))
+        await running  # the base request holds the only running seat
+        waiting = asyncio.create_task(_drain(engine.generate(PROMPT, SamplingParams(max_tokens=2), "a005", "w")))
+        deadline = time.monotonic() + 10
+        while not any(adapter_name(key) == "a005" for key in engine.adapters.cache.resident()):
+            assert time.monotonic() < deadline and not waiting.done(), "a005 never reached a slot ahead of its turn"
+            await asyncio.sleep(0.005)
+        assert engine.core.scheduler.num_waiting == 1  # in its slot while its request still waits
+        await waiting
+        events = engine.metrics.cache_events
+        assert events.labels("hit", "device")._value.get() >= 1 and events.labels("load", "device")._value.get() == 1
+    finally:
+        engine.shutdown()
+
+
+async def _drain(outputs) -> list:
+    return [out async for out in outputs]
