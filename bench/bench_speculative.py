@@ -1,0 +1,195 @@
+"""Prompt lookup speculation against plain decoding, in process, on the default model in bf16 (issue #27).
+
+Each workload runs on an engine without speculation, then on one with `--speculative-config` (greedy both times):
+
+  json      batch 1, the `json-extract` adapter on its held-out prompts (chat template): median time per output
+            token (TPOT) of each, and whether the outputs are identical (target: TPOT 1.8x better)
+  chat      batch 1, free-form chat on the base model (target: no worse than 0.97x)
+  m32       32 in flight over 32 random r=8 q,v adapters, the bench_vs_vllm workload: output tokens/s
+            (target: at least 0.97x of speculation off)
+  accept    acceptance rate per shipped task adapter on its held-out prompts (speculating engine only)
+
+Each workload runs once untimed first: the first forward of each new chunk length (a verification chunk is 2 to
+k + 1 tokens) costs up to a second in bf16. Timings only mean something on a quiet machine. `--quick` is a smoke
+run (a few prompts, few tokens).
+
+Usage: .venv/bin/python -m bench.bench_speculative [--quick] [--speculative-config JSON] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from bench.bench_vs_vllm import make_store
+from server.engine.async_engine import AsyncEngine
+from server.engine.factory import build_engine
+from server.engine.sequence import SamplingParams
+from server.model.default_model import default_model_dir
+from server.settings import Settings
+from server.threads import pin_single_thread
+from training.evaluate import heldout
+from training.tasks import TASKS
+
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
+STORE = Path("adapters_store")
+CHATS = (
+    "Tell me about the history of the bicycle.",
+    "What are some good habits for staying healthy?",
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a rainbow forms.",
+    "What should I pack for a weekend hiking trip?",
+    "Describe your ideal city to live in.",
+    "How do plants make their food?",
+    "Give me three tips for learning a new language.",
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+    ignore_eos: bool = False
+
+
+async def _one(engine: AsyncEngine, job: Job, request_id: str) -> tuple[list[int], float | None]:
+    """Its tokens and its time per output token after its first output (None when that was all of them)."""
+    params = SamplingParams(max_tokens=job.max_tokens, temperature=0.0, ignore_eos=job.ignore_eos)
+    tokens: list[int] = []
+    first_time = last_time = 0.0
+    first_count = 0
+    async for out in engine.generate(job.prompt, params, job.adapter, request_id):
+        last_time = time.perf_counter()
+        if not first_count:
+            first_time, first_count = last_time, len(out.token_ids)
+        tokens += out.token_ids
+    later = len(tokens) - first_count
+    return tokens, (last_time - first_time) / later if later > 0 else None
+
+
+def batch1(engine: AsyncEngine, jobs: list[Job], tag: str) -> tuple[list[list[int]], float]:
+    """Each job alone, one after the other: outputs and the median TPOT in ms."""
+    outputs, tpots = [], []
+    for i, job in enumerate(jobs):
+        tokens, tpot = asyncio.run(_one(engine, job, f"{tag}-{i}"))
+        outputs.append(tokens)
+        if tpot is not None:
+            tpots.append(tpot * 1000)
+    return outputs, statistics.median(tpots) if tpots else float("nan")
+
+
+def throughput(engine: AsyncEngine, jobs: list[Job], tag: str) -> float:
+    """Output tokens/s with every job in flight at once."""
+
+    async def run_all() -> int:
+        results = await asyncio.gather(*[_one(engine, job, f"{tag}-{i}") for i, job in enumerate(jobs)])
+        return sum(len(tokens) for tokens, _ in results)
+
+    start = time.perf_counter()
+    count = asyncio.run(run_all())
+    return count / (time.perf_counter() - start)
+
+
+def chat_prompt(tokenizer, text: str) -> list[int]:
+    messages = [{"role": "user", "content": text}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def run_engine(settings: Settings, workloads: dict[str, list[Job]], m32: list[Job]) -> dict:
+    engine = build_engine(settings)
+    try:
+        deadline = time.monotonic() + 300
+        while not engine.is_ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the engine did not start")
+            time.sleep(0.2)
+        results: dict = {}
+        for name, jobs in workloads.items():
+            batch1(engine, jobs, f"warm-{name}")  # first uses of each chunk shape cost up to a second in bf16
+            results[name] = batch1(engine, jobs, name)
+        if m32:
+            results["m32"] = throughput(engine, m32, "m32")
+        speculator = engine.core.speculator
+        if speculator is not None:
+            results["acceptance"] = {
+                (key or "base").split("@")[0]: speculator.accepted[key] / speculator.proposed[key]
+                for key in speculator.proposed
+                if speculator.proposed[key]
+            }
+        return results
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts each, few tokens, 8 in m32")
+    parser.add_argument("--speculative-config", default=NGRAM)
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts per task")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    pin_single_thread()  # only the engine thread computes with every core while it runs (server.threads)
+    n = 2 if args.quick else args.prompts
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    workloads: dict[str, list[Job]] = {
+        "json": [
+            Job(chat_prompt(tokenizer, ex.prompt), "json-extract", 40) for ex in heldout(TASKS["json-extract"])[:n]
+        ],
+        "chat": [Job(chat_prompt(tokenizer, text), None, 16 if args.quick else 128) for text in CHATS[:n]],
+    }
+    for name, task in TASKS.items():
+        if name != "json-extract" and (STORE / name).is_dir():
+            examples = heldout(task)[:n]
+            workloads[f"accept-{name}"] = [
+                Job(chat_prompt(tokenizer, ex.prompt), name, task.max_new_tokens) for ex in examples
+            ]
+    with tempfile.TemporaryDirectory() as tmp:
+        m32_store = Path(tmp)
+        adapters = make_store(default_model_dir(), m32_store)
+        rng = random.Random(0)
+        count, out_len = (8, 8) if args.quick else (128, 64)
+        m32 = [Job([rng.randrange(100, 250) for _ in range(64)], adapters[i % len(adapters)], out_len, True)
+               for i in range(count)]  # fmt: skip
+        results = {}
+        for label, spec in (("off", None), ("on", args.speculative_config)):
+            settings = Settings(dtype=args.dtype, adapters_store=STORE, speculative_config=spec, max_loras=32)
+            shaped = run_engine(settings, workloads, [])
+            m32_settings = Settings(dtype=args.dtype, adapters_store=m32_store, speculative_config=spec, max_loras=32)
+            shaped["m32"] = run_engine(m32_settings, {}, m32)["m32"]
+            results[label] = shaped
+    report(results)
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2, default=str))
+
+
+def report(results: dict) -> None:
+    off, on = results["off"], results["on"]
+    lines = []
+    for name in ("json", "chat"):
+        (out_off, tpot_off), (out_on, tpot_on) = off[name], on[name]
+        same = "identical" if out_off == out_on else "DIFFERENT"
+        lines.append(
+            f"{name:6} batch-1 TPOT {tpot_off:7.2f} ms -> {tpot_on:7.2f} ms ({tpot_off / tpot_on:5.2f}x), {same}"
+        )
+    lines.append(
+        f"m32    throughput {off['m32']:8.1f} tok/s -> {on['m32']:8.1f} tok/s ({on['m32'] / off['m32']:5.2f}x)"
+    )
+    for adapter, rate in sorted(on.get("acceptance", {}).items()):
+        lines.append(f"accept {adapter:20} {rate:6.1%}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
