@@ -301,3 +301,17 @@ def test_proposals_that_do_not_fit_are_dropped_rather_than_preempting_anyone() -
     (item,) = scheduler.schedule().scheduled
     assert (item.num_draft, item.num_new_tokens, item.samples) == (3, 4, True)
     assert len(a.block_table) == 3
+
+
+def test_sampled_rows_speculate_and_a_seeded_one_gets_the_tokens_of_plain_decoding(tiny_model_dir, store) -> None:
+    low = SamplingParams(max_tokens=30, temperature=0.05, seed=5)  # peaked enough that proposals get accepted
+    jobs = [
+        ("low", LOOP, low, "lora"),
+        ("high", LOOP[1:], SamplingParams(max_tokens=30, temperature=1.0, seed=9), None),
+    ]
+    plain, spec = _core(tiny_model_dir, store, None), _core(tiny_model_dir, store, NGRAM)
+    core, registry = next(spec)
+    assert _run(core, registry, jobs) == _run(*next(plain), jobs)
+    assert sum(core.speculator.proposed.values()) > 0 and sum(core.speculator.accepted.values()) > 0
+    for gen in (plain, spec):
+        next(gen, None)
