@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
@@ -49,17 +49,23 @@ async def responses(
 MAX_MODELS_PAGE = 10_000
 
 
-@router.get("/models", responses=error_responses(*ENGINE_ERRORS, InvalidRequestError))
+@router.get(
+    "/models", response_model=ModelList | ModelPage, responses=error_responses(*ENGINE_ERRORS, InvalidRequestError)
+)
 def list_models(
     engine: ScopedEngineDep,
     after: Annotated[str | None, Query(description="Return the models listed after this id")] = None,
     limit: Annotated[int | None, Query(ge=1, le=MAX_MODELS_PAGE, description="Most models to return")] = None,
-) -> ModelList | ModelPage:
+) -> Response:
     """The base model, then every adapter by name; without `after`/`limit`, all of them (adapter weights are not
-    read: a store of thousands lists in milliseconds)."""
+    read: a store of thousands lists in milliseconds).
+
+    Serialized here: FastAPI's check of the returned model against the union of both bodies took 10x the rest
+    with 5,000 adapters.
+    """
     cards = engine.list_models()
     if after is None and limit is None:
-        return ModelList(data=[_model_object(card) for card in cards])
+        return _json(ModelList(data=[_model_object(card) for card in cards]))
     start = 0
     if after is not None:
         start = next((i + 1 for i, card in enumerate(cards) if card.name == after), -1)
@@ -68,7 +74,11 @@ def list_models(
     end = len(cards) if limit is None else min(len(cards), start + limit)
     page = [_model_object(card) for card in cards[start:end]]
     first, last = (page[0].id, page[-1].id) if page else (None, None)
-    return ModelPage(data=page, first_id=first, last_id=last, has_more=end < len(cards))
+    return _json(ModelPage(data=page, first_id=first, last_id=last, has_more=end < len(cards)))
+
+
+def _json(body: ModelList) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.get("/models/{model}", responses=error_responses(*ENGINE_ERRORS, NotFoundError))
