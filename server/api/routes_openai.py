@@ -60,8 +60,8 @@ def list_models(
     """The base model, then every adapter by name; without `after`/`limit`, all of them (adapter weights are not
     read: a store of thousands lists in milliseconds).
 
-    Serialized here: FastAPI's check of the returned model against the union of both bodies took 10x the rest
-    with 5,000 adapters.
+    Serialized here: FastAPI's own re-validation and serialization of the returned body doubled the route's time
+    with 5,000 adapters (115 ms against 56 ms, measured on a fake engine).
     """
     cards = engine.list_models()
     if after is None and limit is None:
