@@ -13,7 +13,7 @@ from server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from server.engine.generation_defaults import GenerationDefaults
 from server.engine.logprobs import TokenLogprob
 from server.engine.merge_controller import MergeController
-from server.engine.outputs import RequestOutput, engine_error
+from server.engine.outputs import RequestOutput, engine_error, joined
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import INVALID_TOKEN, GeneratorFactory, SamplingRow
 from server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
@@ -249,7 +249,7 @@ class LLMEngine:
                 break
         if item.num_draft and not pieces[-1].finished:
             Speculator.roll_back(seq, len(kept) - 1, self.scheduler.block_manager)
-        return [self._with_logprobs(_joined(pieces), seq, logprobs)]
+        return [self._with_logprobs(joined(pieces), seq, logprobs)]
 
     def _score_only(self, state: RequestState) -> RequestOutput:
         """End a `max_tokens: 0` request (prompt scoring) once its prompt is computed; its sampled token is dropped."""
@@ -310,12 +310,3 @@ class LLMEngine:
             scheduled_time=seq.first_scheduled_time,
             num_cached_tokens=seq.num_cached_tokens or 0,
         )
-
-
-def _joined(pieces: list[RequestOutput]) -> RequestOutput:
-    """One output for the tokens a request took in one step: the last piece's state, every piece's tokens and text."""
-    out = pieces[-1]
-    if len(pieces) > 1:
-        out.text = "".join(piece.text for piece in pieces)
-        out.token_ids = [token for piece in pieces for token in piece.token_ids]
-    return out

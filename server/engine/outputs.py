@@ -26,6 +26,16 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob] | None = None  # of prompt tokens 1.., in the request's first output only
 
 
+def joined(pieces: list[RequestOutput]) -> RequestOutput:
+    """One output for the tokens a request took in one step (speculative decoding): the last piece's state, every
+    piece's tokens and text."""
+    out = pieces[-1]
+    if len(pieces) > 1:
+        out.text = "".join(piece.text for piece in pieces)
+        out.token_ids = [token for piece in pieces for token in piece.token_ids]
+    return out
+
+
 def engine_error(request_id: str) -> str:
     """What a client learns of a failure inside the engine: that it happened, and the id the log files it under."""
     return f"request {request_id} failed inside the engine; the server log has the details under this id"
