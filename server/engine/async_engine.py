@@ -11,12 +11,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from server.adapters.registry import AdapterRegistry
-from server.adapters.store import Mode
-from server.adapters.versions import AdapterView, adapter_name
+from server.adapters.versions import adapter_name
+from server.engine.adapter_facade import AdapterFacade
 from server.engine.health import EngineHealth, HealthLimits
 from server.engine.inbox import Abort, Call, Submit, hand_over
 from server.engine.llm_engine import LLMEngine
@@ -34,7 +33,7 @@ from server.errors import (
 )
 from server.metrics import Metrics, RequestTrace
 from server.settings import Settings
-from server.threads import single_threaded, use_engine_threads
+from server.threads import use_engine_threads
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,9 @@ _T = TypeVar("_T")
 Build = Callable[[], tuple[LLMEngine, AdapterRegistry, str]]  # the engine core, its adapters, the base model's name
 
 
-class AsyncEngine:
-    """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists."""
+class AsyncEngine(AdapterFacade):
+    """Thread-safe facade over LLMEngine: submit, stream, cancel, and what /v1/models lists; the adapters' way in
+    through `AdapterFacade`."""
 
     def __init__(self, build: Build, settings: Settings, metrics: Metrics) -> None:
         """Start the engine thread, which builds the core, adapter registry and served model name; wait for it.
@@ -99,47 +99,6 @@ class AsyncEngine:
         if self.adapters.exists(model):
             return model
         raise model_not_found(model)
-
-    # --- adapter administration: what the /admin routes do, through the registry ------------------------------
-    def upload_slot(self) -> AbstractContextManager[None]:
-        """Admit one adapter upload; QueueFullError (429) while `max_concurrent_uploads` are being checked."""
-        return self.adapters.upload_slot()
-
-    async def add_adapter(
-        self, name: str, config: BinaryIO, weights: BinaryIO, *, replace: bool, mode: Mode | None, pinned: bool | None
-    ) -> AdapterView:
-        """Check an uploaded adapter and serve it as `name`; the checks run in a worker thread on one core."""
-        add = self.adapters.add
-        return await asyncio.to_thread(single_threaded, add, name, config, weights, replace=replace, mode=mode,
-                                       pinned=pinned)  # fmt: skip
-
-    def adapter_views(self) -> list[AdapterView]:
-        """Every adapter of the store with its record, settings and live state."""
-        return self.adapters.views()
-
-    def adapter_view(self, name: str) -> AdapterView:
-        return self.adapters.view(name)
-
-    def update_adapter(self, name: str, mode: Mode | None, pinned: bool | None) -> AdapterView:
-        """Change an adapter's merge mode or pin (None keeps it)."""
-        return self.adapters.update(name, mode, pinned)
-
-    def remove_adapter(self, name: str) -> None:
-        """Take an adapter out of the store; its running requests finish."""
-        self.adapters.remove(name)
-
-    async def prefetch_adapter(self, name: str) -> None:
-        """Load `name` into host memory ahead of its requests, sharing a load in flight; NotFoundError if unknown.
-
-        The one way in for callers other than a request (Ray's multiplexed loader, a pin elsewhere), so their
-        loads are deduplicated and bounded with the requests' own.
-        """
-        await self.adapters.prefetch(name)
-
-    def refresh_adapter(self, name: str) -> None:
-        """Serve `name` as the store holds it now, as a new version (another process changed it, or it is
-        unloaded here); running requests keep the version they hold."""
-        self.adapters.refresh(name)
 
     def encode_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
