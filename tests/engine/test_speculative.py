@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.sampler import Sampler, SamplingRow
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.engine.speculative import speculator as speculator_module
 from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
 from server.engine.speculative.ngram import propose_ngram
@@ -315,3 +317,28 @@ def test_sampled_rows_speculate_and_a_seeded_one_gets_the_tokens_of_plain_decodi
     assert sum(core.speculator.proposed.values()) > 0 and sum(core.speculator.accepted.values()) > 0
     for gen in (plain, spec):
         next(gen, None)
+
+
+def test_sampling_with_proposals_keeps_the_target_distribution(tiny_model_dir, store, monkeypatch) -> None:
+    """Two-sample test on the tiny model: the second token of unseeded requests, plain vs always proposing the plain
+    engine's most frequent second token (so acceptance and rejection both happen), with different server seeds."""
+    params = SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True)  # room for one proposal at token 2
+    jobs = [(f"r{i}", LOOP, params, None) for i in range(400)]
+
+    def second_tokens(speculative: str | None, seed: int) -> list[int]:
+        gen = _core(tiny_model_dir, store, speculative, seed=seed, max_num_seqs=256)
+        got = _run(*next(gen), jobs)
+        next(gen, None)
+        return [got[rid][0][1] for rid, *_ in jobs]
+
+    plain = second_tokens(None, 1)
+    top = [token for token, _ in Counter(plain).most_common(4)]
+    monkeypatch.setattr(speculator_module, "propose_ngram", lambda tokens, k, lo, hi: [top[0]] * min(k, 1))
+    spec = second_tokens(NGRAM, 2)
+    bins = [*top, -1]
+    observed = torch.tensor([[sum(t == b for t in sample) if b >= 0 else sum(t not in top for t in sample)
+                              for b in bins] for sample in (plain, spec)], dtype=torch.float64)  # fmt: skip
+    expected = observed.sum(0, keepdim=True) * observed.sum(1, keepdim=True) / observed.sum()
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
+    assert observed[1, 0] > 0 and observed[1, 1:].sum() > 0  # the proposal was kept and refused
