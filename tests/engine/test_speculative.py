@@ -7,15 +7,17 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import torch
 
 from server import cli
 from server.adapters.registry import AdapterRegistry
+from server.api import create_app
 from server.api.sampling import sampling_request
 from server.api.schemas import ChatCompletionRequest
 from server.engine.block_manager import ROOT_HASH, BlockManager, block_hash
-from server.engine.factory import build_core
+from server.engine.factory import build_core, build_engine
 from server.engine.generation_defaults import GenerationDefaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampler import Sampler, SamplingRow
@@ -342,3 +344,51 @@ def test_sampling_with_proposals_keeps_the_target_distribution(tiny_model_dir, s
     chi2 = float(((observed - expected) ** 2 / expected).sum())
     assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
     assert observed[1, 0] > 0 and observed[1, 1:].sum() > 0  # the proposal was kept and refused
+
+
+def _rounded(value):
+    """`value` with every float rounded to 4 decimals: the verification chunk runs the prefill attention path."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
+
+
+def _streamed_text(sse: str) -> str:
+    chunks = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+    return "".join(choice["text"] for chunk in chunks for choice in chunk["choices"])
+
+
+async def _serve(model_dir, store, speculative: str | None, bodies: list[dict]) -> tuple[list, str]:
+    """What a server answers `bodies` (the text of a streamed reply), and its metrics afterwards."""
+    settings = Settings(model=model_dir, adapters_store=store, served_model_name="tiny", kv_cache_bytes=2**20,
+                        block_size=4, max_loras=3, speculative_config=speculative)  # fmt: skip
+    app = create_app(settings, build_engine)
+    transport = httpx.ASGITransport(app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for _ in range(600):
+            if (await client.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        replies = [await client.post("/v1/completions", json=body) for body in bodies]
+        assert [reply.status_code for reply in replies] == [200] * len(bodies)
+        answers = [
+            _streamed_text(reply.text) if body.get("stream") else reply.json()["choices"]
+            for reply, body in zip(replies, bodies, strict=True)
+        ]
+        return answers, (await client.get("/metrics")).text
+
+
+async def test_the_served_api_speculates_counts_it_and_honours_the_opt_out(tiny_model_dir, store) -> None:
+    body = {"prompt": LOOP, "max_tokens": 16, "ignore_eos": True, "temperature": 0}
+    bodies = [{**body, "model": "lora", "logprobs": 2}, {**body, "model": "tiny", "stream": True},
+              {**body, "model": "dora", "speculative": False}]  # fmt: skip
+    plain, _ = await _serve(tiny_model_dir, store, None, bodies)
+    spec, metrics = await _serve(tiny_model_dir, store, NGRAM, bodies)
+    assert _rounded(spec) == _rounded(plain) and plain[1]  # logprobs agree within the fidelity tolerance
+    assert 'loraplex_spec_decode_num_draft_tokens_total{adapter="lora"}' in metrics
+    assert 'loraplex_spec_decode_num_draft_tokens_total{adapter="tiny"}' in metrics
+    assert 'adapter="dora"' in metrics and 'loraplex_spec_decode_num_draft_tokens_total{adapter="dora"}' not in metrics
