@@ -121,7 +121,7 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         self._update_merge()
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running, self._may_speculate, self._generator_of)
+            self.speculator.propose(self.scheduler.running, self._may_speculate, self._generator_of, self._grammar_of)
         plan = self.scheduler.schedule()
         self.last_step_tokens = plan.num_batched_tokens
         for seq in plan.preempted:
@@ -147,9 +147,14 @@ class LLMEngine:
         return [] if self.speculator is None else self.speculator.take_counts()
 
     def _may_speculate(self, seq: Sequence) -> bool:
-        """Rows with a grammar do not speculate (see `server.engine.speculative.speculator`), nor those opting out."""
+        return seq.request_id in self.requests and seq.params.speculative
+
+    def _grammar_of(self, seq: Sequence) -> GrammarState | None:
         state = self.requests.get(seq.request_id)
-        return state is not None and state.grammar is None and seq.params.speculative
+        return None if state is None else state.grammar
+
+    def _draft_grammars(self, seq: Sequence) -> tuple[GrammarState, ...]:
+        return () if self.speculator is None else self.speculator.draft_grammars.get(seq.request_id, ())
 
     def _generator_of(self, seq: Sequence) -> torch.Generator | None:
         state = self.requests.get(seq.request_id)
@@ -211,7 +216,7 @@ class LLMEngine:
         state = self.requests[seq.request_id]
         return SamplingRow(
             seq.params, state.generator, seq.num_output_tokens, seq.prompt_token_ids, seq.output_token_ids,
-            seq.request_id, state.grammar,
+            seq.request_id, state.grammar, self._draft_grammars(seq),
         )  # fmt: skip
 
     def _postprocess(self, step: StepResult) -> list[RequestOutput]:

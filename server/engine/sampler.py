@@ -54,6 +54,7 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()
     request_id: str = ""  # for the log, when this row fails
     grammar: GrammarState | None = None  # constrained rows only
+    draft_grammars: tuple[GrammarState, ...] = ()  # speculating constrained rows: the grammar after each proposal
 
 
 class Sampler:

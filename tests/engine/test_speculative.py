@@ -162,7 +162,7 @@ JOBS = [
     ("logprobs", LOOP[1:], SamplingParams(max_tokens=15, temperature=0.0, logprobs=2), None),
     ("short", LOOP, SamplingParams(max_tokens=3, temperature=0.0), "wide"),
     ("min-tokens", LOOP[2:], SamplingParams(max_tokens=10, min_tokens=6, temperature=0.0), None),
-    ("regex", LOOP, SamplingParams(max_tokens=12, temperature=0.0, structured=REGEX), "lora"),  # never speculates
+    ("regex", LOOP, SamplingParams(max_tokens=12, temperature=0.0, structured=REGEX), "lora"),
     ("opt-out", LOOP, SamplingParams(max_tokens=12, temperature=0.0, speculative=False), "lora"),
 ]
 
@@ -392,3 +392,20 @@ async def test_the_served_api_speculates_counts_it_and_honours_the_opt_out(tiny_
     assert 'loraplex_spec_decode_num_draft_tokens_total{adapter="lora"}' in metrics
     assert 'loraplex_spec_decode_num_draft_tokens_total{adapter="tiny"}' in metrics
     assert 'adapter="dora"' in metrics and 'loraplex_spec_decode_num_draft_tokens_total{adapter="dora"}' not in metrics
+
+
+def test_a_grammar_row_speculates_only_what_its_grammar_accepts_and_matches_plain_decoding(tiny_model_dir, store):
+    repeat = GrammarSpec("regex", "(abc){2,6}x", "structured_outputs.regex")
+    jobs = [
+        ("greedy", LOOP, SamplingParams(max_tokens=24, temperature=0.0, structured=repeat), "wide"),
+        ("seeded", LOOP[1:], SamplingParams(max_tokens=24, temperature=0.7, seed=3, structured=repeat), None),
+        ("json", LOOP, SamplingParams(max_tokens=24, temperature=0.0, structured=REGEX), "dora"),
+    ]
+    plain, spec = _core(tiny_model_dir, store, None), _core(tiny_model_dir, store, NGRAM)
+    core, registry = next(spec)
+    got = _run(core, registry, jobs)
+    assert got == _run(*next(plain), jobs)
+    assert got["greedy"][1].endswith("x") and got["greedy"][1].startswith("abcabc")
+    assert sum(core.speculator.accepted.values()) > 0
+    for gen in (plain, spec):
+        next(gen, None)

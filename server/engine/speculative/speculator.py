@@ -1,8 +1,8 @@
 """The engine's side of speculative decoding: proposals before a step, acceptance and roll-back after it.
 
 Rows propose only when decoding (one token left to compute) and only where the prompt lookup finds a match; a row
-never proposes more tokens than its max_tokens and the context length leave room for. Rows with a grammar do not
-speculate (their masks are computed once per row and step), nor requests that opt out (`speculative: false`).
+never proposes more tokens than its max_tokens and the context length leave room for, nor, with a grammar, past the
+first proposal its grammar refuses. Requests that opt out (`speculative: false`) never propose.
 
 Sampled rows speculate too, exactly: the row at each verified position draws the uniform that decoding would draw
 for that token, and after acceptance the request's generator is rewound to just past the uniforms of the kept
@@ -26,6 +26,7 @@ from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig
 from server.engine.speculative.ngram import propose_ngram
 from server.engine.speculative.policy import SpeculationPolicy
+from server.engine.structured import GrammarState
 
 
 class Speculator:
@@ -39,6 +40,7 @@ class Speculator:
         self.accepted: Counter[str | None] = Counter()  # adapter key -> of those, kept
         self._reported: dict[str | None, tuple[int, int]] = {}  # what `take_counts` handed out so far
         self._generator_states: dict[str, torch.Tensor] = {}  # request id -> generator state before the step
+        self.draft_grammars: dict[str, tuple[GrammarState, ...]] = {}  # request id -> its grammar after each proposal
         self._step_start = 0.0
 
     def propose(
@@ -46,6 +48,7 @@ class Speculator:
         running: list[Sequence],
         allowed: Callable[[Sequence], bool],
         generator_of: Callable[[Sequence], torch.Generator | None],
+        grammar_of: Callable[[Sequence], GrammarState | None],
     ) -> None:
         """Set `draft_token_ids` of the running rows that speculate this step; clear everyone else's."""
         self._step_start = time.perf_counter()
@@ -56,6 +59,8 @@ class Speculator:
             return
         for seq in decoding:
             seq.draft_token_ids = self._proposal(seq) if allowed(seq) else []
+            if seq.draft_token_ids and (grammar := grammar_of(seq)) is not None:
+                seq.draft_token_ids, self.draft_grammars[seq.request_id] = grammar_walk(grammar, seq.draft_token_ids)
             if seq.draft_token_ids and (generator := generator_of(seq)) is not None:
                 self._generator_states[seq.request_id] = generator.get_state()
 
@@ -105,6 +110,20 @@ class Speculator:
         for item in scheduled:
             item.seq.draft_token_ids = []
         self._generator_states.clear()
+        self.draft_grammars.clear()
         if scheduled and all(item.num_new_tokens - item.num_draft == 1 for item in scheduled):
             speculated = any(item.num_draft for item in scheduled)
             self.policy.record(len(scheduled), speculated, time.perf_counter() - self._step_start, num_tokens)
+
+
+def grammar_walk(grammar: GrammarState, proposed: list[int]) -> tuple[list[int], tuple[GrammarState, ...]]:
+    """The leading `proposed` tokens `grammar` accepts in order, and a copy of it after each; the request's own
+    state is untouched (it advances by the kept tokens only)."""
+    states: list[GrammarState] = []
+    matcher = grammar.matcher.deep_copy()
+    for token in proposed:
+        if not matcher.consume_token(token):
+            break
+        states.append(GrammarState(matcher, grammar.vocab_size))
+        matcher = matcher.deep_copy()
+    return proposed[: len(states)], tuple(states)

@@ -1,8 +1,8 @@
 """Sampling rows of a verification forward: one per position whose logits a row keeps, and their tokens back.
 
 A row with proposals `d_1..d_k` keeps logits at its last token and at each proposal. The row at proposal j samples
-as decoding would after `d_1..d_j` had been generated: its penalties see them and min_tokens counts them, so every
-kept token is the one the request would get without speculation.
+as decoding would after `d_1..d_j` had been generated: its penalties see them, min_tokens counts them and its grammar
+(a copy advanced by them) masks it, so every kept token is the one the request would get without speculation.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ def verification_rows(item: ScheduledSequence, row: SamplingRow) -> list[Samplin
     if not drafts:
         return [row]
     outputs = list(row.output_token_ids)
+    grammars = [None] * len(drafts) if row.grammar is None else list(row.draft_grammars)
     return [row] + [
-        replace(row, num_generated=row.num_generated + j, output_token_ids=outputs + drafts[:j], grammar=None)
+        replace(
+            row, num_generated=row.num_generated + j, output_token_ids=outputs + drafts[:j], grammar=grammars[j - 1]
+        )
         for j in range(1, len(drafts) + 1)
     ]
 
