@@ -52,6 +52,8 @@ class Speculator:
     ) -> None:
         """Set `draft_token_ids` of the running rows that speculate this step; clear everyone else's."""
         self._step_start = time.perf_counter()
+        self._generator_states.clear()  # a failed step never reached end_step
+        self.draft_grammars.clear()
         for seq in running:
             seq.draft_token_ids = []
         decoding = [seq for seq in running if seq.num_uncomputed_tokens == 1]
