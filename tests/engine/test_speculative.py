@@ -409,3 +409,23 @@ def test_a_grammar_row_speculates_only_what_its_grammar_accepts_and_matches_plai
     assert sum(core.speculator.accepted.values()) > 0
     for gen in (plain, spec):
         next(gen, None)
+
+
+def test_a_failed_verification_step_leaves_nothing_behind(tiny_model_dir, store, monkeypatch) -> None:
+    gen = _core(tiny_model_dir, store, NGRAM)
+    core, registry = next(gen)
+    jobs = [("a", LOOP, GREEDY, "lora"), ("b", LOOP[1:], SamplingParams(max_tokens=24, temperature=0.5, seed=1), None)]
+    clean = _run(core, registry, jobs)
+    execute, calls = core.runner.execute, []
+
+    def fail_on_proposals(scheduled, *args, **kwargs):
+        if any(item.num_draft for item in scheduled) and not calls:
+            calls.append(1)
+            raise RuntimeError("device fell over")
+        return execute(scheduled, *args, **kwargs)
+
+    monkeypatch.setattr(core.runner, "execute", fail_on_proposals)
+    failed = _run(core, registry, jobs)  # checks every block is free again
+    assert calls and {reason for _, _, reason, _ in failed.values()} == {FinishReason.ERROR}
+    assert _run(core, registry, jobs) == clean
+    next(gen, None)
