@@ -18,7 +18,7 @@ import torch
 
 from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
-from server.model import llama
+from server.model import decoder
 from server.model.default_model import default_model_dir
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model
@@ -51,7 +51,7 @@ def decode_batch(n: int, context: int):
 
 def main() -> None:
     loaded = load_model(default_model_dir(), torch.device("cpu"), torch.float32)
-    llama.paged_attention = timed(llama.paged_attention)
+    decoder.paged_attention = timed(decoder.paged_attention)
     print(f"{'sequences':>9} {'context':>8} {'step ms':>8} {'attention ms':>13} {'attention share':>16}")
     for n, context in ((1, 128), (1, 512), (32, 128), (32, 512)):
         batch, blocks = decode_batch(n, context)

@@ -20,7 +20,7 @@ import torch
 from bench.bench_attention import attention_seconds, timed
 from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
-from server.model import llama
+from server.model import decoder
 from server.model.batch import ForwardBatch
 from server.model.default_model import default_model_dir
 from server.model.kv_cache import KVCache
@@ -73,7 +73,7 @@ def main() -> None:
     }
     if not models["fused"].model.fused:
         raise SystemExit("the fused kernels are not available here (see the log line above)")
-    llama.paged_attention = timed(llama.paged_attention)
+    decoder.paged_attention = timed(decoder.paged_attention)
     cases = [(f"decode {n} x ctx {c}", n, c, 1) for n in (1, 8, 32) for c in (128, 512)]
     cases.append(("prefill 32 x 64 tokens", 32, 64, 64))
     headers = ("fused ms", "torch ms", "fused/torch", "attn share fused", "attn share torch")
