@@ -31,8 +31,9 @@ BLOCK = 16
 ROUNDS = 10
 
 
-def step_batch(n: int, context: int, new_tokens: int) -> tuple[ForwardBatch, int]:
-    """One step of `n` sequences computing their last `new_tokens` of `context` positions; blocks interleaved."""
+def step_batch(n: int, context: int, new_tokens: int, slots: list[int] | None = None) -> tuple[ForwardBatch, int]:
+    """One step of `n` sequences computing their last `new_tokens` of `context` positions; blocks interleaved;
+    `slots`: each sequence's adapter slot (none: the base model)."""
     blocks = -(-context // BLOCK)
     seqs = []
     for i in range(n):
@@ -40,7 +41,7 @@ def step_batch(n: int, context: int, new_tokens: int) -> tuple[ForwardBatch, int
         seq.block_table.extend(i + n * b for b in range(blocks))
         seq.num_computed_tokens = context - new_tokens
         seqs.append(seq)
-    return build_forward_batch([(seq, new_tokens) for seq in seqs], BLOCK, torch.device("cpu")), n * blocks
+    return build_forward_batch([(seq, new_tokens) for seq in seqs], BLOCK, torch.device("cpu"), slots), n * blocks
 
 
 def one_step(loaded: LoadedModel, batch: ForwardBatch, cache: KVCache) -> tuple[float, float]:
