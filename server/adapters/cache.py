@@ -40,33 +40,8 @@ class AdapterSlots(Protocol):
 
     def fits(self, key: str, in_use: Set[str]) -> bool: ...
     def bind_slot(self, key: str) -> int | None: ...
-    def prefetch_slot(self, key: str) -> bool:
-        """Copy `key` into a free device slot ahead of its first sequence (engine thread, between steps), if it is in
-        host memory; False when there is nothing to do. Evicts nothing; a failed copy frees the slot and raises."""
-        with self._lock:
-            weights = self._host.get(key)
-            slot = None if weights is None or key in self._retired else self._slots.reserve(key)
-        if slot is None:
-            return False
-        start = time.perf_counter()
-        try:  # outside the lock, as in bind_slot: only this thread fills slots
-            load_adapter_slot(self.model, slot, weights.updates)
-        except BaseException:
-            with self._lock:
-                self._slots.free(key)
-            self._record_load("error")
-            raise
-        self._record("load", "device")
-        self._record_load("ok", time.perf_counter() - start)
-        with self._lock:
-            self._set_resident()
-        return True
-
-    def free_slots(self) -> int:
-        """Device slots no adapter holds."""
-        with self._lock:
-            return self._slots.num_free
-
+    def prefetch_slot(self, key: str) -> bool: ...
+    def free_slots(self) -> int: ...
     def unbind_slot(self, key: str) -> None: ...
 
 
