@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from server.settings import ClusterSettings, Settings
 from server.tenants.cli import add_keys_parser
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger(__name__)
 
 
 # Shorter spellings of some flags, besides the one named after the field.
@@ -107,7 +107,7 @@ def serve(settings: Settings) -> int:
     try:
         check_checkpoint(settings.model or default_model_dir())
     except ConfigurationError as e:
-        print(f"loraplex serve: error: {e}", file=sys.stderr)
+        log.error("loraplex serve: %s", e)
         return 1
     app = create_app(settings, build_engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=30)

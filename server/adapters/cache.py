@@ -121,19 +121,7 @@ class AdapterCache:
         if not binding.load:
             self._record("hit", "device")
             return binding.slot
-        start = time.perf_counter()
-        try:  # outside the lock: only this thread binds, and a bound key's slot is never given away
-            load_adapter_slot(self.model, binding.slot, weights.updates)
-        except BaseException:
-            with self._lock:
-                self._slots.unbind(key)
-                self._slots.free(key)
-            self._record_load("error")
-            raise
-        self._record("load", "device")
-        self._record_load("ok", time.perf_counter() - start)
-        with self._lock:
-            self._set_resident()
+        self._fill_slot(key, binding.slot, weights, bound=True)
         return binding.slot
 
     def prefetch_slot(self, key: str) -> bool:
@@ -144,11 +132,20 @@ class AdapterCache:
             slot = None if weights is None or key in self._retired else self._slots.reserve(key)
         if slot is None:
             return False
+        self._fill_slot(key, slot, weights, bound=False)
+        return True
+
+    def _fill_slot(self, key: str, slot: int, weights: AdapterWeights, bound: bool) -> None:
+        """Copy `weights` into `slot`, counted as a device load; a failed copy gives the slot back (and unbinds the key
+        where `bound`) and raises. Outside the lock: only the engine thread fills slots, and a reserved or bound key's
+        slot is never given away."""
         start = time.perf_counter()
-        try:  # outside the lock, as in bind_slot: only this thread fills slots
+        try:
             load_adapter_slot(self.model, slot, weights.updates)
         except BaseException:
             with self._lock:
+                if bound:
+                    self._slots.unbind(key)
                 self._slots.free(key)
             self._record_load("error")
             raise
@@ -156,7 +153,6 @@ class AdapterCache:
         self._record_load("ok", time.perf_counter() - start)
         with self._lock:
             self._set_resident()
-        return True
 
     def free_slots(self) -> int:
         """Device slots no adapter holds."""

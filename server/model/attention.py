@@ -14,7 +14,7 @@ soft-capping (prefill then runs transformers' eager maths, which SDPA cannot exp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ class DecodePlan:
     tables: torch.Tensor  # [D, n] cache blocks of each row (the fused kernel reads the first ceil(len / block_size))
     lens: torch.Tensor  # [D] keys of each row
     bags: DecodeBags | None  # the embedding_bag indices, for the torch-op path only
+    window_pads: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> [D, 1, L], made by the first layer
 
 
 @dataclass
@@ -226,11 +227,14 @@ def _decode_attention(
 
 
 def _decode_pad(plan: DecodePlan, window: int | None) -> torch.Tensor:
-    """[D, 1, L]: True where a row must not look: past its context, or before its window."""
+    """[D, 1, L]: True where a row must not look: past its context, or before its window (once per step and window)."""
     if window is None:
         return plan.bags.pad
-    positions = torch.arange(plan.bags.pad.shape[-1], device=plan.lens.device)
-    return plan.bags.pad | (positions[None, :] < (plan.lens - window)[:, None]).unsqueeze(1)
+    if window not in plan.window_pads:
+        positions = torch.arange(plan.bags.pad.shape[-1], device=plan.lens.device)
+        before = (positions[None, :] < (plan.lens - window)[:, None]).unsqueeze(1)
+        plan.window_pads[window] = plan.bags.pad | before
+    return plan.window_pads[window]
 
 
 def _gather_context(

@@ -68,8 +68,8 @@ class RopeSpec:
 def rope_specs(config, layer_types: tuple[str, ...]) -> dict[str, RopeSpec]:
     """Each rotary embedding the model uses, keyed by layer type (Gemma 3 has one per type, others one for all)."""
     params = config.rope_parameters or {}
-    if "rope_type" in params or not params:
-        return {kind: _spec(config, None) for kind in set(layer_types)}
+    if "rope_type" in params or not params:  # one embedding for every type: one spec, so its tables are made once
+        return dict.fromkeys(set(layer_types), _spec(config, None))
     return {kind: _spec(config, kind) for kind in set(layer_types)}
 
 
@@ -105,19 +105,19 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, specs: Mapping[str, RopeSpec], device: torch.device | None = None) -> None:
         super().__init__()
-        self.specs = dict(specs)
+        self.specs = dict(specs)  # kind -> spec; kinds that share one spec object share its tables
         self.device = device
-        self._cos: dict[str, torch.Tensor] = {}
-        self._sin: dict[str, torch.Tensor] = {}
+        self._cos: dict[int, torch.Tensor] = {}  # id(spec) -> [length, rotary_dim]
+        self._sin: dict[int, torch.Tensor] = {}
         self._grow(GROW)
 
     def _grow(self, length: int) -> None:
         positions = torch.arange(length)
-        for kind, spec in self.specs.items():
+        for spec in {id(spec): spec for spec in self.specs.values()}.values():
             angles = spec.freqs(positions)
             emb = torch.cat((angles, angles), dim=-1)  # [length, rotary_dim]
-            self._cos[kind] = (emb.cos() * spec.attention_scaling).to(self.device)
-            self._sin[kind] = (emb.sin() * spec.attention_scaling).to(self.device)
+            self._cos[id(spec)] = (emb.cos() * spec.attention_scaling).to(self.device)
+            self._sin[id(spec)] = (emb.sin() * spec.attention_scaling).to(self.device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """kind -> (cos, sin), each [T, 1, rotary_dim] in `dtype`, for positions [T]; shared by the layers of a step."""
@@ -125,7 +125,8 @@ class RotaryEmbedding(nn.Module):
         length = next(iter(self._cos.values())).shape[0]
         if needed > length:
             self._grow(-(-needed // GROW) * GROW)
-        return {
-            kind: (self._cos[kind][positions].unsqueeze(1).to(dtype), self._sin[kind][positions].unsqueeze(1).to(dtype))
-            for kind in self.specs
+        rows = {
+            key: (self._cos[key][positions].unsqueeze(1).to(dtype), self._sin[key][positions].unsqueeze(1).to(dtype))
+            for key in self._cos
         }
+        return {kind: rows[id(spec)] for kind, spec in self.specs.items()}
