@@ -97,7 +97,14 @@ async def test_cycling_through_every_adapter_keeps_each_tier_in_its_budget(engin
     assert tiers.bytes.labels("host")._value.get() <= budget
 
 
-async def test_many_cold_requests_for_one_adapter_load_it_once(engine, reads):
+async def test_many_cold_requests_for_one_adapter_load_it_once(engine, reads, monkeypatch):
+    counted = registry_module.load_from_store
+
+    def slow_read(*args, **kwargs):  # every request arrives while the one read is still under way
+        time.sleep(SLOW_S)
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "load_from_store", slow_read)
     params = SamplingParams(max_tokens=2, temperature=0)
 
     async def run(i: int) -> list:
