@@ -19,6 +19,7 @@ from server.engine.sampler import INVALID_TOKEN, GeneratorFactory, SamplingRow
 from server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.speculative.config import SpeculativeConfig
+from server.engine.speculative.proposer import Proposer
 from server.engine.speculative.speculator import Speculator
 from server.engine.structured import GrammarCompiler, GrammarState
 
@@ -55,6 +56,7 @@ class LLMEngine:
         merger: MergeController,
         generation_defaults: GenerationDefaults | None = None,
         speculative: SpeculativeConfig | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         self.runner = runner
         self.generation_defaults = generation_defaults or GenerationDefaults()  # what requests that omit fields get
@@ -66,7 +68,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, runner.loaded.spec.vocab_size, runner.loaded.spec.eos_token_ids)
         self.eos_token_ids = frozenset(runner.loaded.spec.eos_token_ids)
         self.max_model_len = scheduler.config.max_model_len
-        self.speculator = None if speculative is None else Speculator(speculative, self.max_model_len)
+        self.speculator = None if speculative is None else Speculator(speculative, self.max_model_len, proposer)
         self.requests: dict[str, RequestState] = {}
         self.last_step_tokens = 0  # tokens (prefill + decode) the latest step computed, for the metrics
         self.last_step_failed = False  # the latest step failed as a whole, for health and metrics
@@ -196,6 +198,8 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
         finally:
             self._unbind(seq)
+            if self.speculator is not None:
+                self.speculator.finish(seq, reason)
 
     def _fail(self, seq: Sequence, reason: str, exc: BaseException | None = None) -> list[RequestOutput]:
         """End one request with an error: the log has the detail under its id, the client a generic message."""

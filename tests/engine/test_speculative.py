@@ -23,10 +23,9 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.sampler import Sampler, SamplingRow
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
-from server.engine.speculative import speculator as speculator_module
 from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
-from server.engine.speculative.ngram import propose_ngram
+from server.engine.speculative.ngram import PromptLookup, propose_ngram
 from server.engine.speculative.policy import EXPLORE_EVERY, SpeculationPolicy
 from server.engine.speculative.speculator import Speculator
 from server.engine.structured import GrammarSpec
@@ -335,7 +334,7 @@ def test_sampling_with_proposals_keeps_the_target_distribution(tiny_model_dir, s
 
     plain = second_tokens(None, 1)
     top = [token for token, _ in Counter(plain).most_common(4)]
-    monkeypatch.setattr(speculator_module, "propose_ngram", lambda tokens, k, lo, hi: [top[0]] * min(k, 1))
+    monkeypatch.setattr(PromptLookup, "propose", lambda self, rows: [[top[0]] * min(room, 1) for _, room in rows])
     spec = second_tokens(NGRAM, 2)
     bins = [*top, -1]
     observed = torch.tensor([[sum(t == b for t in sample) if b >= 0 else sum(t not in top for t in sample)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engine.sequence import FinishReason
+    from server.engine.sequence import Sequence as Request
 
 _WIDTH = array("q").itemsize  # bytes per token id in the searched buffer
 
@@ -29,3 +34,16 @@ def propose_ngram(tokens: Sequence[int], num_tokens: int, min_n: int, max_n: int
                 return list(tokens[follow : follow + num_tokens])
             end = at + len(pattern) - 1  # look for matches starting before this misaligned one
     return []
+
+
+class PromptLookup:
+    """The `ngram` method: every row proposes from its own prompt and output; nothing is kept between steps."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, rows: list[tuple[Request, int]]) -> list[list[int]]:
+        return [propose_ngram(seq.token_ids, room, self.min_n, self.max_n) for seq, room in rows]
+
+    def finish(self, seq: Request, reason: FinishReason) -> None:
+        """Nothing to forget: proposals come from the row alone."""

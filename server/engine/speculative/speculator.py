@@ -1,6 +1,6 @@
 """The engine's side of speculative decoding: proposals before a step, acceptance and roll-back after it.
 
-Rows propose only when decoding (one token left to compute) and only where the prompt lookup finds a match; a row
+Rows propose only when decoding (one token left to compute) and only where the proposer finds something; a row
 never proposes more tokens than its max_tokens and the context length leave room for, nor, with a grammar, past the
 first proposal its grammar refuses. Requests that opt out (`speculative: false`) never propose.
 
@@ -21,20 +21,21 @@ import torch
 from server.adapters.versions import adapter_name
 from server.engine.block_manager import BlockManager
 from server.engine.scheduler import ScheduledSequence
-from server.engine.sequence import Sequence
+from server.engine.sequence import FinishReason, Sequence
 from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig
-from server.engine.speculative.ngram import propose_ngram
 from server.engine.speculative.policy import SpeculationPolicy
+from server.engine.speculative.proposer import Proposer, make_proposer
 from server.engine.structured import GrammarState
 
 
 class Speculator:
     """Proposes tokens for the running rows, keeps what verification accepts and counts both per adapter."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, proposer: Proposer | None = None) -> None:
         self.config = config
         self.max_model_len = max_model_len
+        self.proposer = make_proposer(config) if proposer is None else proposer
         self.policy = SpeculationPolicy()
         self.proposed: Counter[str | None] = Counter()  # adapter key -> proposed tokens verified, since start
         self.accepted: Counter[str | None] = Counter()  # adapter key -> of those, kept
@@ -59,21 +60,25 @@ class Speculator:
         decoding = [seq for seq in running if seq.num_uncomputed_tokens == 1]
         if not decoding or not self.policy.speculate(len(decoding)):
             return
-        for seq in decoding:
-            seq.draft_token_ids = self._proposal(seq) if allowed(seq) else []
+        rows = [(seq, room) for seq in decoding if allowed(seq) and (room := self._room(seq)) > 0]
+        for (seq, _), proposal in zip(rows, self.proposer.propose(rows), strict=True):
+            seq.draft_token_ids = proposal
             if seq.draft_token_ids and (grammar := grammar_of(seq)) is not None:
                 seq.draft_token_ids, self.draft_grammars[seq.request_id] = grammar_walk(grammar, seq.draft_token_ids)
             if seq.draft_token_ids and (generator := generator_of(seq)) is not None:
                 self._generator_states[seq.request_id] = generator.get_state()
 
-    def _proposal(self, seq: Sequence) -> list[int]:
-        room = min(
+    def _room(self, seq: Sequence) -> int:
+        """How many tokens `seq` may propose: its max_tokens and the context length leave room for the bonus."""
+        return min(
             self.config.num_speculative_tokens,
             seq.params.max_tokens - seq.num_output_tokens - 1,
             self.max_model_len - len(seq) - 1,
         )
-        config = self.config
-        return propose_ngram(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """`seq` ended: the proposer learns from its output or forgets it."""
+        self.proposer.finish(seq, reason)
 
     def verify(self, item: ScheduledSequence, sampled: list[int], generator: torch.Generator | None) -> list[int]:
         """The tokens `item` keeps of its `sampled` ones; its generator rewound to just past the kept ones' draws."""
