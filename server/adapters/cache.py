@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import nn
 
 from server.adapters.device_slots import DeviceSlots
+from server.adapters.heap import HeapTrimmer, malloc_trim
 from server.adapters.loader import AdapterLoader, Read, Size
 from server.adapters.lru import RefLRU
 from server.adapters.slots import load_adapter_slot
@@ -51,9 +52,11 @@ class AdapterCache:
     def __init__(
         self, model: nn.Module, read: Read, max_loras: int, max_cpu_loras: int, max_cpu_lora_bytes: int,
         metrics: Metrics | None = None, size: Size | None = None, max_load_bytes: int = 2**30,
+        trimmer: HeapTrimmer | None = None,
     ) -> None:  # fmt: skip
         self.model = model
         self.metrics = metrics
+        self.trimmer = trimmer or HeapTrimmer(trim=malloc_trim())  # evicted weights' memory back to the OS
         self._lock = threading.Lock()
         self._host: RefLRU[str, AdapterWeights] = RefLRU(
             max(max_cpu_loras, max_loras), max_cpu_lora_bytes, lambda weights: weights.num_bytes
@@ -226,11 +229,13 @@ class AdapterCache:
     def _evict(self) -> None:
         """Drop idle host entries: retired ones at once, the rest least recently used first while over budget."""
         in_slot = self._slots.holds
+        before = self._host.num_bytes
         gone = [k for k in self._retired if self._host.is_idle(k) and not in_slot(k)]
         for key in gone:
             self._host.remove(key)
         for _ in gone + self._host.shrink(keep=in_slot):
             self._record("eviction", "host")
+        self.trimmer.freed(before - self._host.num_bytes)
         self._retired = {k for k in self._retired if k in self._host or in_slot(k)}
         self._prefetched = {k for k in self._prefetched if k in self._host or self._loader.loading(k)}
         self._set_resident()
@@ -241,11 +246,13 @@ class AdapterCache:
             del self._requests[key]
 
     def _loaded(self, key: str, weights: AdapterWeights) -> None:
-        """The loader's hand-over (worker thread): cache what it loaded, even if every waiting request gave up."""
+        """The loader's hand-over (worker thread): cache what it loaded, even if every waiting request gave up; then,
+        off the engine thread, give what evictions freed back to the OS (`server.adapters.heap`)."""
         with self._lock:
             self._host.put(key, weights)
             self._record("load", "host")
             self._evict()
+        self.trimmer.maybe_trim()
 
     def _record(self, event: CacheEvent, tier: CacheTier) -> None:
         if self.metrics is not None:

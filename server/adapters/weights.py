@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from server.adapters.config import AdapterConfig, TargetSpec, read_adapter_config
+from server.adapters.packing import packed
 from server.errors import AdapterError
 from server.model.decoder import DecoderModel
 from server.model.lora_weights import LoraWeights
@@ -80,7 +81,7 @@ def validate_adapter_dir(path: Path | str, info: ModelInfo, max_lora_rank: int) 
     size, digest = file_digest(file)
     tensors = _read_tensors(file, _expected_shapes(config, info))
     updates = {key: _update(key, spec, tensors, config.use_dora, info) for key, spec in config.targets.items()}
-    return AdapterWeights(config, MappingProxyType(updates), size, digest)
+    return AdapterWeights(config, MappingProxyType(packed(updates)), size, digest)  # one map: freed whole
 
 
 def _weights_file(path: Path) -> Path:

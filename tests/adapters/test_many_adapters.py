@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 
 from server.adapters import registry as registry_module
 from server.adapters import validation
+from server.adapters.heap import HeapTrimmer
 from server.adapters.versions import adapter_name
 from server.engine.async_engine import AsyncEngine
 from server.engine.sequence import SamplingParams
@@ -95,6 +96,22 @@ async def test_cycling_through_every_adapter_keeps_each_tier_in_its_budget(engin
     assert tiers.loads.labels("host", "ok")._value.get() == 3 * NUM_ADAPTERS
     assert tiers.loads.labels("device", "ok")._value.get() == 3 * NUM_ADAPTERS
     assert tiers.bytes.labels("host")._value.get() <= budget
+
+
+async def test_evicted_memory_is_trimmed_on_a_loader_thread_once_per_budget_freed(engine):
+    registry, cache = engine.adapters, engine.adapters.cache
+    threads: list[str] = []
+    key = await registry.acquire("a000")
+    per_adapter = cache.host_weights(key).num_bytes  # every adapter is a copy of one: all the same size
+    registry.release(key)
+    cache.trimmer = HeapTrimmer(3 * per_adapter, trim=lambda: threads.append(threading.current_thread().name))
+    for name in [f"a{i:03d}" for i in range(1, 60)]:
+        registry.release(await registry.acquire(name))
+    evicted = engine.metrics.cache_events.labels("eviction", "host")._value.get()
+    assert evicted >= 50  # the host tier holds 5
+    # trims happen at loads, after the evictions that freed enough: one per 3 evicted, give or take the last ones
+    assert evicted // 3 - 2 <= len(threads) <= evicted // 3
+    assert threads and all(name.startswith("adapter-loader") for name in threads)  # never the engine or event loop
 
 
 async def test_many_cold_requests_for_one_adapter_load_it_once(engine, reads, monkeypatch):

@@ -1,0 +1,23 @@
+"""An adapter's tensors in host memory are views of one memory map, equal to what was loaded."""
+
+from __future__ import annotations
+
+import torch
+
+from server.adapters.packing import packed
+from server.model.lora_weights import LoraWeights
+
+
+def test_packed_updates_share_one_storage_and_keep_their_values():
+    updates = {
+        (0, "q_proj"): LoraWeights(torch.randn(8, 12).bfloat16(), torch.randn(6, 8).bfloat16()),
+        (1, "v_proj"): LoraWeights(torch.randn(3, 12), torch.randn(5, 3), torch.rand(5)),
+    }
+    out = packed(updates)
+    tensors = [t for u in out.values() for t in (u.a, u.b, u.g) if t is not None]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)
+    for key, update in updates.items():
+        assert torch.equal(out[key].a, update.a) and torch.equal(out[key].b, update.b)
+        assert out[key].a.dtype == update.a.dtype
+    assert out[(0, "q_proj")].g is None and torch.equal(out[(1, "v_proj")].g, updates[(1, "v_proj")].g)
