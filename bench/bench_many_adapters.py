@@ -13,15 +13,20 @@ Measured, one loraplex server at a time (bf16, `--max-cpu-lora-bytes` as given):
   single    output tokens/s of the workload with every request on one adapter (the reference)
   zipf      the same requests over the store, popularity Zipf(`--skew`); and `uniform`
   ttft      p50 / p99 time to first token by where the request's adapter was when it was sent (disk, host memory,
-            device slot) and the share of each. The tier is the client's replay of the server's policy (least
-            recently used, `--max-loras` slots, the host tier by bytes): an estimate, exact for first uses
-  memory    server RSS after the warm-up and after the runs; the host tier's bytes (`/metrics`) vs its budget
-Requests: `load_tests` (streamed completions of token-id prompts, EOS ignored), Poisson arrivals at the rate that
-keeps `--in-flight` requests in flight on the single-adapter run (calibrated first with that many in flight).
+            device slot), the share of each and cold p99 / hot p99 (issue: at most 3). The tier is the client's
+            replay of the server's policy (least recently used, `--max-loras` slots, the host tier by bytes) over
+            every request sent since the start: an estimate, exact for first uses
+  memory    server RSS after the warm-up and after each run (issue: after the runs within 10 % of after the
+            warm-up); the host tier's bytes (`/metrics`) against its budget
+Warm-up: every adapter of the store once (`--warm-cycles`), one output token each, so both tiers are full and the
+slot buffers at the largest rank before the first RSS figure. Requests: `load_tests` (streamed completions of
+token-id prompts, EOS ignored), Poisson arrivals. Each workload's rate is its own: a closed-loop run of it
+(`--calibrate` requests, `--in-flight` at a time) measures the rate it sustains, and the timed run arrives at `--load`
+(0.9) times that rate, so TTFTs are not queueing behind an overload; each run reports its mean requests in flight.
 Timings only mean something on a quiet machine.
 
 Usage: .venv/bin/python -m bench.bench_many_adapters [--adapters 1000] [--num-requests 512] [--out F.json]
-Smoke: .venv/bin/python -m bench.bench_many_adapters --adapters 50 --num-requests 20 --output-len 8 --prompt-len 8
+Smoke: .venv/bin/python -m bench.bench_many_adapters --quick
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 WEIGHTS = "adapter_model.safetensors"
 SERVER = Server("loraplex-bf16", "loraplex", "bfloat16")
+QUICK = {"adapters": 24, "distinct": 1, "num_requests": 24, "calibrate": 16, "in_flight": 8, "prompt_len": 8,
+         "output_len": 8, "max_loras": 4, "max_cpu_lora_bytes": 32 << 20}  # fmt: skip
 
 
 def make_store(model_dir: Path, root: Path, count: int, distinct: int) -> dict[str, int]:
@@ -100,23 +107,26 @@ def tier_bytes(url: str) -> dict[str, float]:
     return {"host_tier_bytes": host, "device_tier_bytes": device, "host_only_bytes": host - device}
 
 
-def tiers(requests: list[PlannedRequest], sizes: dict[str, int], slots: int, host_budget: int) -> list[str]:
-    """Where each request's adapter was when it was sent, replaying the server's LRU tiers in send order."""
+def tiers(history: list[str], requests: list[PlannedRequest], sizes: dict[str, int], slots: int,
+          host_budget: int) -> list[str]:  # fmt: skip
+    """Where each request's adapter was when it was sent, replaying the server's LRU tiers over the adapters
+    `history` used before (in order) and then the requests in send order."""
     device: OrderedDict[str, None] = OrderedDict()
     host: OrderedDict[str, None] = OrderedDict()
+    host_bytes = 0
     where = []
-    for request in sorted(requests, key=lambda r: r.send_at):
-        name = request.model
+    order = sorted(range(len(requests)), key=lambda i: requests[i].send_at)
+    for name in history + [requests[i].model for i in order]:
         where.append("device" if name in device else "host" if name in host else "disk")
+        host_bytes += 0 if name in host else sizes[name]
         for tier in (device, host):
             tier[name] = None
             tier.move_to_end(name)
         while len(device) > slots:
             device.popitem(last=False)
-        while sum(sizes[n] for n in host) > host_budget and len(host) > 1:
-            host.popitem(last=False)
-    order = sorted(range(len(requests)), key=lambda i: requests[i].send_at)
-    by_index = dict(zip(order, where, strict=True))
+        while host_bytes > host_budget and len(host) > 1:
+            host_bytes -= sizes[host.popitem(last=False)[0]]
+    by_index = dict(zip(order, where[len(history) :], strict=True))
     return [by_index[i] for i in range(len(requests))]
 
 
@@ -126,7 +136,22 @@ def ttft_by_tier(results: list[RequestResult], where: list[str]) -> dict[str, di
         ttfts = [r.ttft for r, w in zip(results, where, strict=True) if w == tier and r.ok and r.ttft is not None]
         out[tier] = {"share": len(ttfts) / len(results), "p50_ms": 1e3 * percentile(ttfts, 50) if ttfts else None,
                      "p99_ms": 1e3 * percentile(ttfts, 99) if ttfts else None}  # fmt: skip
+    hot, cold = out["device"]["p99_ms"], out["disk"]["p99_ms"]
+    out["cold_vs_hot_p99"] = cold / hot if hot and cold else None  # issue: at most 3
     return out
+
+
+def mean_in_flight(results: list[RequestResult]) -> float:
+    """Requests in flight on average over the run (Little's law: their summed latency over the run's span)."""
+    done = [r for r in results if r.latency is not None]
+    span = max(r.started + r.latency for r in done) - min(r.started for r in done)
+    return sum(r.latency for r in done) / span
+
+
+async def closed_loop(url: str, requests: list[PlannedRequest], in_flight: int, timeout_s: float) -> dict:
+    """The load_tests report of `requests` all sent at once with `in_flight` at a time; raises on any failure."""
+    at_once = [replace(r, send_at=0.0) for r in requests]
+    return await load(url, at_once, in_flight, argparse.Namespace(timeout=timeout_s))
 
 
 async def run_poisson(url: str, requests: list[PlannedRequest], in_flight: int, timeout_s: float) -> tuple[dict, list]:
@@ -134,40 +159,65 @@ async def run_poisson(url: str, requests: list[PlannedRequest], in_flight: int, 
     report = build_report(results, duration, {})
     if report["failed"]:
         raise RuntimeError(f"{report['failed']} requests failed: {report['errors']}")
-    return report, results
+    return report | {"mean_in_flight": mean_in_flight(results)}, results
+
+
+async def calibrated(url: str, shape: Workload, names: list[str], args: argparse.Namespace,
+                     model: str | None = None) -> tuple[dict, list[PlannedRequest], list[str]]:  # fmt: skip
+    """A closed-loop run of the workload at `--in-flight` gives the rate it sustains; the Poisson run then arrives at
+    `--load` times that rate. Returns the run's report (with both rates) and requests, and the models sent first."""
+    calibration = plan(replace(shape, num_requests=args.calibrate, seed=shape.seed + 1000), names)
+    calibration = [replace(r, model=model or r.model) for r in calibration]
+    closed = await closed_loop(url, calibration, args.in_flight, args.timeout)
+    rate = args.load * closed["request_throughput"]
+    requests = [replace(r, model=model or r.model) for r in plan(replace(shape, rate=rate), names)]
+    report, results = await run_poisson(url, requests, args.in_flight, args.timeout)
+    report |= {"rate_req_s": rate, "closed_loop_req_s": closed["request_throughput"]}
+    return report | {"results": results}, requests, [r.model for r in calibration]
+
+
+async def warm_up(url: str, names: list[str], args: argparse.Namespace) -> list[str]:
+    """Every adapter of the store, `--warm-cycles` times, one short request each: the tiers are full, the slot
+    buffers at the largest rank (all ranks cycle through the store), every batch shape seen. The models sent."""
+    sent = []
+    for cycle in range(args.warm_cycles):
+        shape = Workload(len(names), prompt_len=LengthRange(args.prompt_len, args.prompt_len),
+                         output_len=LengthRange(1, 1), seed=args.seed + 2000 + cycle)  # fmt: skip
+        requests = [replace(r, model=name) for r, name in zip(plan(shape, names), names, strict=True)]
+        await closed_loop(url, requests, args.in_flight, args.timeout)
+        sent += names
+    return sent
 
 
 async def workloads(url: str, sizes: dict[str, int], rss: Callable[[], float], args: argparse.Namespace) -> dict:
-    """The calibration (also the warm-up: every batch shape of the runs), then the single, Zipf, uniform runs."""
+    """The warm-up, then the single, Zipf and uniform runs, each at the rate its own closed-loop run sustains."""
     names = sorted(sizes)
+    history = await warm_up(url, names, args)
+    out: dict = {"rss_warm_mib": rss()}
     fixed = {"prompt_len": LengthRange(args.prompt_len, args.prompt_len),
              "output_len": LengthRange(args.output_len, args.output_len)}  # fmt: skip
     shape = Workload(args.num_requests, popularity="zipf", skew=args.skew, seed=args.seed, **fixed)
     hot = names[0]  # Zipf's most popular adapter: the single-adapter reference runs on it
-    # One request per rank first: device slot buffers grow once to the largest rank served (bounded by
-    # --max-loras x --max-lora-rank), which belongs in the warm-up, not in the runs' memory growth.
-    by_rank = [replace(r, send_at=0.0, model=names[i]) for i, r in enumerate(plan(shape, names)[: len(RANKS)])]
-    await load(url, by_rank, len(RANKS), argparse.Namespace(timeout=args.timeout))
-    calibrate = [replace(r, send_at=0.0, model=hot) for r in plan(shape, names)]
-    closed = await load(url, calibrate, args.in_flight, argparse.Namespace(timeout=args.timeout))
-    rate = closed["request_throughput"]  # requests/s that keep `in_flight` busy
-    out: dict = {"rate_req_s": rate, "calibration_tok_s": closed["output_throughput"], "rss_warm_mib": rss()}
-    zipf = plan(replace(shape, rate=rate), names)
-    single, _ = await run_poisson(url, [replace(r, model=hot) for r in zipf], args.in_flight, args.timeout)
-    out["single_tok_s"], out["single_rss_mib"] = single["output_throughput"], rss()
+    single, _, _ = await calibrated(url, shape, names, args, model=hot)
+    history += [hot] * (args.calibrate + args.num_requests)
+    out["single"] = _summary(single) | {"rss_mib": rss()}
     for popularity in ("zipf", "uniform"):
-        requests = plan(replace(shape, rate=rate, popularity=popularity, seed=args.seed + 1), names)
-        where = tiers(requests, sizes, args.max_loras, args.max_cpu_lora_bytes)
-        report, results = await run_poisson(url, requests, args.in_flight, args.timeout)
-        tok_s = report["output_throughput"]
-        out[popularity] = {
-            "tok_s": tok_s,
-            "vs_single": tok_s / out["single_tok_s"],
+        report, requests, sent = await calibrated(url, replace(shape, popularity=popularity, seed=args.seed + 1),
+                                                  names, args)  # fmt: skip
+        where = tiers(history + sent, requests, sizes, args.max_loras, args.max_cpu_lora_bytes)
+        history += sent + [r.model for r in sorted(requests, key=lambda r: r.send_at)]
+        out[popularity] = _summary(report) | {
+            "vs_single": report["output_throughput"] / single["output_throughput"],
             "distinct_adapters": len({r.model for r in requests}),
-            "ttft": ttft_by_tier(results, where),
+            "ttft": ttft_by_tier(report["results"], where),
             "rss_mib": rss(),  # after each run: growth that stops after the first is a one-off, not a leak
         }
     return out
+
+
+def _summary(report: dict) -> dict:
+    keys = ("output_throughput", "rate_req_s", "closed_loop_req_s", "mean_in_flight")
+    return {"tok_s" if k == "output_throughput" else k: report[k] for k in keys}
 
 
 def measure(model_dir: Path, store: Path, empty: Path, sizes: dict[str, int], args: argparse.Namespace) -> dict:
@@ -187,8 +237,9 @@ def measure(model_dir: Path, store: Path, empty: Path, sizes: dict[str, int], ar
         result = {"start_s": start_s, "empty_start_s": empty_start_s, "models_ms": list_ms(url)}
         result |= asyncio.run(workloads(url, sizes, lambda: tree_memory(proc)["rss_mib"], args))
         result["rss_after_mib"] = tree_memory(proc)["rss_mib"]
-        result["rss_growth"] = result["rss_after_mib"] / result["rss_warm_mib"] - 1
+        result["rss_growth"] = result["rss_after_mib"] / result["rss_warm_mib"] - 1  # issue: at most 0.10
         result |= tier_bytes(url) | {"host_budget_bytes": args.max_cpu_lora_bytes}
+        result["host_within_budget"] = result["host_tier_bytes"] <= args.max_cpu_lora_bytes
     finally:
         stop(proc)
     return result
@@ -201,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--store", type=Path, help="build (or reuse, if it exists) the store here; default: a temp dir")
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument("--calibrate", type=int, default=128, help="requests of each workload's closed-loop run")
+    parser.add_argument("--load", type=float, default=0.9, help="Poisson rate as a fraction of the closed-loop rate")
+    parser.add_argument("--warm-cycles", type=int, default=1, help="passes over the whole store before the runs")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--skew", type=float, default=1.0)
@@ -211,7 +265,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a minute: a small store, short runs")
     args = parser.parse_args(argv)
+    if args.quick:
+        args = argparse.Namespace(**(vars(args) | QUICK))
     model_dir = default_model_dir()
     with tempfile.TemporaryDirectory(prefix="many-adapters-") as tmp:
         store = args.store or Path(tmp) / "store"
