@@ -1,19 +1,23 @@
-"""Prompt lookup speculation against plain decoding, in process, on the default model in bf16 (issue #27).
+"""Speculative decoding against plain decoding, in process, on the default model in bf16 (issue #27).
 
-Each workload runs on an engine without speculation, then on one with `--speculative-config` (greedy both times):
+Each workload runs on an engine without speculation, then on one per method (`--methods`: prompt lookup `ngram`,
+`suffix` with each adapter's earlier outputs), greedy every time:
 
   json      batch 1, the `json-extract` adapter on its held-out prompts (chat template): median time per output
             token (TPOT) of each, and whether the outputs are identical (target: TPOT 1.8x better)
   chat      batch 1, free-form chat on the base model (target: no worse than 0.97x)
-  m32       32 in flight over 32 random r=8 q,v adapters, the bench_vs_vllm workload: output tokens/s
-            (target: at least 0.97x of speculation off)
+  m32       128 requests over 32 random r=8 q,v adapters, 32 in flight, the bench_vs_vllm workload: output
+            tokens/s (target: at least 0.97x of speculation off); off and on alternate `--m32-rounds` times, each
+            on a fresh engine, and the ratio is the median of the rounds' (this VM drifts by 10 % between runs)
   accept    acceptance rate per shipped task adapter on its held-out prompts (speculating engine only)
 
-Each workload runs once untimed first: the first forward of each new chunk length (a verification chunk is 2 to
-k + 1 tokens) costs up to a second in bf16. Timings only mean something on a quiet machine. `--quick` is a smoke
-run (a few prompts, few tokens).
+Before its timed pass each workload runs untimed on other prompts (held-out prompts 16-31 of the task, other chat
+questions): the first forward of each new chunk length (a verification chunk is 2 to k + 1 tokens) costs up to a
+second in bf16, and `suffix` then proposes from answers the adapter gave before, as it does on a server that has
+been serving, never from the answers being timed. Timings only mean something on a quiet machine. `--quick` is a
+smoke run (a few prompts, few tokens).
 
-Usage: .venv/bin/python -m bench.bench_speculative [--quick] [--speculative-config JSON] [--out F.json]
+Usage: .venv/bin/python -m bench.bench_speculative [--quick] [--methods ngram,suffix] [--out F.json]
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from training.tasks import TASKS
 # Of k in {3, 4, 8} and minimum n in {1, 2}, this kept most tokens per step on the task adapters' held-out prompts
 # (json-extract 1.3, extract-email 2.4 at batch 1; a minimum of 2 found almost no proposals in the JSON answers).
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
+SUFFIX = '{"method": "suffix", "num_speculative_tokens": 6}'
+METHODS = {"ngram": NGRAM, "suffix": SUFFIX}
 STORE = Path("adapters_store")
 CHATS = (
     "Tell me about the history of the bicycle.",
@@ -53,6 +59,16 @@ CHATS = (
     "Describe your ideal city to live in.",
     "How do plants make their food?",
     "Give me three tips for learning a new language.",
+)
+WARM_CHATS = (
+    "What is the tallest mountain in Africa?",
+    "Write a haiku about autumn leaves.",
+    "How does a refrigerator keep food cold?",
+    "Suggest a name for a friendly robot.",
+    "Why do cats purr?",
+    "Explain what a budget is to a child.",
+    "What are the rules of chess in brief?",
+    "Describe a sunrise over the sea.",
 )
 
 
@@ -90,12 +106,17 @@ def batch1(engine: AsyncEngine, jobs: list[Job], tag: str) -> tuple[list[list[in
     return outputs, statistics.median(tpots) if tpots else float("nan")
 
 
-def throughput(engine: AsyncEngine, jobs: list[Job], tag: str) -> float:
-    """Output tokens/s with every job in flight at once."""
+def throughput(engine: AsyncEngine, jobs: list[Job], tag: str, concurrency: int = 32) -> float:
+    """Output tokens/s with `concurrency` jobs in flight."""
 
     async def run_all() -> int:
-        results = await asyncio.gather(*[_one(engine, job, f"{tag}-{i}") for i, job in enumerate(jobs)])
-        return sum(len(tokens) for tokens, _ in results)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def gated(job: Job, request_id: str) -> int:
+            async with gate:
+                return len((await _one(engine, job, request_id))[0])
+
+        return sum(await asyncio.gather(*[gated(job, f"{tag}-{i}") for i, job in enumerate(jobs)]))
 
     start = time.perf_counter()
     count = asyncio.run(run_all())
@@ -108,7 +129,8 @@ def chat_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def run_engine(settings: Settings, workloads: dict[str, list[Job]], m32: list[Job]) -> dict:
+def run_engine(settings: Settings, workloads: dict[str, tuple[list[Job], list[Job]]], m32: list[Job]) -> dict:
+    """Each workload's (warm-up jobs, timed jobs) at batch 1, then m32's throughput, on one engine."""
     engine = build_engine(settings)
     try:
         deadline = time.monotonic() + 300
@@ -117,8 +139,8 @@ def run_engine(settings: Settings, workloads: dict[str, list[Job]], m32: list[Jo
                 raise RuntimeError("the engine did not start")
             time.sleep(0.2)
         results: dict = {}
-        for name, jobs in workloads.items():
-            batch1(engine, jobs, f"warm-{name}")  # first uses of each chunk shape cost up to a second in bf16
+        for name, (warm, jobs) in workloads.items():
+            batch1(engine, warm, f"warm-{name}")
             results[name] = batch1(engine, jobs, name)
         if m32:
             results["m32"] = throughput(engine, m32, "m32")
@@ -137,26 +159,16 @@ def run_engine(settings: Settings, workloads: dict[str, list[Job]], m32: list[Jo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts each, few tokens, 8 in m32")
-    parser.add_argument("--speculative-config", default=NGRAM)
+    parser.add_argument("--methods", default="ngram,suffix", help="comma-separated, of: " + ", ".join(METHODS))
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts per task")
+    parser.add_argument("--m32-rounds", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    methods = {name: METHODS[name] for name in args.methods.split(",")}
     pin_single_thread()  # only the engine thread computes with every core while it runs (server.threads)
     n = 2 if args.quick else args.prompts
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    workloads: dict[str, list[Job]] = {
-        "json": [
-            Job(chat_prompt(tokenizer, ex.prompt), "json-extract", 40) for ex in heldout(TASKS["json-extract"])[:n]
-        ],
-        "chat": [Job(chat_prompt(tokenizer, text), None, 16 if args.quick else 128) for text in CHATS[:n]],
-    }
-    for name, task in TASKS.items():
-        if name != "json-extract" and (STORE / name).is_dir():
-            examples = heldout(task)[:n]
-            workloads[f"accept-{name}"] = [
-                Job(chat_prompt(tokenizer, ex.prompt), name, task.max_new_tokens) for ex in examples
-            ]
+    workloads = _workloads(AutoTokenizer.from_pretrained(default_model_dir()), n, 16 if args.quick else 128)
     with tempfile.TemporaryDirectory() as tmp:
         m32_store = Path(tmp)
         adapters = make_store(default_model_dir(), m32_store)
@@ -164,32 +176,54 @@ def main() -> None:
         count, out_len = (8, 8) if args.quick else (128, 64)
         m32 = [Job([rng.randrange(100, 250) for _ in range(64)], adapters[i % len(adapters)], out_len, True)
                for i in range(count)]  # fmt: skip
-        results = {}
-        for label, spec in (("off", None), ("on", args.speculative_config)):
+        results: dict = {}
+        for label, spec in {"off": None, **methods}.items():
             settings = Settings(dtype=args.dtype, adapters_store=STORE, speculative_config=spec, max_loras=32)
-            shaped = run_engine(settings, workloads, [])
-            m32_settings = Settings(dtype=args.dtype, adapters_store=m32_store, speculative_config=spec, max_loras=32)
-            shaped["m32"] = run_engine(m32_settings, {}, m32)["m32"]
-            results[label] = shaped
-    report(results)
+            results[label] = run_engine(settings, workloads, [])
+            results[label]["m32"] = []
+        for _ in range(args.m32_rounds):
+            for label, spec in {"off": None, **methods}.items():
+                settings = Settings(dtype=args.dtype, adapters_store=m32_store, speculative_config=spec, max_loras=32)
+                results[label]["m32"].append(run_engine(settings, {}, m32)["m32"])
+    report(results, list(methods))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2, default=str))
 
 
-def report(results: dict) -> None:
-    off, on = results["off"], results["on"]
+def _workloads(tokenizer, n: int, chat_tokens: int) -> dict[str, tuple[list[Job], list[Job]]]:
+    """(warm-up jobs, timed jobs) per workload; the warm-up's prompts are never the timed ones."""
+
+    def task_jobs(name: str, max_tokens: int) -> tuple[list[Job], list[Job]]:
+        examples = heldout(TASKS[name])
+        jobs = [Job(chat_prompt(tokenizer, ex.prompt), name, max_tokens) for ex in examples[: 2 * n]]
+        return jobs[n:], jobs[:n]
+
+    m = min(n, len(CHATS), len(WARM_CHATS))
+    chats = [Job(chat_prompt(tokenizer, text), None, chat_tokens) for text in (*WARM_CHATS[:m], *CHATS[:m])]
+    workloads = {"json": task_jobs("json-extract", 40), "chat": (chats[:m], chats[m:])}
+    for name, task in TASKS.items():
+        if name != "json-extract" and (STORE / name).is_dir():
+            workloads[f"accept-{name}"] = task_jobs(name, task.max_new_tokens)
+    return workloads
+
+
+def report(results: dict, methods: list[str]) -> None:
+    off = results["off"]
     lines = []
-    for name in ("json", "chat"):
-        (out_off, tpot_off), (out_on, tpot_on) = off[name], on[name]
-        same = "identical" if out_off == out_on else "DIFFERENT"
-        lines.append(
-            f"{name:6} batch-1 TPOT {tpot_off:7.2f} ms -> {tpot_on:7.2f} ms ({tpot_off / tpot_on:5.2f}x), {same}"
-        )
-    lines.append(
-        f"m32    throughput {off['m32']:8.1f} tok/s -> {on['m32']:8.1f} tok/s ({on['m32'] / off['m32']:5.2f}x)"
-    )
-    for adapter, rate in sorted(on.get("acceptance", {}).items()):
-        lines.append(f"accept {adapter:20} {rate:6.1%}")
+    for method in methods:
+        on = results[method]
+        for name in ("json", "chat"):
+            (out_off, tpot_off), (out_on, tpot_on) = off[name], on[name]
+            same = "identical" if out_off == out_on else "DIFFERENT"
+            lines.append(
+                f"{method:6} {name:6} batch-1 TPOT {tpot_off:7.2f} ms -> {tpot_on:7.2f} ms "
+                f"({tpot_off / tpot_on:5.2f}x), {same}"
+            )
+        ratios = [b / a for a, b in zip(off["m32"], on["m32"], strict=True)]
+        rounds = ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in zip(off["m32"], on["m32"], strict=True))
+        lines.append(f"{method:6} m32    tok/s {rounds} (median ratio {statistics.median(ratios):5.2f}x)")
+        for adapter, rate in sorted(on.get("acceptance", {}).items()):
+            lines.append(f"{method:6} accept {adapter:20} {rate:6.1%}")
     print("\n".join(lines), flush=True)
 
 

@@ -103,13 +103,16 @@ def test_a_proposal_is_kept_with_the_target_probability_and_otherwise_the_target
     assert abs(kept_proposal / draws - float(target[1])) < 0.02
 
 
+ADAPTERS = {
+    "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "wide": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj"]),
+}
+
+
 @pytest.fixture(scope="module")
 def store(tiny_model_dir, tmp_path_factory):
-    return make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("spec-store"), {
-        "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "wide": dict(r=8, lora_alpha=16, target_modules="all-linear"),
-        "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj"]),
-    })  # fmt: skip
+    return make_adapter_store(tiny_model_dir, tmp_path_factory.mktemp("spec-store"), ADAPTERS)
 
 
 def _core(model_dir, store, speculative: str | None, **extra) -> Iterator[tuple[LLMEngine, AdapterRegistry]]:
