@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         '"prompt_lookup_min": 2, "prompt_lookup_max": 4}\' proposes up to 4 tokens per row and step by prompt '
         "lookup and verifies them in one forward under each row's adapter; off without it",
     )
+    draft_adapters_store: Path | None = Field(
+        None,
+        description="Directory of PEFT adapters for the draft model of --speculative-config's draft_model method, one "
+        "folder each, read at start: a request for adapter X is proposed for with the draft adapter X if there is "
+        "one, else by the plain draft (adapters always apply to the target)",
+    )
     max_queue: int = Field(256, ge=0, description="Waiting requests allowed before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

@@ -18,6 +18,7 @@ from server.engine.merge_policy import MergePolicy, MergePolicyConfig, start_mod
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.speculative.config import parse_speculative_config
+from server.engine.speculative.proposer import make_proposer
 from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
@@ -55,6 +56,8 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
             )
         log.warning("KV cache holds %d tokens; limiting max_model_len from %d to that", capacity, max_model_len)
         max_model_len = capacity
+    speculative = None if settings.speculative_config is None else parse_speculative_config(settings.speculative_config)
+    proposer = None if speculative is None else make_proposer(speculative, loaded, settings)  # refuses a bad draft
     runner = ModelRunner(loaded, num_blocks, settings.block_size)
     attach_lora_slots(loaded.model, settings.max_loras)
     store = AdapterStore(settings.adapters_store)
@@ -68,8 +71,9 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
     )
     policy = MergePolicy(MergePolicyConfig.from_settings(settings), start_modes(settings, adapters.mode))
     merger = MergeController(loaded.model, policy, adapters.cache.host_weights, record=metrics.record_merge)
-    speculative = None if settings.speculative_config is None else parse_speculative_config(settings.speculative_config)
-    core = LLMEngine(runner, scheduler, loaded.tokenizer, settings.seed, adapters.cache, merger, defaults, speculative)
+    core = LLMEngine(
+        runner, scheduler, loaded.tokenizer, settings.seed, adapters.cache, merger, defaults, speculative, proposer
+    )
     name = settings.served_model_name or (DEFAULT_MODEL_NAME if settings.model is None else loaded.name)
     log.info("serving %s on %s (%s): %d KV blocks, max_model_len %d", name, device, dtype, num_blocks, max_model_len)
     return core, adapters, name
