@@ -247,6 +247,17 @@ def test_the_policy_backs_off_where_speculating_costs_more_per_token_and_retries
     assert sum(policy.speculate(1) for _ in range(EXPLORE_EVERY)) >= EXPLORE_EVERY - 1
 
 
+def test_the_policy_weighs_speculating_steps_by_the_tokens_they_keep() -> None:
+    policy = SpeculationPolicy()
+    policy.speculate(1)
+    for _ in range(20):  # steps alternately keep 1 and 5 tokens at 12 ms: 4 ms per token over both
+        policy.record(1, True, seconds=0.012, num_tokens=1)
+        policy.record(1, True, seconds=0.012, num_tokens=5)
+    policy.record(1, False, seconds=0.006, num_tokens=1)  # 6 ms without; the mean of 12 and 2.4 ms per step is 7.2
+    assert policy.cost(1, True) == pytest.approx(0.004, rel=0.05)
+    assert sum(policy.speculate(1) for _ in range(EXPLORE_EVERY)) == EXPLORE_EVERY - 1
+
+
 def test_metrics_count_proposed_and_accepted_per_adapter_and_the_dashboard_divides_them() -> None:
     metrics = Metrics(2, 4)
     metrics.set_base_model("tiny")
