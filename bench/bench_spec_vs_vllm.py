@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ import psutil
 from transformers import AutoTokenizer
 
 from bench.bench_speculative import NGRAM, STORE, SUFFIX, Job, _workloads
-from bench.bench_vs_vllm import KV_BYTES, VLLM_DIR, _running, free_port, peer_scripts, stop
+from bench.bench_vs_vllm import VLLM_DIR, Server, _running, free_port, peer_scripts, stop
+from bench.bench_vs_vllm import start as start_server
 from load_tests.readiness import wait_until_ok
 from server.model.default_model import default_model_dir
 
@@ -60,14 +60,8 @@ def start(kind: str, spec: str | None, port: int, log: Path) -> psutil.Process:
         if done.returncode != 0:
             raise RuntimeError(_refusal((VLLM_DIR / "serve.log").read_text()))
         return psutil.Process(int((VLLM_DIR / "serve.pid").read_text()))
-    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapters-store", str(STORE),
-           "--dtype", "auto", "--kv-cache-bytes", str(KV_BYTES)]  # fmt: skip
-    if compact is not None:
-        cmd += ["--speculative-config", compact]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # both cores compute, as for vLLM
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return psutil.Process(proc.pid)
+    flags = () if compact is None else ("--speculative-config", compact)
+    return start_server(Server(kind, kind, "auto", flags), default_model_dir(), STORE, port, log, shaped=False)
 
 
 def _refusal(log: str) -> str:
@@ -97,8 +91,7 @@ async def one(client: httpx.AsyncClient, model: str, job: Job) -> tuple[str, int
                     first = now if first is None else first
                     last = now
                     text += choice["text"]
-    first_chunk_tokens = 1  # both servers send the first token alone: it ends prefill
-    later = tokens - first_chunk_tokens
+    later = tokens - 1  # both servers send the first token alone: it ends prefill
     return text, tokens, (last - first) / later if first is not None and later > 0 else None
 
 

@@ -46,9 +46,6 @@ class SpeculationPolicy:
         if num_tokens <= 0:
             return
         key = (num_rows.bit_length(), speculated)
-        old = self._spent.get(key)
-        if old is None:
-            self._spent[key] = (seconds, float(num_tokens))
-        else:
-            keep = 1 - _SMOOTHING
-            self._spent[key] = (keep * old[0] + _SMOOTHING * seconds, keep * old[1] + _SMOOTHING * num_tokens)
+        spent, tokens = self._spent.get(key, (seconds, num_tokens))  # the first step starts the sums
+        keep = 1 - _SMOOTHING
+        self._spent[key] = (keep * spent + _SMOOTHING * seconds, keep * tokens + _SMOOTHING * num_tokens)
