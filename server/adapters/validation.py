@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
-
 from server.adapters.config import MAX_CONFIG_BYTES, MAX_TEXT_CHARS, check_config_sizes
 from server.adapters.patterns import check_config_patterns
 from server.adapters.records import AdapterRecord, make_record, read_raw_config, read_safetensors_header
 from server.adapters.store import CONFIG_FILE, AdapterStore
-from server.adapters.weights import WEIGHTS_FILE, AdapterWeights, ModelInfo, validate_adapter_dir
+from server.adapters.weights import WEIGHTS_FILE, AdapterWeights, ModelInfo, all_finite, validate_adapter_dir
 from server.errors import AdapterError, ConflictError, NotFoundError, PayloadTooLargeError
 
 CHUNK_BYTES = 1 << 20
@@ -51,14 +49,14 @@ def check_finite(weights: AdapterWeights, info: ModelInfo) -> None:
     """Refuse updates that overflow once scaled and cast: s·B, or DoRA's factor g, must be finite as served."""
     for (layer, proj), update in weights.updates.items():
         base = info.tensor_prefix(layer, proj)
-        if not torch.isfinite(update.b).all():
+        if not all_finite(update.b):
             scale = weights.config.targets[(layer, proj)].scale
             raise AdapterError(
                 f"tensor {base}.lora_B.weight times the scale {scale:g} (lora_alpha / r) is not finite in "
                 f"{update.b.dtype}; lower lora_alpha or the weights",
                 param=f"{base}.lora_B.weight",
             )
-        if update.g is not None and not torch.isfinite(update.g).all():
+        if update.g is not None and not all_finite(update.g):
             raise AdapterError(
                 f"tensor {base}.lora_magnitude_vector gives a DoRA factor that is not finite in {update.g.dtype}",
                 param=f"{base}.lora_magnitude_vector",

@@ -8,6 +8,7 @@ saved, B with the scale folded in, and for DoRA the constant factor `g = m / ‖
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,15 @@ def _weights_file(path: Path) -> Path:
     raise AdapterError(f"{WEIGHTS_FILE} is missing", param=WEIGHTS_FILE)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of `tensor` is finite: its minimum and maximum, found in one pass, are (NaN propagates
+    into both). In bf16 a twentieth of `isfinite(t).all()`'s time, which had made the check most of a load."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(low.item()) and math.isfinite(high.item())
+
+
 def file_digest(file: Path) -> tuple[int, str]:
     sha = hashlib.sha256()
     size = 0
@@ -165,7 +175,7 @@ def _read_tensor(f: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
             param=name,
         )
     tensor = f.get_tensor(name)
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise AdapterError(f"tensor {name} holds NaN or infinite values", param=name)
     return tensor
 
@@ -175,10 +185,11 @@ def _update(
 ) -> LoraWeights:
     """A, s·B and the DoRA factor of one projection, computed in float32 and stored in the model's dtype."""
     a_name, b_name, m_name = _tensor_names(info, *key)
-    update = LoraWeights(a=tensors[a_name].float(), b=tensors[b_name].float() * spec.scale)  # [r, in], [out, r]
+    a, b = tensors[a_name], tensors[b_name].float() * spec.scale  # [r, in], [out, r]
+    update = LoraWeights(a, b)  # A goes to the model's dtype straight: through float32 it is the same, a pass later
     if dora:
-        update = update.with_dora(info.base_weight(*key), tensors[m_name])
-        if not torch.isfinite(update.g).all():
+        update = LoraWeights(a.float(), b).with_dora(info.base_weight(*key), tensors[m_name])
+        if not all_finite(update.g):
             raise AdapterError(
                 f"tensor {m_name} gives a non-finite DoRA scale (a row of W + s·B·A has zero norm)", param=m_name
             )

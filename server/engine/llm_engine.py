@@ -123,7 +123,13 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         self._update_merge()
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running, self._may_speculate, self._generator_of, self._grammar_of)
+            self.speculator.propose(
+                self.scheduler.running,
+                bool(self.scheduler.waiting),
+                self._may_speculate,
+                self._generator_of,
+                self._grammar_of,
+            )
         plan = self.scheduler.schedule()
         self.last_step_tokens = plan.num_batched_tokens
         for seq in plan.preempted:

@@ -21,7 +21,7 @@ from server.engine.factory import build_core, build_engine
 from server.engine.generation_defaults import GenerationDefaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampler import Sampler, SamplingRow
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
@@ -256,6 +256,47 @@ def test_the_policy_weighs_speculating_steps_by_the_tokens_they_keep() -> None:
     policy.record(1, False, seconds=0.006, num_tokens=1)  # 6 ms without; the mean of 12 and 2.4 ms per step is 7.2
     assert policy.cost(1, True) == pytest.approx(0.004, rel=0.05)
     assert sum(policy.speculate(1) for _ in range(EXPLORE_EVERY)) == EXPLORE_EVERY - 1
+
+
+class _Counting:
+    """Proposes as many tokens as the row may: 100, 101, ..."""
+
+    def propose(self, rows: list[tuple[Sequence, int]]) -> list[list[int]]:
+        return [list(range(100, 100 + room)) for _, room in rows]
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Nothing kept per row."""
+
+
+def test_a_row_proposes_as_many_tokens_as_its_recent_verifications_kept() -> None:
+    spec = Speculator(SpeculativeConfig(6, 1, 3), 100, proposer=_Counting())
+    seq = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0))
+    seq.num_computed_tokens = len(seq) - 1
+    lengths = []
+    for num_kept in (2, 1, 0, 0, 1, 2, 4, 5):  # proposals verification keeps, out of each step's
+        spec.propose([seq], False, lambda _: True, lambda _: None, lambda _: None)
+        proposed = list(seq.draft_token_ids)
+        lengths.append(len(proposed))
+        sampled = [*proposed[:num_kept], 7, *proposed[num_kept + 1 :], 8][: len(proposed) + 1]
+        item = ScheduledSequence(seq, len(proposed) + 1, seq.num_computed_tokens, True, len(proposed))
+        assert spec.verify(item, sampled, None) == [*proposed[:num_kept], sampled[num_kept]]
+    # cut at i -> i + 1 next; a whole proposal kept -> twice as long, up to k = 6
+    assert lengths == [6, 3, 2, 1, 1, 2, 4, 6]
+    spec.finish(seq, FinishReason.STOP)
+    spec.propose([seq], False, lambda _: True, lambda _: None, lambda _: None)
+    assert len(seq.draft_token_ids) == 6  # a request that ended is forgotten
+
+
+def test_no_row_proposes_in_a_step_that_computes_prompt_tokens() -> None:
+    spec = Speculator(SpeculativeConfig(4, 1, 3), 100, proposer=_Counting())
+    decoding = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0))
+    decoding.num_computed_tokens = len(decoding) - 1
+    prompt = Sequence("b", [4, 5, 6, 7], SamplingParams(max_tokens=50, temperature=0.0))
+    for running, waiting in (([decoding], True), ([decoding, prompt], False)):
+        spec.propose(running, waiting, lambda _: True, lambda _: None, lambda _: None)
+        assert decoding.draft_token_ids == []
+    spec.propose([decoding], False, lambda _: True, lambda _: None, lambda _: None)
+    assert len(decoding.draft_token_ids) == 4
 
 
 def test_metrics_count_proposed_and_accepted_per_adapter_and_the_dashboard_divides_them() -> None:
