@@ -183,10 +183,10 @@ def _read_tensor(f: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 def _update(
     key: tuple[int, str], spec: TargetSpec, tensors: Mapping[str, torch.Tensor], dora: bool, info: ModelInfo
 ) -> LoraWeights:
-    """A, s·B and the DoRA factor of one projection, computed in float32 and stored in the model's dtype."""
+    """A as saved, s·B and the DoRA factor (computed in float32) of one projection, in the model's dtype."""
     a_name, b_name, m_name = _tensor_names(info, *key)
     a, b = tensors[a_name], tensors[b_name].float() * spec.scale  # [r, in], [out, r]
-    update = LoraWeights(a, b)  # A goes to the model's dtype straight: through float32 it is the same, a pass later
+    update = LoraWeights(a, b)  # A is only cast to the model's dtype: via float32 gives the same values
     if dora:
         update = LoraWeights(a.float(), b).with_dora(info.base_weight(*key), tensors[m_name])
         if not all_finite(update.g):

@@ -84,7 +84,7 @@ class Speculator:
     def _room(self, seq: Sequence) -> int:
         """How many tokens `seq` may propose: its max_tokens and the context length leave room for the bonus."""
         return min(
-            self._lengths.get(seq.request_id, self.config.num_speculative_tokens),
+            self._length(seq.request_id),
             seq.params.max_tokens - seq.num_output_tokens - 1,
             self.max_model_len - len(seq) - 1,
         )
@@ -113,8 +113,11 @@ class Speculator:
         """How many tokens a row may propose after verification kept `num_accepted` of its `num_proposed`."""
         if num_accepted < num_proposed:
             return num_accepted + 1
-        length = self._lengths.get(request_id, self.config.num_speculative_tokens)
-        return min(self.config.num_speculative_tokens, 2 * length)
+        return min(self.config.num_speculative_tokens, 2 * self._length(request_id))
+
+    def _length(self, request_id: str) -> int:
+        """Most tokens the row may propose next: k until its first verification."""
+        return self._lengths.get(request_id, self.config.num_speculative_tokens)
 
     def take_counts(self) -> list[tuple[str | None, int, int]]:
         """(adapter name or None, proposed, accepted) gained per adapter since the previous call, for the metrics."""
