@@ -8,7 +8,8 @@ Each workload runs on an engine without speculation, then on one per method (`--
   chat      batch 1, free-form chat on the base model (target: no worse than 0.97x)
   m32       128 requests over 32 random r=8 q,v adapters, 32 in flight, the bench_vs_vllm workload: output
             tokens/s (target: at least 0.97x of speculation off); off and on alternate `--m32-rounds` times, each
-            on a fresh engine, and the ratio is the median of the rounds' (this VM drifts by 10 % between runs)
+            on a fresh engine, off first in even rounds and last in odd ones (this VM drifts by 10 % between
+            runs, and a steady drift then favours neither), and the ratio is the median of the rounds'
   accept    acceptance rate per shipped task adapter on its held-out prompts (speculating engine only)
 
 Before its timed pass each workload runs untimed on other prompts (held-out prompts 16-31 of the task, other chat
@@ -181,8 +182,9 @@ def main() -> None:
             settings = Settings(dtype=args.dtype, adapters_store=STORE, speculative_config=spec, max_loras=32)
             results[label] = run_engine(settings, workloads, [])
             results[label]["m32"] = []
-        for _ in range(args.m32_rounds):
-            for label, spec in {"off": None, **methods}.items():
+        configs = list({"off": None, **methods}.items())
+        for round_ in range(args.m32_rounds):
+            for label, spec in configs if round_ % 2 == 0 else configs[::-1]:
                 settings = Settings(dtype=args.dtype, adapters_store=m32_store, speculative_config=spec, max_loras=32)
                 results[label]["m32"].append(run_engine(settings, {}, m32)["m32"])
     report(results, list(methods))

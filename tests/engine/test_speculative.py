@@ -26,7 +26,7 @@ from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.speculative.acceptance import accepted_tokens
 from server.engine.speculative.config import SpeculativeConfig, parse_speculative_config
 from server.engine.speculative.ngram import PromptLookup, propose_ngram
-from server.engine.speculative.policy import EXPLORE_EVERY, SpeculationPolicy
+from server.engine.speculative.policy import EXPLORE_EVERY, EXPLORE_MAX, SpeculationPolicy
 from server.engine.speculative.speculator import Speculator
 from server.engine.structured import GrammarSpec
 from server.errors import ConfigurationError
@@ -245,6 +245,27 @@ def test_the_policy_backs_off_where_speculating_costs_more_per_token_and_retries
     policy.record(1, True, seconds=0.01, num_tokens=4)
     policy.record(1, False, seconds=0.01, num_tokens=1)
     assert sum(policy.speculate(1) for _ in range(EXPLORE_EVERY)) >= EXPLORE_EVERY - 1
+
+
+def test_the_policy_tries_less_often_while_its_tries_confirm_the_choice_and_again_once_it_changes() -> None:
+    policy = SpeculationPolicy()
+    policy.speculate(32)
+    policy.record(32, True, seconds=0.30, num_tokens=40)  # 7.5 ms per token with proposals
+    policy.speculate(32)
+    policy.record(32, False, seconds=0.16, num_tokens=32)  # 5 ms per token without
+    tries = []
+    for step in range(1, 2000):
+        if policy.speculate(32):
+            tries.append(step)
+            policy.record(32, True, seconds=0.30, num_tokens=40)  # each try confirms: still dearer
+    gaps = [later - earlier for earlier, later in zip([0, *tries], tries, strict=False)]
+    assert gaps[:6] == [EXPLORE_EVERY * 2**i for i in range(4)] + [EXPLORE_MAX, EXPLORE_MAX]
+    while not policy.speculate(32):
+        pass
+    for _ in range(30):  # this try finds speculation cheap now: 2 ms per token
+        policy.record(32, True, seconds=0.08, num_tokens=40)
+    choices = [policy.speculate(32) for _ in range(EXPLORE_EVERY)]
+    assert choices == [True] * (EXPLORE_EVERY - 1) + [False]  # the choice changed, and the other is tried again soon
 
 
 def test_the_policy_weighs_speculating_steps_by_the_tokens_they_keep() -> None:
