@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model.linear import PLAIN_MAX_ROWS, linear, prepack
+from server.model.linear import EXACT_ROWS, PLAIN_MAX_ROWS, linear, padded_rows, prepack
 
 
 def packs(dtype: torch.dtype) -> pytest.MarkDecorator:
@@ -35,3 +35,24 @@ def test_weights_without_a_packed_copy_use_the_plain_gemm():
     weight, x = torch.randn(16, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
     assert prepack(weight) is None
     assert linear(x, weight, None).equal(F.linear(x, weight))
+
+
+def test_packed_gemms_run_at_few_fixed_row_counts_each_at_most_a_sixteenth_larger():
+    sizes = [padded_rows(rows) for rows in range(1, 2049)]
+    assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))  # decode batches run as they are
+    assert all(rows <= size <= rows + rows / 16 for rows, size in enumerate(sizes, start=1))
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) == 128  # oneDNN compiles and keeps one kernel per row count: a fixed set of them
+    assert padded_rows(2048) == 2048 and padded_rows(1025) == 1088
+
+
+@packs(torch.bfloat16)
+@pytest.mark.parametrize("rows", [33, 67, 130, 517])
+def test_a_padded_gemm_gives_each_row_its_own_result(rows):
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(rows, 64, dtype=torch.bfloat16)
+    assert padded_rows(rows) > rows
+    got = linear(x, weight, prepack(weight))
+    assert got.shape == (rows, 96)
+    assert got.equal(torch.ops.mkldnn._linear_pointwise(x, prepack(weight), None, "none", [], ""))
+    torch.testing.assert_close(got, F.linear(x, weight), atol=2e-2, rtol=2e-2)
