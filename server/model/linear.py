@@ -27,7 +27,8 @@ def padded_rows(rows: int) -> int:
     """
     if rows <= EXACT_ROWS:
         return rows
-    step = 1 << max(0, (rows - 1).bit_length() - BUCKETS_PER_OCTAVE.bit_length())
+    octave = 1 << ((rows - 1).bit_length() - 1)  # the largest power of two below `rows`
+    step = max(1, octave // BUCKETS_PER_OCTAVE)
     return -(-rows // step) * step
 
 
