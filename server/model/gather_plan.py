@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.model.gemm_shapes import padded_rows
+
 
 @dataclass(frozen=True)
 class GatherPlan:
@@ -61,17 +63,17 @@ class RunsPlan:
 
     first: int  # first token of the first run
     last: int  # end of the last run
-    length: int  # L, the longest run
+    length: int  # L, the longest run (or more: see `build_runs_plan`)
     pad_index: torch.Tensor | None  # [n * L] token read at each padded position (padding repeats the run's first)
     kept: torch.Tensor | None  # [N] padded position of each real token, N = total run length
     tokens: torch.Tensor | None  # [N] the token itself
 
 
-def build_runs_plan(runs: tuple[tuple[int, int], ...], device: torch.device) -> RunsPlan:
-    """The plan for token runs `[start, end)`, in order."""
+def build_runs_plan(runs: tuple[tuple[int, int], ...], device: torch.device, padded: bool = False) -> RunsPlan:
+    """The plan for token runs `[start, end)`, in order; `padded`: L is `padded_rows` of the longest run."""
     starts = torch.tensor([start for start, _ in runs])
     lengths = torch.tensor([end - start for start, end in runs])
-    length = int(lengths.max())
+    length = padded_rows(int(lengths.max())) if padded else int(lengths.max())
     back_to_back = all(runs[i][1] == runs[i + 1][0] for i in range(len(runs) - 1))
     if back_to_back and bool((lengths == length).all()):
         return RunsPlan(runs[0][0], runs[-1][1], length, None, None, None)

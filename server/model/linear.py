@@ -6,30 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.gemm_shapes import padded_rows
 from server.model.lora import LoraSlots
 from server.model.routing import LoraBatch
 
 # Up to this many rows the plain weight's GEMM beats oneDNN's packed copy, by weight dtype (see `prepack`).
 PLAIN_MAX_ROWS = {torch.float32: 3, torch.bfloat16: 0}
 PACKED_DTYPES = tuple(PLAIN_MAX_ROWS)
-EXACT_ROWS = 32  # packed GEMMs of up to this many rows (decode batches) run at their own row count
-BUCKETS_PER_OCTAVE = 16  # above it, row counts round up to one of this many sizes per power of two
-
-
-def padded_rows(rows: int) -> int:
-    """The row count a packed GEMM of `rows` rows runs at: itself up to EXACT_ROWS, else rounded up to a multiple
-    of 1/BUCKETS_PER_OCTAVE of its power of two (at most 1/16 more rows, 2 % more on average over prefill sizes).
-
-    oneDNN keeps a JIT-compiled kernel and primitive for each GEMM shape it meets, about 0.65 MB per row count per
-    weight shape in bfloat16, and never frees them: a server stepping 1 to 2048 tokens at a time grew without bound
-    as new step sizes came (a bf16 GEMM over 600 row counts: +387 MiB; at multiples of 16: +43 MiB). Rounding the
-    row count keeps the set of shapes small and fixed (128 sizes up to 2048 rows).
-    """
-    if rows <= EXACT_ROWS:
-        return rows
-    octave = 1 << ((rows - 1).bit_length() - 1)  # the largest power of two below `rows`
-    step = max(1, octave // BUCKETS_PER_OCTAVE)
-    return -(-rows // step) * step
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -56,7 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -
         return F.linear(x, weight)
     padded = padded_rows(rows)
     if padded != rows:
-        x = F.pad(x, (0, 0, 0, padded - rows))  # zero rows: each real row's result is its own
+        x = F.pad(x, (0, 0, 0, padded - rows))  # zero rows, so oneDNN meets few shapes (`server.model.gemm_shapes`)
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")[:rows]
 
 

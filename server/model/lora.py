@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from server.model import backend
+from server.model.gemm_shapes import padded_rows, runs_onednn
 from server.model.lora_weights import LoraWeights, scale_outputs_
 from server.model.routing import MERGED_SLOT, LoraBatch, buffer_row, buffer_rows
 
@@ -150,27 +151,35 @@ class _Slice:
         self.a_t, self.b_t, self.cap = _granules(a_t), b_t, cap
 
     def sgmv(self, x: torch.Tensor, y: torch.Tensor, start: int, end: int, slot: int) -> None:
-        """One run of one slot: two GEMMs at the slot's own rank, then DoRA's `g` if any."""
-        r, row = self.rank[slot], buffer_row(slot)
-        granules = -(-r // self.width)
-        xa = torch.matmul(x[start:end], self.a_t[row, :granules])  # [k, L, g]
-        xa = xa.transpose(0, 1).reshape(end - start, -1)[:, :r]  # [L, r]
+        """One run of one slot: two GEMMs over the slot's granules (ranks past its own are zero in A and B), then
+        DoRA's `g` if any. Where oneDNN computes them the run is padded to `padded_rows`, so it meets few shapes.
+        """
+        row, rows = buffer_row(slot), end - start
+        granules = -(-self.rank[slot] // self.width)
+        padded = padded_rows(rows) if runs_onednn(x) else rows
+        xs = x[start:end] if padded == rows else F.pad(x[start:end], (0, 0, 0, padded - rows))
+        xa = torch.matmul(xs, self.a_t[row, :granules])  # [k, P, g]
+        xa = xa.transpose(0, 1).reshape(padded, -1)  # [P, k * g]
+        b = self.b_t[row, : granules * self.width]  # [k * g, out]
         ys = y[start:end, self.start : self.end]  # [L, out]
-        ys.addmm_(xa, self.b_t[row, :r])
+        if padded == rows:
+            ys.addmm_(xa, b)
+        else:
+            ys.copy_(torch.addmm(F.pad(ys, (0, 0, 0, padded - rows)), xa, b)[:rows])
         if slot in self.dora:
-            scale_outputs_(ys, self.g[row])
+            scale_outputs_(ys, self.g[buffer_row(slot)])
 
     def grouped_sgmv(
         self, x: torch.Tensor, y: torch.Tensor, runs: list[tuple[int, int, int]], batch: LoraBatch
     ) -> None:
         """Runs whose slots read the same number of A granules: one batched GEMM pair for all of them.
 
-        Each run is padded to the longest and every slot to `granules · g` ranks; the padding of A and B is zero,
-        so it adds exact zeros.
+        Each run is padded to the longest (to `padded_rows` of it where oneDNN computes) and every slot to
+        `granules · g` ranks; the padding of A and B is zero, so it adds exact zeros.
         """
         granules = -(-self.rank[runs[0][2]] // self.width)
         ranks = granules * self.width
-        plan = batch.runs_plan(tuple((start, end) for start, end, _ in runs))
+        plan = batch.runs_plan(tuple((start, end) for start, end, _ in runs), padded=runs_onednn(x))
         rows = torch.tensor([buffer_row(slot) for _, _, slot in runs], device=x.device)
         n = len(runs)
         a = self.a_t.index_select(0, rows)[:, :granules]  # [n, k, in, g]

@@ -61,11 +61,13 @@ class LoraBatch:
             self._plans[key] = build_gather_plan(rows, row_ranks, in_features, granules, width, device)
         return self._plans[key]
 
-    def runs_plan(self, runs: tuple[tuple[int, int], ...]) -> RunsPlan:
-        """The plan batching GEMM runs `[start, end)` into one GEMM pair; built once per step, shared by layers."""
-        key = ("runs", runs)
+    def runs_plan(self, runs: tuple[tuple[int, int], ...], padded: bool = False) -> RunsPlan:
+        """The plan batching GEMM runs `[start, end)` into one GEMM pair; built once per step, shared by layers.
+        `padded`: the runs are padded to `padded_rows` of the longest, not to the longest itself.
+        """
+        key = ("runs", runs, padded)
         if key not in self._plans:
-            self._plans[key] = build_runs_plan(runs, self.token_slots.device)
+            self._plans[key] = build_runs_plan(runs, self.token_slots.device, padded)
         return self._plans[key]
 
 

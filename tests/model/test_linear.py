@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model.linear import EXACT_ROWS, PLAIN_MAX_ROWS, linear, padded_rows, prepack
+from server.model.gemm_shapes import padded_rows
+from server.model.linear import PLAIN_MAX_ROWS, linear, prepack
 
 
 def packs(dtype: torch.dtype) -> pytest.MarkDecorator:
@@ -35,15 +36,6 @@ def test_weights_without_a_packed_copy_use_the_plain_gemm():
     weight, x = torch.randn(16, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
     assert prepack(weight) is None
     assert linear(x, weight, None).equal(F.linear(x, weight))
-
-
-def test_packed_gemms_run_at_few_fixed_row_counts_each_at_most_a_sixteenth_larger():
-    sizes = [padded_rows(rows) for rows in range(1, 2049)]
-    assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))  # decode batches run as they are
-    assert all(rows <= size <= rows + rows / 16 for rows, size in enumerate(sizes, start=1))
-    assert sizes == sorted(sizes)
-    assert len(set(sizes)) == 128  # oneDNN compiles and keeps one kernel per row count: a fixed set of them
-    assert padded_rows(2048) == 2048 and padded_rows(1025) == 1088
 
 
 @packs(torch.bfloat16)

@@ -9,6 +9,7 @@ from server.adapters.slots import attach_lora_slots, clear_adapter_slot, load_ad
 from server.adapters.weights import ModelInfo, validate_adapter_dir
 from server.engine.batch_builder import build_forward_batch
 from server.engine.sequence import SamplingParams, Sequence
+from server.model.gemm_shapes import padded_rows
 from server.model.kv_cache import KVCache
 from server.model.linear import TargetLinear
 from server.model.loader import load_model
@@ -247,3 +248,24 @@ def test_grouped_runs_match_reference(tokens):
     with torch.no_grad():
         got = linear(x, batch)
     torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tokens", [[5] * 37, [5] * 37 + [1] * 45 + [-1] + [0] * 70, [3] * 33 + [2] * 50], ids=["one", "grouped", "ranks"]
+)
+def test_long_bf16_runs_run_at_padded_row_counts_and_still_match_reference(tokens):
+    """oneDNN compiles a kernel per GEMM shape, so bf16 runs on a CPU are padded to `padded_rows` rows."""
+    linear, loaded = _layer_with_adapters()
+    bf16 = TargetLinear(linear.weight.detach().to(torch.bfloat16), SLICES)
+    bf16.enable_adapters(MAX_LORAS)
+    for slot, pieces in loaded.items():
+        bf16.lora.load_slot(slot, {n: LoraWeights(w.a, w.b, w.g) for n, w in pieces.items()})
+    token_slots = torch.tensor(tokens)
+    x = torch.randn(len(tokens), IN).to(torch.bfloat16)
+    batch = make_lora_batch(token_slots)
+    runs = tuple((start, end) for start, end, _ in batch.gemm_runs)
+    assert batch.runs_plan(runs, padded=True).length == padded_rows(max(end - start for start, end in runs)) > 32
+    with torch.no_grad():
+        got = bf16(x, batch)
+    want = _expected(linear, loaded, x.float(), token_slots)
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
