@@ -22,6 +22,7 @@ from server.engine.speculative.proposer import make_proposer
 from server.errors import ConfigurationError
 from server.metrics import Metrics
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from server.model.gemm_shapes import bound_kernel_caches
 from server.model.kv_cache import KVCache
 from server.model.loader import load_model, resolve_device
 from server.model.precision import resolve_dtype
@@ -40,6 +41,8 @@ def build_core(settings: Settings, metrics: Metrics) -> tuple[LLMEngine, Adapter
     """Load the model and assemble the engine core; returns it, the adapter registry and the base model's name."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    if device.type == "cpu":
+        bound_kernel_caches()  # before the first GEMM: cached compiled kernels are most of a CPU server's growth
     path = settings.model or default_model_dir()
     defaults = load_generation_defaults(path, settings.generation_config, settings.override_generation_config)
     loaded = load_model(path, device, dtype, settings.fused_kernels)
