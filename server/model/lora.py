@@ -114,21 +114,30 @@ class _Slice:
         weights.check_shape(self.in_features, self.out_features)
 
     def load(self, slot: int, weights: LoraWeights | None) -> None:
+        """Make the slot's row hold `weights` (None: no update). A row is zero past its slot's rank and its `g` is 1
+        unless DoRA, so only what the previous adapter wrote is cleared: on the engine thread, a fill is a copy."""
         row = buffer_row(slot)
-        self.rank.pop(slot, None)
-        self.row_ranks[row] = 0
-        self.dora.discard(slot)
-        if self.cap:
-            self.a_t[row].zero_()
-            self.b_t[row].zero_()
+        held = self.rank.pop(slot, 0)
+        if weights is None and not held:
+            return
+        r = 0 if weights is None else weights.rank
+        self._reserve(r)
+        full, rest = divmod(r, self.width)  # whole granules of A, then the ranks of a partial one
+        if held > full * self.width:  # what the copies below leave of the old adapter
+            self.a_t[row, full : -(-held // self.width)].zero_()
+        if held > r:
+            self.b_t[row, r:held].zero_()
+        if slot in self.dora:
+            self.dora.discard(slot)
             self.g[row].fill_(1)
         if weights is None:
+            self.row_ranks[row] = 0
             return
-        r = weights.rank
-        self._reserve(r)
-        for granule, first in enumerate(range(0, r, self.width)):
-            part = weights.a[first : first + self.width]  # [<= g, in]
-            self.a_t[row, granule, :, : part.shape[0]].copy_(part.T)
+        if full:
+            granules = weights.a[: full * self.width].reshape(full, self.width, self.in_features)
+            self.a_t[row, :full].copy_(granules.transpose(1, 2))
+        if rest:
+            self.a_t[row, full, :, :rest].copy_(weights.a[full * self.width :].T)
         self.b_t[row, :r].copy_(weights.b.T)
         if weights.g is not None:
             self.g[row].copy_(weights.g)

@@ -1,4 +1,4 @@
-"""An adapter's tensors in host memory are views of one memory map, equal to what was loaded."""
+"""An adapter's tensors in host memory are views of one memory map, equal to what was loaded, A and B transposed."""
 
 from __future__ import annotations
 
@@ -21,3 +21,10 @@ def test_packed_updates_share_one_storage_and_keep_their_values():
         assert torch.equal(out[key].a, update.a) and torch.equal(out[key].b, update.b)
         assert out[key].a.dtype == update.a.dtype
     assert out[(0, "q_proj")].g is None and torch.equal(out[(1, "v_proj")].g, updates[(1, "v_proj")].g)
+
+
+def test_a_and_b_are_stored_in_the_slot_buffers_layout():
+    out = packed({(0, "q_proj"): LoraWeights(torch.randn(8, 12).bfloat16(), torch.randn(6, 8).bfloat16())})
+    update = out[(0, "q_proj")]
+    assert update.a.shape == (8, 12) and update.a.T.is_contiguous() and not update.a.is_contiguous()
+    assert update.b.shape == (6, 8) and update.b.T.is_contiguous() and not update.b.is_contiguous()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.adapters.packing import packed
 from server.adapters.slots import attach_lora_slots, clear_adapter_slot, load_adapter_slot
 from server.adapters.weights import ModelInfo, validate_adapter_dir
 from server.engine.batch_builder import build_forward_batch
@@ -16,7 +17,7 @@ from server.model.loader import load_model
 from server.model.lora import lora_reference
 from server.model.lora_weights import LoraWeights
 from server.model.projections import ProjectionMap
-from server.model.routing import BASE_SLOT, MERGED_SLOT, make_lora_batch
+from server.model.routing import BASE_SLOT, MERGED_SLOT, buffer_row, make_lora_batch
 from tests.helpers import make_peft_adapter, peft_logits
 
 IN = 32
@@ -130,6 +131,38 @@ def test_reload_with_smaller_rank_and_clear_leave_no_stale_weights():
     for min_run in (1, 10**9):
         got = linear(x, make_lora_batch(token_slots, min_gemm_run=min_run))
         torch.testing.assert_close(got, _expected(linear, loaded, x, token_slots), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["as loaded", "packed"])
+def test_a_reused_slot_holds_exactly_what_a_fresh_slot_would(layout):
+    """A load clears only what the slot's previous adapter wrote: after any run of ranks (partial granules, DoRA or
+    not, projections dropped), the slot's rows equal those of a slot that only ever held the last adapter."""
+    prepare = packed if layout == "packed" else dict
+    history = [
+        {"q_proj": _random_update(64, 32, dora=True), "v_proj": _random_update(40, 16, dora=True)},
+        {"q_proj": _random_update(8, 32, dora=False)},
+        {"q_proj": _random_update(40, 32, dora=False), "k_proj": _random_update(3, 16, dora=True)},
+        {"q_proj": _random_update(36, 32, dora=False)},  # a partial granule where the last held a whole one
+        {},
+        {"k_proj": _random_update(19, 16, dora=False), "v_proj": _random_update(16, 16, dora=False)},
+    ]
+    weight = torch.randn(OUT, IN)
+    reused, fresh = TargetLinear(weight, SLICES), TargetLinear(weight, SLICES)
+    reused.enable_adapters(2)
+    fresh.enable_adapters(2)
+    fresh.lora.load_slot(1, history[0])  # the same buffer capacities as the reused layer's
+    for n, updates in enumerate(history[1:], start=1):
+        reused.lora.load_slot(0, prepare(history[n - 1]))
+        reused.lora.load_slot(0, prepare(updates))
+        fresh.lora.clear_slot(0)
+        fresh.lora.load_slot(0, updates)
+        row = buffer_row(0)
+        for name in SLICES:
+            got, want = reused.lora._slices[name], fresh.lora._slices[name]
+            assert got.rank.get(0) == want.rank.get(0) and (0 in got.dora) == (0 in want.dora), (n, name)
+            assert got.cap == want.cap, (n, name)
+            for buffer in ("a_t", "b_t", "g", "row_ranks") if got.cap else ():
+                assert getattr(got, buffer)[row].equal(getattr(want, buffer)[row]), (n, name, buffer)
 
 
 def test_rank_buffers_grow_only_when_needed_and_keep_earlier_slots():
