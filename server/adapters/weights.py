@@ -11,6 +11,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -65,9 +66,9 @@ class AdapterWeights:
     size_bytes: int  # size of adapter_model.safetensors
     sha256: str  # hex digest of adapter_model.safetensors
 
-    @property
+    @cached_property
     def num_bytes(self) -> int:
-        """Memory the loaded updates take."""
+        """Memory the loaded updates take (asked after every slot fill, for each adapter in a slot: computed once)."""
         tensors = [t for u in self.updates.values() for t in (u.a, u.b, u.g) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
