@@ -10,7 +10,8 @@ size from one cycle to the next (`server.adapters.heap` trims what the temporari
 A and s·B are stored transposed (`a` and `b` are views of `[in, r]` and `[r, out]` memory): the layouts the
 device slots hold (`server.model.lora`), so filling a slot on the engine thread copies runs of contiguous rows
 instead of transposing, and the transpose is paid here, on the loader thread (`bench/bench_slot_fill.py`: a rank-64
-fill on the default model takes 4.7 ms from this layout, 7.6 ms from the layout as read).
+fill on the default model takes 4.7 ms from this layout, 7.6 ms from the layout as read; the load itself takes about
+8 ms more, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
