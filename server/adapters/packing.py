@@ -9,9 +9,11 @@ size from one cycle to the next (`server.adapters.heap` trims what the temporari
 
 A and s·B are stored transposed (`a` and `b` are views of `[in, r]` and `[r, out]` memory): the layouts the
 device slots hold (`server.model.lora`), so filling a slot on the engine thread copies runs of contiguous rows
-instead of transposing, and the transpose is paid here, on the loader thread (`bench/bench_slot_fill.py`: a rank-64
-fill on the default model takes 4.7 ms from this layout, 7.6 ms from the layout as read; the load itself takes about
-8 ms more, docs/BENCHMARKS.md).
+instead of transposing (`bench/bench_slot_fill.py`: a rank-64 fill on the default model takes 4.7 ms from this
+layout, 7.6 ms from the layout as read). The transpose and the cast to the model's dtype are paid here, on the
+loader thread, in the one copy each tensor takes into the map, and the map's pages are faulted in by the kernel
+in one call rather than one fault per page as the copies first touch them (a rank-64 adapter's 15 MB: 3,600
+faults), which had made packing half of a load (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,22 +28,25 @@ from server.model.lora_weights import LoraWeights
 
 K = TypeVar("K")
 ALIGN = 64  # bytes: every tensor starts on a cache line, as torch's own allocator places them
+MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE  # pages faulted in by the mmap call itself
 
 
-def packed(updates: Mapping[K, LoraWeights]) -> dict[K, LoraWeights]:
-    """The same updates, every tensor a view of one anonymous memory map, A and B transposed in it (see the module);
-    as they are if any is off the CPU."""
+def packed(updates: Mapping[K, LoraWeights], dtype: torch.dtype) -> dict[K, LoraWeights]:
+    """The same updates in `dtype`, every tensor a view of one anonymous memory map, A and B transposed in it (see
+    the module); only cast if any is off the CPU."""
     tensors = [t for u in updates.values() for t in (u.a, u.b, u.g) if t is not None]
     if not tensors or any(t.device.type != "cpu" for t in tensors):
-        return dict(updates)
-    memory = torch.frombuffer(mmap.mmap(-1, sum(map(_span, tensors))), dtype=torch.uint8)  # keeps the map alive
+        return {key: u.to(dtype=dtype) for key, u in updates.items()}
+    item = torch.empty((), dtype=dtype).element_size()
+    size = sum(_span(t.numel() * item) for t in tensors)
+    memory = torch.frombuffer(mmap.mmap(-1, size, flags=MAP_FLAGS), dtype=torch.uint8)  # keeps the map alive
     offset = 0
 
     def place(t: torch.Tensor) -> torch.Tensor:
         nonlocal offset
-        view = memory[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        offset += _span(t)
+        view = memory[offset : offset + t.numel() * item].view(dtype).view(t.shape)
+        view.copy_(t)  # casts
+        offset += _span(t.numel() * item)
         return view
 
     return {
@@ -50,5 +55,5 @@ def packed(updates: Mapping[K, LoraWeights]) -> dict[K, LoraWeights]:
     }
 
 
-def _span(t: torch.Tensor) -> int:
-    return -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+def _span(num_bytes: int) -> int:
+    return -(-num_bytes // ALIGN) * ALIGN

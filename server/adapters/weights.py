@@ -83,7 +83,8 @@ def validate_adapter_dir(path: Path | str, info: ModelInfo, max_lora_rank: int) 
     size, digest = file_digest(file)
     tensors = _read_tensors(file, _expected_shapes(config, info))
     updates = {key: _update(key, spec, tensors, config.use_dora, info) for key, spec in config.targets.items()}
-    return AdapterWeights(config, MappingProxyType(packed(updates)), size, digest)  # one map: freed whole
+    placed = {key: u.to(device=info.device) for key, u in updates.items()}
+    return AdapterWeights(config, MappingProxyType(packed(placed, info.dtype)), size, digest)  # one map: freed whole
 
 
 def _weights_file(path: Path) -> Path:
@@ -184,14 +185,15 @@ def _read_tensor(f: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 def _update(
     key: tuple[int, str], spec: TargetSpec, tensors: Mapping[str, torch.Tensor], dora: bool, info: ModelInfo
 ) -> LoraWeights:
-    """A as saved, s·B and the DoRA factor (computed in float32) of one projection, in the model's dtype."""
+    """A as saved, s·B and the DoRA factor (computed in float32) of one projection; `packed` casts them to the
+    model's dtype as it copies them into the adapter's memory map."""
     a_name, b_name, m_name = _tensor_names(info, *key)
     a, b = tensors[a_name], tensors[b_name].float() * spec.scale  # [r, in], [out, r]
-    update = LoraWeights(a, b)  # A is only cast to the model's dtype: via float32 gives the same values
+    update = LoraWeights(a, b)  # A is only cast to the model's dtype: via float32 would give the same values
     if dora:
         update = LoraWeights(a.float(), b).with_dora(info.base_weight(*key), tensors[m_name])
         if not all_finite(update.g):
             raise AdapterError(
                 f"tensor {m_name} gives a non-finite DoRA scale (a row of W + s·B·A has zero norm)", param=m_name
             )
-    return update.to(dtype=info.dtype, device=info.device)
+    return update

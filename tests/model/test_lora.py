@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -137,7 +139,7 @@ def test_reload_with_smaller_rank_and_clear_leave_no_stale_weights():
 def test_a_reused_slot_holds_exactly_what_a_fresh_slot_would(layout):
     """A load clears only what the slot's previous adapter wrote: after any run of ranks (partial granules, DoRA or
     not, projections dropped), the slot's rows equal those of a slot that only ever held the last adapter."""
-    prepare = packed if layout == "packed" else dict
+    prepare = partial(packed, dtype=torch.float32) if layout == "packed" else dict
     history = [
         {"q_proj": _random_update(64, 32, dora=True), "v_proj": _random_update(40, 16, dora=True)},
         {"q_proj": _random_update(8, 32, dora=False)},
