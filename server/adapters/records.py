@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from server.adapters.config import check_config_sizes, read_config_file, show
+from server.adapters.digests import file_digest
 from server.adapters.safe_json import parse_json_object
 from server.adapters.store import CONFIG_FILE
-from server.adapters.weights import WEIGHTS_FILE, file_digest
+from server.adapters.weights import WEIGHTS_FILE
 from server.errors import AdapterError, UnsupportedMediaError
 
 # An adapter's header names 3 tensors per projection in ~150 bytes each: 8 MiB covers 50,000 of them. (safetensors

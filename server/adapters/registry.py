@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from torch import nn
 
 from server.adapters.cache import AdapterCache
+from server.adapters.digests import FileDigests
 from server.adapters.limits import AdapterLimits
 from server.adapters.records import describe_adapter_dir
 from server.adapters.store import AdapterMeta, AdapterStore, Mode, check_name, now
@@ -57,6 +58,7 @@ class AdapterRegistry:
         self.info = info
         self.limits = limits
         self.max_pinned = limits.max_loras - 1  # one slot always serves the unpinned adapters
+        self.digests = FileDigests()  # a reload of an unchanged file skips hashing it
         self.cache = AdapterCache(
             model, self._read, limits.max_loras, limits.max_cpu_loras, limits.max_cpu_lora_bytes, metrics,
             size=self._size, max_load_bytes=limits.max_adapter_bytes,  # loads in flight: one largest upload's worth
@@ -325,7 +327,7 @@ class AdapterRegistry:
     def _read(self, key: str) -> AdapterWeights:
         """Load `key` from the store (the loader's worker thread); the record is kept if it is still current."""
         name = adapter_name(key)
-        weights, record = load_from_store(self.store, name, self.info, self.limits.max_lora_rank)
+        weights, record = load_from_store(self.store, name, self.info, self.limits.max_lora_rank, self.digests)
         with self._lock:
             state = self._states.get(name)
             if state is not None and adapter_key(name, state.version) == key:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from server.adapters.config import MAX_CONFIG_BYTES, MAX_TEXT_CHARS, check_config_sizes
+from server.adapters.digests import Digest, file_digest
 from server.adapters.patterns import check_config_patterns
 from server.adapters.records import AdapterRecord, make_record, read_raw_config, read_safetensors_header
 from server.adapters.store import CONFIG_FILE, AdapterStore
@@ -27,7 +28,9 @@ class StagedAdapter:
     record: AdapterRecord
 
 
-def check_adapter(path: Path, info: ModelInfo, max_lora_rank: int) -> tuple[AdapterWeights, AdapterRecord]:
+def check_adapter(
+    path: Path, info: ModelInfo, max_lora_rank: int, digest: Digest = file_digest
+) -> tuple[AdapterWeights, AdapterRecord]:
     """Check an adapter folder against the base model and load it: format, regexes, config, tensors.
 
     Raises `UnsupportedMediaError` for a pickle or zip, `AdapterError` naming the field or tensor for the rest.
@@ -40,7 +43,7 @@ def check_adapter(path: Path, info: ModelInfo, max_lora_rank: int) -> tuple[Adap
         raise AdapterError(f"{WEIGHTS_FILE} names a tensor with over {MAX_TEXT_CHARS} characters", param=WEIGHTS_FILE)
     check_config_sizes(raw)
     check_config_patterns(raw, info.num_layers, info.modules)
-    weights = validate_adapter_dir(path, info, max_lora_rank)
+    weights = validate_adapter_dir(path, info, max_lora_rank, digest)
     check_finite(weights, info)
     return weights, make_record(raw, header, weights.size_bytes, weights.sha256)
 
@@ -93,13 +96,13 @@ def _copy(source: BinaryIO, dest: Path, limit: int, field: str) -> None:
 
 
 def load_from_store(
-    store: AdapterStore, name: str, info: ModelInfo, max_lora_rank: int
+    store: AdapterStore, name: str, info: ModelInfo, max_lora_rank: int, digest: Digest = file_digest
 ) -> tuple[AdapterWeights, AdapterRecord]:
     """`check_adapter` on the folder of `name`, again if it was replaced meanwhile, so config and weights match."""
     for _ in range(3):
         before = _folder_id(store, name)
         try:
-            result = check_adapter(store.path(name), info, max_lora_rank)
+            result = check_adapter(store.path(name), info, max_lora_rank, digest)
         except AdapterError:
             if _folder_id(store, name) != before:
                 continue

@@ -7,7 +7,6 @@ saved, B with the scale folded in, and for DoRA the constant factor `g = m / ‖
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from server.adapters.config import AdapterConfig, TargetSpec, read_adapter_config
+from server.adapters.digests import Digest, file_digest
 from server.adapters.packing import packed
 from server.errors import AdapterError
 from server.model.decoder import DecoderModel
@@ -73,18 +73,20 @@ class AdapterWeights:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def validate_adapter_dir(path: Path | str, info: ModelInfo, max_lora_rank: int) -> AdapterWeights:
+def validate_adapter_dir(
+    path: Path | str, info: ModelInfo, max_lora_rank: int, digest: Digest = file_digest
+) -> AdapterWeights:
     """Check a PEFT adapter folder against the base model and load it; `AdapterError` names the field or tensor."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter folder {path.name!r} does not exist", param="path")
     config = read_adapter_config(path / "adapter_config.json", info.num_layers, max_lora_rank, info.modules)
     file = _weights_file(path)
-    size, digest = file_digest(file)
+    size, sha256 = digest(file)
     tensors = _read_tensors(file, _expected_shapes(config, info))
     updates = {key: _update(key, spec, tensors, config.use_dora, info) for key, spec in config.targets.items()}
     placed = {key: u.to(device=info.device) for key, u in updates.items()}
-    return AdapterWeights(config, MappingProxyType(packed(placed, info.dtype)), size, digest)  # one map: freed whole
+    return AdapterWeights(config, MappingProxyType(packed(placed, info.dtype)), size, sha256)  # one map: freed whole
 
 
 def _weights_file(path: Path) -> Path:
@@ -108,16 +110,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return math.isfinite(low.item()) and math.isfinite(high.item())
-
-
-def file_digest(file: Path) -> tuple[int, str]:
-    sha = hashlib.sha256()
-    size = 0
-    with file.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
 
 
 def _tensor_names(info: ModelInfo, layer: int, proj: str) -> tuple[str, str, str]:

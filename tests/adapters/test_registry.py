@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import shutil
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.adapters import validation
+from server.adapters import digests, validation
 from server.adapters.registry import AdapterRegistry
 from server.adapters.versions import adapter_name
 from server.engine.async_engine import AsyncEngine
@@ -123,6 +124,24 @@ async def test_the_host_cache_evicts_least_recently_used(tiny_model_dir, store):
             registry.release(keys[-1])
         assert [registry.cache.host_weights(k) is not None for k in keys] == [False, True, True]
         assert registry.view("a").tier == "disk" and registry.view("c").tier == "host"
+    finally:
+        engine.shutdown()
+
+
+async def test_a_reload_of_an_unchanged_adapter_does_not_hash_its_file_again(tiny_model_dir, store, monkeypatch):
+    hashed = []
+    real = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda file: hashed.append(file.parent.name) or real(file))
+    engine = start(tiny_model_dir, store, max_loras=1, max_cpu_loras=1)
+    try:
+        registry = engine.adapters
+        for name in ["a", "b"]:
+            registry.release(await registry.acquire(name))
+        assert registry.view("a").tier == "disk"  # evicted by b's load: the next acquire reads it again
+        registry.release(await registry.acquire("a"))
+        assert hashed == ["a", "b"]
+        file = store / "a" / "adapter_model.safetensors"
+        assert registry.view("a").record.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
     finally:
         engine.shutdown()
 
