@@ -28,16 +28,19 @@ from server.model.lora_weights import LoraWeights
 
 K = TypeVar("K")
 ALIGN = 64  # bytes: every tensor starts on a cache line, as torch's own allocator places them
+CPU = torch.device("cpu")
 MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE  # pages faulted in by the mmap call itself
 
 
-def packed(updates: Mapping[K, LoraWeights], dtype: torch.dtype) -> dict[K, LoraWeights]:
-    """The same updates in `dtype`, every tensor a view of one anonymous memory map, A and B transposed in it (see
-    the module); only cast if any is off the CPU."""
+def packed(updates: Mapping[K, LoraWeights], dtype: torch.dtype, device: torch.device = CPU) -> dict[K, LoraWeights]:
+    """The same updates in `dtype` on `device`: on the CPU every tensor a view of one anonymous memory map, A and B
+    transposed in it (see the module); elsewhere only moved and cast."""
+    if device.type != "cpu":
+        return {key: u.to(dtype=dtype, device=device) for key, u in updates.items()}
     tensors = [t for u in updates.values() for t in (u.a, u.b, u.g) if t is not None]
-    if not tensors or any(t.device.type != "cpu" for t in tensors):
-        return {key: u.to(dtype=dtype) for key, u in updates.items()}
-    item = torch.empty((), dtype=dtype).element_size()
+    if not tensors:
+        return dict(updates)
+    item = dtype.itemsize
     size = sum(_span(t.numel() * item) for t in tensors)
     memory = torch.frombuffer(mmap.mmap(-1, size, flags=MAP_FLAGS), dtype=torch.uint8)  # keeps the map alive
     offset = 0

@@ -85,8 +85,8 @@ def validate_adapter_dir(
     size, sha256 = digest(file)
     tensors = _read_tensors(file, _expected_shapes(config, info))
     updates = {key: _update(key, spec, tensors, config.use_dora, info) for key, spec in config.targets.items()}
-    placed = {key: u.to(device=info.device) for key, u in updates.items()}
-    return AdapterWeights(config, MappingProxyType(packed(placed, info.dtype)), size, sha256)  # one map: freed whole
+    updates = packed(updates, info.dtype, info.device)  # on the CPU one map, freed whole
+    return AdapterWeights(config, MappingProxyType(updates), size, sha256)
 
 
 def _weights_file(path: Path) -> Path:
