@@ -26,7 +26,7 @@ def load_adapter_slot(model: DecoderModel, slot: int, weights: Mapping[tuple[int
             raise ValueError("call attach_lora_slots before loading adapters")
         linear.lora.check_slot(slot, pieces)
     for linear, pieces in per_linear.items():
-        linear.lora.load_slot(slot, pieces)
+        linear.lora.write_slot(slot, pieces)
 
 
 def clear_adapter_slot(model: DecoderModel, slot: int) -> None:

@@ -5,6 +5,7 @@ up), each a dispatch and a pass over memory that converts bf16 to float32 and ba
 maths in 5 ops per layer: RMSNorm with the residual add, rotary with the K/V cache write, SiLU x up, and decode
 attention straight out of the paged cache. They round to bf16 wherever the torch ops do, through ATen's own vector
 code (the same conversions and exp), so only summation order differs (the RMSNorm sum of squares and attention).
+Two more serve the adapters (`server.model.lora`): the per-token LoRA deltas of a decode step, and filling a slot.
 
 They are built on first use on each machine with the C++ compiler torch's extension builder finds (c++, and
 ninja), for the vector width torch itself uses here (AVX-512 or AVX2), and cached by torch (TORCH_EXTENSIONS_DIR,

@@ -12,7 +12,9 @@ A step's tokens come in runs of equal slot. Runs of `MIN_GEMM_RUN` tokens or mor
 adapter tokens (decode) are served together by two `embedding_bag` calls that read each token's rows of A and B
 straight out of the slot buffers, each token at its own rank (Punica's BGMV with the gather fused into the
 reduction: no copy of per-token weights, no loop over adapters). With the fused bf16 kernels (`server.model.kernels`)
-one C++ op per projection does the same, in float32 with one rounding, and needs no index plan.
+one C++ op per projection does the same, in float32 with one rounding, and needs no index plan; filling a slot is
+one C++ op per projection too (`lora_fill`: 1.6-4x faster than a dozen torch ops beside a busy adapter loader,
+`bench/bench_slot_fill.py`), the torch ops (`_Slice._copy`) serving every other dtype and device.
 
 Measured on this CPU (1 thread; 2 threads on a quiet machine in brackets), one decode step of 32 tokens on 32
 distinct r=8 adapters on q_proj and v_proj of SmolLM2-135M, per layer: qkv base GEMM 350 µs [186]; gathered
@@ -122,16 +124,31 @@ class _Slice:
             return
         r = 0 if weights is None else weights.rank
         self._reserve(r)
+        if slot in self.dora:
+            self.dora.discard(slot)
+            self.g[row].fill_(1)
+        if self.fused:
+            a, b = (None, None) if weights is None else (weights.a, weights.b)
+            torch.ops.loraplex.lora_fill(self.a_t, self.b_t, self.row_ranks, row, held, a, b)
+        else:
+            self._copy(row, held, weights)
+        if weights is None:
+            return
+        if weights.g is not None:
+            self.g[row].copy_(weights.g)
+            self.dora.add(slot)
+        self.rank[slot] = r
+
+    def _copy(self, row: int, held: int, weights: LoraWeights | None) -> None:
+        """`load`'s copies in torch ops: A and B into the row, ranks up to `held` cleared, the row's rank set."""
+        r = 0 if weights is None else weights.rank
         full, rest = divmod(r, self.width)  # whole granules of A, then the ranks of a partial one
         if held > full * self.width:  # what the copies below leave of the old adapter
             self.a_t[row, full : -(-held // self.width)].zero_()
         if held > r:
             self.b_t[row, r:held].zero_()
-        if slot in self.dora:
-            self.dora.discard(slot)
-            self.g[row].fill_(1)
+        self.row_ranks[row] = r
         if weights is None:
-            self.row_ranks[row] = 0
             return
         if full:
             granules = weights.a[: full * self.width].reshape(full, self.width, self.in_features)
@@ -139,11 +156,6 @@ class _Slice:
         if rest:
             self.a_t[row, full, :, :rest].copy_(weights.a[full * self.width :].T)
         self.b_t[row, :r].copy_(weights.b.T)
-        if weights.g is not None:
-            self.g[row].copy_(weights.g)
-            self.dora.add(slot)
-        self.rank[slot] = r
-        self.row_ranks[row] = r
 
     def _reserve(self, rank: int) -> None:
         cap = _capacity(rank)
@@ -274,6 +286,10 @@ class LoraSlots:
     def load_slot(self, slot: int, weights: Mapping[str, LoraWeights]) -> None:
         """Make `slot` hold exactly `weights` (projection name -> update); projections not named get no update."""
         self.check_slot(slot, weights)
+        self.write_slot(slot, weights)
+
+    def write_slot(self, slot: int, weights: Mapping[str, LoraWeights]) -> None:
+        """`load_slot` for updates `check_slot` has passed (a whole model's are checked before any layer changes)."""
         for name, piece in self._slices.items():
             piece.load(slot, weights.get(name))
 

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from server.adapters.packing import packed
 from server.model import kernels
 from server.model.layers import RMSNorm, apply_rotary, gated_act
 from server.model.linear import TargetLinear
@@ -157,6 +158,53 @@ def test_gathered_lora_on_the_fused_path_matches_the_reference(in_features):
         torch.testing.assert_close(got, want, atol=0.1, rtol=0.03)
         errors[fused] = (got - want).abs().mean().item()
     assert errors[True] <= errors[False] * 1.05
+
+
+@pytest.mark.parametrize("layout", ["packed", "as loaded"])
+def test_fused_slot_fills_write_what_the_torch_op_fills_write(layout):
+    """`lora_fill` against `_Slice._copy`, buffer for buffer, over loads that grow the rank capacity, shrink and
+    grow a slot's rank, cross granule edges, switch DoRA on and off and clear slots: host weights as the server
+    keeps them (bf16, A and B transposed) and as read (float32, untransposed)."""
+    slices = {"q_proj": (0, 64), "v_proj": (64, 96)}
+    in_features = 33
+
+    def update(rank: int, dora: bool = False) -> dict[str, LoraWeights]:
+        pieces = {
+            name: LoraWeights(
+                a=torch.randn(rank, in_features),
+                b=torch.randn(end - start, rank),
+                g=torch.rand(end - start) + 0.5 if dora else None,
+            )
+            for name, (start, end) in slices.items()
+        }
+        return packed(pieces, BF16) if layout == "packed" else pieces
+
+    loads = [(0, update(8)), (1, update(3, dora=True)), (0, update(64)), (1, update(24)), (0, update(17, True)),
+             (2, update(16)), (0, {}), (1, {"q_proj": update(40)["q_proj"]}), (2, update(1)), (1, {})]  # fmt: skip
+    weight = torch.randn(96, in_features).to(BF16)
+    layers = {fused: TargetLinear(weight, slices) for fused in (True, False)}
+    for fused, layer in layers.items():
+        layer.enable_adapters(3, fused)
+    for n, (slot, pieces) in enumerate(loads):
+        for layer in layers.values():
+            layer.lora.load_slot(slot, pieces)
+        for name in slices:
+            got, want = (layers[fused].lora._slices[name] for fused in (True, False))
+            assert (got.rank, got.dora, got.cap) == (want.rank, want.dora, want.cap), (n, name)
+            for buffer in ("a_t", "b_t", "g", "row_ranks") if got.cap else ():
+                assert getattr(got, buffer).equal(getattr(want, buffer)), (n, name, buffer)
+
+
+def test_a_fill_that_does_not_fit_the_buffers_is_refused():
+    a_t, b_t = torch.zeros(3, 2, 33, 16, dtype=BF16), torch.zeros(3, 32, 64, dtype=BF16)
+    ranks = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="capacity"):
+        ops.lora_fill(a_t, b_t, ranks, 1, 0, torch.randn(40, 33).to(BF16), torch.randn(64, 40).to(BF16))
+    with pytest.raises(RuntimeError, match="for this projection"):
+        ops.lora_fill(a_t, b_t, ranks, 1, 0, torch.randn(8, 32).to(BF16), torch.randn(64, 8).to(BF16))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.lora_fill(a_t, b_t, ranks, 3, 0, None, None)
+    assert not a_t.any() and not b_t.any() and not ranks.any()
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <omp.h>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -486,6 +487,80 @@ void lora_gather(const Tensor& x, const Tensor& y, const Tensor& rows, const Ten
   });
 }
 
+
+// `rows` rows of G values, from rows `stride` values apart to consecutive ones: a granule of Aᵀ into a slot buffer.
+template <int64_t G>
+inline void copy_granule(BFloat16* dst, const BFloat16* src, int64_t rows, int64_t stride) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(dst + i * G, src + i * stride, G * sizeof(BFloat16));
+  }
+}
+
+// t [m, n] as the memory of tᵀ [n, m] in bf16: t itself where it is a view of such memory, else a copy.
+const BFloat16* transposed_bf16(const Tensor& t, Tensor& keep) {
+  const bool view = t.scalar_type() == at::kBFloat16 && t.device().is_cpu() && t.stride(0) == 1 &&
+                    (t.size(1) == 1 || t.stride(1) == t.size(0));
+  keep = view ? t : t.t().to(at::kBFloat16).contiguous().t();
+  TORCH_CHECK(keep.device().is_cpu(), "the update must be in host memory");
+  return keep.const_data_ptr<BFloat16>();
+}
+
+// One slot's row of the LoRA slot buffers (server/model/lora.py) made to hold an update of rank r (0: none) where
+// an update of rank `held` was: a_t [rows, granules, in, g] gets Aᵀ in granules of g ranks, b_t [rows, cap, out]
+// gets (s·B)ᵀ, ranks from r up to `held` become zero, row_ranks[row] = r. a [r, in] and b [out, r] are the host
+// weights, views of Aᵀ [in, r] and (s·B)ᵀ [r, out] memory (server/adapters/packing.py), so every copy is a run of
+// contiguous values; other layouts and dtypes are made so first. One call instead of a dozen torch ops per
+// projection: a fill runs on the engine thread between steps.
+void lora_fill(const Tensor& a_t, const Tensor& b_t, const Tensor& row_ranks, int64_t row, int64_t held,
+               const std::optional<Tensor>& a, const std::optional<Tensor>& b) {
+  check_bf16(a_t, "a_t");
+  check_bf16(b_t, "b_t");
+  TORCH_CHECK(row_ranks.scalar_type() == at::kLong && row_ranks.is_contiguous(), "row_ranks must be contiguous int64");
+  TORCH_CHECK(a.has_value() == b.has_value(), "a and b come together");
+  const int64_t buffers = a_t.size(0), granules = a_t.size(1), in = a_t.size(2), g = a_t.size(3);
+  const int64_t cap = b_t.size(1), out = b_t.size(2);
+  TORCH_CHECK(b_t.size(0) == buffers && row_ranks.numel() == buffers && cap <= granules * g, "slot buffer shapes");
+  TORCH_CHECK(row >= 0 && row < buffers && held >= 0 && held <= cap, "row or held rank out of range");
+  Tensor a_keep, b_keep;
+  const BFloat16 *at_src = nullptr, *bt_src = nullptr;  // Aᵀ [in, r] and (s·B)ᵀ [r, out]
+  int64_t r = 0;
+  if (a.has_value()) {
+    r = a->size(0);
+    TORCH_CHECK(a->dim() == 2 && a->size(1) == in && b->dim() == 2 && b->size(0) == out && b->size(1) == r,
+                "a must be [r, in] and b [out, r] for this projection");
+    TORCH_CHECK(r <= cap, "rank ", r, " is over the buffers' capacity ", cap);
+    at_src = transposed_bf16(*a, a_keep);
+    bt_src = transposed_bf16(*b, b_keep);
+  }
+  BFloat16* arow = a_t.mutable_data_ptr<BFloat16>() + row * granules * in * g;
+  const int64_t touched = (std::max(r, held) + g - 1) / g;  // granules either adapter reaches
+  for (int64_t k = 0; k < touched; ++k) {
+    const int64_t ranks = std::clamp<int64_t>(r - k * g, 0, g);  // of the new adapter, in this granule
+    BFloat16* dst = arow + k * in * g;
+    const BFloat16* src = at_src + k * g;
+    if (ranks == 16 && g == 16) {
+      copy_granule<16>(dst, src, in, r);
+    } else if (ranks == 8 && g == 8) {
+      copy_granule<8>(dst, src, in, r);
+    } else if (ranks == 0) {
+      std::fill(dst, dst + in * g, BFloat16(0.f));
+    } else {
+      for (int64_t i = 0; i < in; ++i) {
+        std::memcpy(dst + i * g, src + i * r, ranks * sizeof(BFloat16));
+        std::fill(dst + i * g + ranks, dst + (i + 1) * g, BFloat16(0.f));
+      }
+    }
+  }
+  BFloat16* brow = b_t.mutable_data_ptr<BFloat16>() + row * cap * out;
+  if (r > 0) {
+    std::memcpy(brow, bt_src, r * out * sizeof(BFloat16));
+  }
+  if (held > r) {
+    std::fill(brow + r * out, brow + held * out, BFloat16(0.f));
+  }
+  row_ranks.mutable_data_ptr<int64_t>()[row] = r;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex, m) {
@@ -500,6 +575,8 @@ TORCH_LIBRARY(loraplex, m) {
       "Tensor(a!) out, float scale, int window) -> ()");
   m.def(
       "lora_gather(Tensor x, Tensor(a!) y, Tensor rows, Tensor row_ranks, Tensor a_t, Tensor b_t, int start) -> ()");
+  m.def(
+      "lora_fill(Tensor(a!) a_t, Tensor(b!) b_t, Tensor(c!) row_ranks, int row, int held, Tensor? a, Tensor? b) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
@@ -509,4 +586,5 @@ TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("decode_attention", &decode_attention);
   m.impl("lora_gather", &lora_gather);
+  m.impl("lora_fill", &lora_fill);
 }
