@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -59,12 +60,25 @@ class AdapterMeta:
     created_at: int = 0  # unix time it was added
 
 
+RACY_NS = 2 * 10**9  # a root changed less than this ago may change again within one timestamp tick
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """The store's folders as one scan found them: the root's mtime then, the adapters, the folders without config."""
+
+    mtime_ns: int
+    listed: tuple[str, ...]
+    bare: frozenset[str]
+
+
 class AdapterStore:
     """Reads and atomically changes the store directory; every path it hands out stays inside the root."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self._lock = threading.Lock()  # one commit or detach at a time, so existence checks hold until the rename
+        self._scan: _Scan | None = None  # the last listing of the root, while it stands (`names`)
 
     def path(self, name: str) -> Path:
         path = (self.root / check_name(name)).resolve()
@@ -79,12 +93,39 @@ class AdapterStore:
             return False
 
     def names(self) -> list[str]:
-        """Adapters on disk: folders with a valid name and an adapter_config.json, sorted; hidden folders skipped."""
-        if not self.root.is_dir():
+        """Adapters on disk: folders with a valid name and an adapter_config.json, sorted; hidden folders skipped.
+
+        A listing reads the folders again only when the root changed (its mtime: a folder was added, removed or
+        renamed) or changed within `RACY_NS` of the last scan, when a second change could share its timestamp. A
+        folder that had no config at the last scan is looked at every time, as its config may have come since
+        without touching the root; an adapter leaves the listing when its folder is removed or renamed.
+        """
+        try:
+            root = os.stat(self.root)
+        except FileNotFoundError:
             return []
+        if not stat.S_ISDIR(root.st_mode):
+            return []
+        scan = self._scan
+        if scan is None or scan.mtime_ns != root.st_mtime_ns:
+            scan = self._rescan(root.st_mtime_ns)
+        elif scan.bare:
+            gained = {name for name in scan.bare if self._has_config(name)}
+            if gained:
+                scan = _Scan(scan.mtime_ns, tuple(sorted({*scan.listed, *gained})), scan.bare - gained)
+                self._scan = scan
+        return list(scan.listed)
+
+    def _rescan(self, mtime_ns: int) -> _Scan:
         with os.scandir(self.root) as entries:  # the entry's type comes with it: no stat per folder of thousands
             found = [e.name for e in entries if NAME_PATTERN.fullmatch(e.name) and e.is_dir()]
-        return sorted(name for name in found if os.path.isfile(os.path.join(self.root, name, CONFIG_FILE)))
+        listed = sorted(name for name in found if self._has_config(name))
+        scan = _Scan(mtime_ns, tuple(listed), frozenset(found) - set(listed))
+        self._scan = scan if time.time_ns() - mtime_ns > RACY_NS else None
+        return scan
+
+    def _has_config(self, name: str) -> bool:
+        return os.path.isfile(os.path.join(self.root, name, CONFIG_FILE))
 
     def read_meta(self, name: str) -> AdapterMeta:
         """The adapter's loraplex.json; defaults (added when its folder was) for a folder without a valid one."""

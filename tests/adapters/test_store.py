@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +87,38 @@ def test_listing_skips_hidden_and_incomplete_folders(tmp_path):
     (tmp_path / "no-config").mkdir()
     (tmp_path / "file").write_text("x")
     assert store.names() == ["a", "b"]
+
+
+def _age(root: Path, seconds: float = 60) -> None:
+    """Date the root's last change `seconds` back: past the window in which a listing scans every time."""
+    then = time.time() - seconds
+    os.utime(root, (then, then))
+
+
+def test_a_listing_reads_the_folders_again_only_when_the_root_changed(tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path)
+    make_folder(tmp_path / "a", "a")
+    (tmp_path / "b").mkdir()  # a folder still being written: no config yet
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: (path == store.root and scans.append(path)) or real_scandir(path))
+    assert store.names() == ["a"] and len(scans) == 1  # the root changed just now: scanned every time
+    assert store.names() == ["a"] and len(scans) == 2
+    _age(tmp_path)
+    assert store.names() == ["a"] and len(scans) == 3
+    assert store.names() == ["a"] and len(scans) == 3  # unchanged root: the last scan stands
+    (tmp_path / "b" / CONFIG_FILE).write_text("{}")  # the root's mtime does not move for this
+    assert store.names() == ["a", "b"] and len(scans) == 3  # folders without config are looked at each time
+    make_folder(tmp_path / "c", "c")
+    _age(tmp_path, 30)
+    assert store.names() == ["a", "b", "c"] and len(scans) == 4
+    shutil.rmtree(tmp_path / "a")
+    _age(tmp_path, 20)
+    assert store.names() == ["b", "c"] and len(scans) == 5
+    store.detach("b")  # the store's own changes move the root's mtime too
+    assert store.names() == ["c"]
+    shutil.rmtree(tmp_path)
+    assert store.names() == []
 
 
 def test_meta_round_trip_and_defaults(tmp_path):
