@@ -13,6 +13,10 @@ Measured, one loraplex server at a time (bf16, `--max-cpu-lora-bytes` as given):
   single    output tokens/s of the workload with every request on one adapter, run before and after the mixed
             runs: their mean is the reference (a drift of the shared machine over the run cancels)
   zipf      the same requests over the store, popularity Zipf(`--skew`); and `uniform`
+  pairs     `--pairs` closed-loop runs of Zipf and of the one adapter side by side (`--calibrate` requests each, which
+            of the two goes first alternating): each pair's Zipf / one-adapter throughput and their median, the
+            ratio with the shared machine's drift taken out (on this VM one workload's throughput moves 10-20 %
+            between runs minutes apart)
   ttft      p50 / p99 time to first token by where the request's adapter was when it was sent (disk, host memory,
             device slot), the share of each and cold p99 / hot p99 (issue: at most 3). The tier is the client's
             replay of the server's policy (least recently used, `--max-loras` slots, the host tier by bytes) over
@@ -38,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from collections import OrderedDict
@@ -61,7 +66,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 WEIGHTS = "adapter_model.safetensors"
 SERVER = Server("loraplex-bf16", "loraplex", "bfloat16")
 QUICK = {"adapters": 24, "distinct": 1, "num_requests": 24, "calibrate": 16, "in_flight": 8, "prompt_len": 8,
-         "output_len": 8, "max_loras": 4, "max_cpu_lora_bytes": 32 << 20}  # fmt: skip
+         "output_len": 8, "max_loras": 4, "max_cpu_lora_bytes": 32 << 20, "pairs": 2}  # fmt: skip
 
 
 def make_store(model_dir: Path, root: Path, count: int, distinct: int) -> dict[str, int]:
@@ -215,10 +220,25 @@ async def workloads(url: str, sizes: dict[str, int], rss: Callable[[], float], a
         }
     again, _, _ = await calibrated(url, shape, names, args, model=hot)
     out["single_after"] = _summary(again) | {"rss_mib": rss()}
+    out["pairs"] = await pairs(url, shape, names, hot, args)
     reference = (single["output_throughput"] + again["output_throughput"]) / 2
     for popularity in ("zipf", "uniform"):
         out[popularity]["vs_single"] = out[popularity]["tok_s"] / reference  # issue: at least 0.9 for 1,000 Zipf
     return out
+
+
+async def pairs(url: str, shape: Workload, names: list[str], hot: str, args: argparse.Namespace) -> dict:
+    """Zipf against the one adapter in adjacent closed-loop runs of the same prompts: each pair's throughput ratio,
+    the single run first in even pairs and last in odd ones, and the median ratio."""
+    ratios = []
+    for i in range(args.pairs):
+        zipf = plan(replace(shape, num_requests=args.calibrate, seed=shape.seed + 3000 + i), names)
+        runs = {"single": [replace(r, model=hot) for r in zipf], "zipf": zipf}
+        tok_s = {}
+        for name in ("single", "zipf") if i % 2 == 0 else ("zipf", "single"):
+            tok_s[name] = (await closed_loop(url, runs[name], args.in_flight, args.timeout))["output_throughput"]
+        ratios.append(tok_s["zipf"] / tok_s["single"])
+    return {"ratios": ratios, "median": statistics.median(ratios) if ratios else None}
 
 
 def _summary(report: dict) -> dict:
@@ -259,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--calibrate", type=int, default=128, help="requests of each workload's closed-loop run")
+    parser.add_argument("--pairs", type=int, default=4, help="side-by-side closed-loop Zipf / one-adapter runs")
     parser.add_argument("--load", type=float, default=0.9, help="Poisson rate as a fraction of the closed-loop rate")
     parser.add_argument("--warm-cycles", type=int, default=1, help="passes over the whole store before the runs")
     parser.add_argument("--prompt-len", type=int, default=64)
