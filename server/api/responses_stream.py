@@ -38,7 +38,7 @@ from server.api.responses_objects import (
     response_usage,
 )
 from server.api.responses_schemas import ItemStatus, ResponsesRequest
-from server.api.streaming import EventStreamResponse
+from server.api.streaming import EventStreamResponse, sse_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ResponseEventStream(StreamingResponse):
 async def _frames(events: AsyncGenerator[ResponseEvent, None]) -> AsyncGenerator[str, None]:
     async with aclosing(events):
         async for event in events:
-            yield f"event: {event.type}\ndata: {event.model_dump_json(by_alias=True)}\n\n"
+            yield f"event: {event.type}\ndata: {sse_json(event.model_dump_json(by_alias=True))}\n\n"
 
 
 async def _chat_chunks(chat: EventStreamResponse) -> AsyncGenerator[ChatCompletionChunk | ErrorDetail, None]:

@@ -34,8 +34,19 @@ class EventStreamResponse(StreamingResponse):
             await super().stream_response(send)
 
 
+# Characters JSON leaves raw in strings that line splitters taking Unicode's view of a line break end a line at
+# (Python's str.splitlines, and so httpx's `aiter_lines`); SSE ends lines at CR and LF alone, but a client reading
+# the stream that way would get a data line cut in two. Escaped, the JSON means the same.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(payload: str) -> str:
+    """A JSON text made safe for one `data:` line: the Unicode line breaks JSON leaves raw are escaped."""
+    return payload.translate(_LINE_BREAKS)
+
+
 def _data(payload: str) -> str:
-    return f"data: {payload}\n\n"
+    return f"data: {sse_json(payload)}\n\n"
 
 
 async def _events(chunks: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[str, None]:

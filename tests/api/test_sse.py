@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 from api_helpers import sse_payloads
 from fake_engine import FakeEngine
@@ -113,3 +115,22 @@ async def test_engine_failure_without_streaming_is_a_500(client: httpx.AsyncClie
     response = await client.post("/v1/completions", json={"model": "base-model", "prompt": "abc"})
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "generation failed: device fell over"
+
+
+async def test_unicode_line_breaks_in_text_do_not_break_a_data_line(client: httpx.AsyncClient) -> None:
+    """U+0085, U+2028 and U+2029 are left raw by JSON, and clients that split lines the way Python's `splitlines`
+    does (httpx's `aiter_lines`) would cut a data line at them: they go out escaped, and the text comes back whole."""
+    text = "a\x85b\u2028c\u2029d"
+    body = {"model": "base-model", "prompt": text, "max_tokens": len(text), "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    responses = {"model": "base-model", "input": text, "max_output_tokens": 16, "stream": True}
+    async with client.stream("POST", "/v1/responses", json=responses) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    assert all(line.startswith(("event: ", "data: ")) for line in lines)
+    for line in lines:
+        if line.startswith("data: "):
+            json.loads(line.removeprefix("data: "))
