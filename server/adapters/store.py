@@ -102,7 +102,7 @@ class AdapterStore:
         """
         try:
             root = os.stat(self.root)
-        except FileNotFoundError:
+        except OSError:  # as `Path.is_dir` had it: no readable root, no adapters
             return []
         if not stat.S_ISDIR(root.st_mode):
             return []
