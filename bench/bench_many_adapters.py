@@ -228,17 +228,18 @@ async def workloads(url: str, sizes: dict[str, int], rss: Callable[[], float], a
 
 
 async def pairs(url: str, shape: Workload, names: list[str], hot: str, args: argparse.Namespace) -> dict:
-    """Zipf against the one adapter in adjacent closed-loop runs of the same prompts: each pair's throughput ratio,
-    the single run first in even pairs and last in odd ones, and the median ratio."""
-    ratios = []
+    """Zipf against the one adapter in adjacent closed-loop runs of the same prompts: each pair's throughputs and
+    their ratio, the single run first in even pairs and last in odd ones, and the median ratio."""
+    ratios, tok_s = [], []
     for i in range(args.pairs):
         zipf = plan(replace(shape, num_requests=args.calibrate, seed=shape.seed + 3000 + i), names)
         runs = {"single": [replace(r, model=hot) for r in zipf], "zipf": zipf}
-        tok_s = {}
+        pair = {}
         for name in ("single", "zipf") if i % 2 == 0 else ("zipf", "single"):
-            tok_s[name] = (await closed_loop(url, runs[name], args.in_flight, args.timeout))["output_throughput"]
-        ratios.append(tok_s["zipf"] / tok_s["single"])
-    return {"ratios": ratios, "median": statistics.median(ratios) if ratios else None}
+            pair[name] = (await closed_loop(url, runs[name], args.in_flight, args.timeout))["output_throughput"]
+        ratios.append(pair["zipf"] / pair["single"])
+        tok_s.append(pair)
+    return {"tok_s": tok_s, "ratios": ratios, "median": statistics.median(ratios) if ratios else None}
 
 
 def _summary(report: dict) -> dict:
