@@ -10,13 +10,13 @@ read, so "disk" here is the page cache, not the device; drop caches for cold-dis
 Measured, one loraplex server at a time (bf16, `--max-cpu-lora-bytes` as given):
   start-up  seconds to a healthy server over the store, and over an empty store (issue: at most 3 s more)
   models    median time of `GET /v1/models` listing the whole store (issue: at most 100 ms)
-  single    output tokens/s of the workload with every request on one adapter, run before and after the mixed
+  pairs     `--pairs` (8) closed-loop runs of Zipf and of the one adapter side by side (`--calibrate` requests each,
+            which of the two goes first alternating): each pair's Zipf / one-adapter throughput and their median, the
+            ratio with the shared machine's drift taken out (on this VM one workload's throughput moves 10-20 %
+            between runs minutes apart); run first, after the warm-up
+  single    output tokens/s of the Poisson workload with every request on one adapter, run before and after the mixed
             runs: their mean is the reference (a drift of the shared machine over the run cancels)
   zipf      the same requests over the store, popularity Zipf(`--skew`); and `uniform`
-  pairs     `--pairs` closed-loop runs of Zipf and of the one adapter side by side (`--calibrate` requests each, which
-            of the two goes first alternating): each pair's Zipf / one-adapter throughput and their median, the
-            ratio with the shared machine's drift taken out (on this VM one workload's throughput moves 10-20 %
-            between runs minutes apart)
   ttft      p50 / p99 time to first token by where the request's adapter was when it was sent (disk, host memory,
             device slot), the share of each and cold p99 / hot p99 (issue: at most 3). The tier is the client's
             replay of the server's policy (least recently used, `--max-loras` slots, the host tier by bytes) over
@@ -24,10 +24,15 @@ Measured, one loraplex server at a time (bf16, `--max-cpu-lora-bytes` as given):
   memory    server RSS after the warm-up and after each run (issue: after the runs within 10 % of after the
             warm-up); the host tier's bytes (`/metrics`) against its budget
 Warm-up: every adapter of the store once (`--warm-cycles`), one output token each, so both tiers are full and the
-slot buffers at the largest rank before the first RSS figure. Requests: `load_tests` (streamed completions of
-token-id prompts, EOS ignored), Poisson arrivals. Each workload's rate is its own: a closed-loop run of it
-(`--calibrate` requests, `--in-flight` at a time) measures the rate it sustains, and the timed run arrives at `--load`
-(0.9) times that rate, so TTFTs are not queueing behind an overload; each run reports its mean requests in flight.
+slot buffers at the largest rank (RSS `rss_store_warm_mib`), then one closed-loop run of the workload on the one
+adapter and one of Zipf (`--calibrate` requests each), so the server has decoded at full batch before the first RSS
+figure (`rss_warm_mib`: the single-token pass never decodes; the runs after it had shown 4-10 % more RSS that
+rose and fell between runs rather than growing). Requests: `load_tests` (streamed completions of
+token-id prompts, EOS ignored), Poisson arrivals. Each workload's rate is its own: the Poisson run arrives at `--load`
+(0.9) times the rate the workload sustains in a closed loop at `--in-flight`, so TTFTs are not queueing behind an
+overload: for the one adapter and Zipf the median over the pairs (one lucky closed-loop run on this VM had set a rate
+the Zipf run could not keep), for uniform one closed-loop run of `--calibrate` requests. Each run reports its mean
+requests in flight.
 Timings only mean something on a quiet machine.
 
 Usage: .venv/bin/python -m bench.bench_many_adapters [--adapters 1000] [--num-requests 512] [--out F.json]
@@ -168,18 +173,14 @@ async def run_poisson(url: str, requests: list[PlannedRequest], in_flight: int, 
     return report | {"mean_in_flight": mean_in_flight(results)}, results
 
 
-async def calibrated(url: str, shape: Workload, names: list[str], args: argparse.Namespace,
-                     model: str | None = None) -> tuple[dict, list[PlannedRequest], list[str]]:  # fmt: skip
-    """A closed-loop run of the workload at `--in-flight` gives the rate it sustains; the Poisson run then arrives at
-    `--load` times that rate. Returns the run's report (with both rates) and requests, and the models sent first."""
-    calibration = plan(replace(shape, num_requests=args.calibrate, seed=shape.seed + 1000), names)
-    calibration = [replace(r, model=model or r.model) for r in calibration]
-    closed = await closed_loop(url, calibration, args.in_flight, args.timeout)
-    rate = args.load * closed["request_throughput"]
-    requests = [replace(r, model=model or r.model) for r in plan(replace(shape, rate=rate), names)]
+async def poisson(url: str, shape: Workload, names: list[str], rate: float, args: argparse.Namespace,
+                  model: str | None = None) -> tuple[dict, list[PlannedRequest]]:  # fmt: skip
+    """The workload's Poisson run arriving at `--load` times `rate` (requests/s the workload sustains in a closed
+    loop), every request on `model` if given. Returns the run's report (with both rates and the results) and its
+    requests."""
+    requests = [replace(r, model=model or r.model) for r in plan(replace(shape, rate=args.load * rate), names)]
     report, results = await run_poisson(url, requests, args.in_flight, args.timeout)
-    report |= {"rate_req_s": rate, "closed_loop_req_s": closed["request_throughput"]}
-    return report | {"results": results}, requests, [r.model for r in calibration]
+    return report | {"rate_req_s": args.load * rate, "closed_loop_req_s": rate, "results": results}, requests
 
 
 async def warm_up(url: str, names: list[str], args: argparse.Namespace) -> list[str]:
@@ -196,50 +197,67 @@ async def warm_up(url: str, names: list[str], args: argparse.Namespace) -> list[
 
 
 async def workloads(url: str, sizes: dict[str, int], rss: Callable[[], float], args: argparse.Namespace) -> dict:
-    """The warm-up, then the single, Zipf, uniform and again the single run, each at the rate its own closed-loop run
-    sustains."""
+    """The warm-up; the side-by-side pairs, whose median closed-loop rates set the single and Zipf Poisson rates; a
+    closed-loop run of uniform for its rate; then the single, Zipf, uniform and again the single Poisson run."""
     names = sorted(sizes)
     history = await warm_up(url, names, args)
-    out: dict = {"rss_warm_mib": rss()}
+    out: dict = {"rss_store_warm_mib": rss()}
     fixed = {"prompt_len": LengthRange(args.prompt_len, args.prompt_len),
              "output_len": LengthRange(args.output_len, args.output_len)}  # fmt: skip
     shape = Workload(args.num_requests, popularity="zipf", skew=args.skew, seed=args.seed, **fixed)
     hot = names[0]  # Zipf's most popular adapter: the single-adapter reference runs on it
-    single, _, _ = await calibrated(url, shape, names, args, model=hot)
-    history += [hot] * (args.calibrate + args.num_requests)
+    steady = plan(replace(shape, num_requests=args.calibrate, seed=args.seed + 4000), names)
+    for requests in ([replace(r, model=hot) for r in steady], steady):  # decoding at full batch, one and many adapters
+        await closed_loop(url, requests, args.in_flight, args.timeout)
+        history += [r.model for r in requests]
+    out["rss_warm_mib"] = rss()
+    out["pairs"], sent = await pairs(url, shape, names, hot, args)
+    history += sent
+    uniform = replace(shape, popularity="uniform", seed=args.seed + 1)
+    calibration = plan(replace(uniform, num_requests=args.calibrate, seed=uniform.seed + 1000), names)
+    closed = await closed_loop(url, calibration, args.in_flight, args.timeout)
+    rates = {"single": out["pairs"]["single_req_s"], "zipf": out["pairs"]["zipf_req_s"],
+             "uniform": closed["request_throughput"]}  # fmt: skip
+    history += [r.model for r in calibration]
+    single, _ = await poisson(url, shape, names, rates["single"], args, model=hot)
+    history += [hot] * args.num_requests
     out["single"] = _summary(single) | {"rss_mib": rss()}
-    for popularity in ("zipf", "uniform"):
-        report, requests, sent = await calibrated(url, replace(shape, popularity=popularity, seed=args.seed + 1),
-                                                  names, args)  # fmt: skip
-        where = tiers(history + sent, requests, sizes, args.max_loras, args.max_cpu_lora_bytes)
-        history += sent + [r.model for r in sorted(requests, key=lambda r: r.send_at)]
-        out[popularity] = _summary(report) | {
+    for workload in (replace(shape, seed=args.seed + 1), uniform):
+        report, requests = await poisson(url, workload, names, rates[workload.popularity], args)
+        where = tiers(history, requests, sizes, args.max_loras, args.max_cpu_lora_bytes)
+        history += [r.model for r in sorted(requests, key=lambda r: r.send_at)]
+        out[workload.popularity] = _summary(report) | {
             "distinct_adapters": len({r.model for r in requests}),
             "ttft": ttft_by_tier(report["results"], where),
             "rss_mib": rss(),  # after each run: growth that stops after the first is a one-off, not a leak
         }
-    again, _, _ = await calibrated(url, shape, names, args, model=hot)
+    again, _ = await poisson(url, shape, names, rates["single"], args, model=hot)
     out["single_after"] = _summary(again) | {"rss_mib": rss()}
-    out["pairs"] = await pairs(url, shape, names, hot, args)
     reference = (single["output_throughput"] + again["output_throughput"]) / 2
     for popularity in ("zipf", "uniform"):
         out[popularity]["vs_single"] = out[popularity]["tok_s"] / reference  # issue: at least 0.9 for 1,000 Zipf
     return out
 
 
-async def pairs(url: str, shape: Workload, names: list[str], hot: str, args: argparse.Namespace) -> dict:
-    """Zipf against the one adapter in adjacent closed-loop runs of the same prompts: each pair's throughputs and
-    their ratio, the single run first in even pairs and last in odd ones, and the median ratio."""
-    ratios, tok_s = [], []
+async def pairs(url: str, shape: Workload, names: list[str], hot: str,
+                args: argparse.Namespace) -> tuple[dict, list[str]]:  # fmt: skip
+    """Zipf against the one adapter in adjacent closed-loop runs of the same prompts, the single run first in even
+    pairs and last in odd ones: each pair's throughputs and their ratio, the median ratio and each workload's median
+    request rate. Also returns the models sent, in order."""
+    ratios, tok_s, req_s, sent = [], [], {"single": [], "zipf": []}, []
     for i in range(args.pairs):
         zipf = plan(replace(shape, num_requests=args.calibrate, seed=shape.seed + 3000 + i), names)
         runs = {"single": [replace(r, model=hot) for r in zipf], "zipf": zipf}
         pair = {}
         for name in ("single", "zipf") if i % 2 == 0 else ("zipf", "single"):
-            pair[name] = (await closed_loop(url, runs[name], args.in_flight, args.timeout))["output_throughput"]
+            report = await closed_loop(url, runs[name], args.in_flight, args.timeout)
+            pair[name] = report["output_throughput"]
+            req_s[name].append(report["request_throughput"])
+            sent += [r.model for r in runs[name]]
         ratios.append(pair["zipf"] / pair["single"])
         tok_s.append(pair)
-    return {"tok_s": tok_s, "ratios": ratios, "median": statistics.median(ratios) if ratios else None}
+    medians = {f"{name}_req_s": statistics.median(rates) for name, rates in req_s.items()}
+    return {"tok_s": tok_s, "ratios": ratios, "median": statistics.median(ratios)} | medians, sent
 
 
 def _summary(report: dict) -> dict:
@@ -265,6 +283,7 @@ def measure(model_dir: Path, store: Path, empty: Path, sizes: dict[str, int], ar
         result |= asyncio.run(workloads(url, sizes, lambda: tree_memory(proc)["rss_mib"], args))
         result["rss_after_mib"] = tree_memory(proc)["rss_mib"]
         result["rss_growth"] = result["rss_after_mib"] / result["rss_warm_mib"] - 1  # issue: at most 0.10
+        result["rss_growth_since_store_warm"] = result["rss_after_mib"] / result["rss_store_warm_mib"] - 1
         result |= tier_bytes(url) | {"host_budget_bytes": args.max_cpu_lora_bytes}
         result["host_within_budget"] = result["host_tier_bytes"] <= args.max_cpu_lora_bytes
     finally:
@@ -280,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--calibrate", type=int, default=128, help="requests of each workload's closed-loop run")
-    parser.add_argument("--pairs", type=int, default=4, help="side-by-side closed-loop Zipf / one-adapter runs")
+    parser.add_argument("--pairs", type=int, default=8, help="side-by-side closed-loop Zipf / one-adapter runs")
     parser.add_argument("--load", type=float, default=0.9, help="Poisson rate as a fraction of the closed-loop rate")
     parser.add_argument("--warm-cycles", type=int, default=1, help="passes over the whole store before the runs")
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -295,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a minute: a small store, short runs")
     args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1: the pairs' closed-loop rates set the Poisson rates")
     if args.quick:
         args = argparse.Namespace(**(vars(args) | QUICK))
     model_dir = default_model_dir()
