@@ -27,12 +27,12 @@ Warm-up: every adapter of the store once (`--warm-cycles`), one output token eac
 slot buffers at the largest rank (RSS `rss_store_warm_mib`), then one closed-loop run of the workload on the one
 adapter and one of Zipf (`--calibrate` requests each), so the server has decoded at full batch before the first RSS
 figure (`rss_warm_mib`: the single-token pass never decodes; the runs after it had shown 4-10 % more RSS that
-rose and fell between runs rather than growing). Requests: `load_tests` (streamed completions of
-token-id prompts, EOS ignored), Poisson arrivals. Each workload's rate is its own: the Poisson run arrives at `--load`
-(0.9) times the rate the workload sustains in a closed loop at `--in-flight`, so TTFTs are not queueing behind an
-overload: for the one adapter and Zipf the median over the pairs (one lucky closed-loop run on this VM had set a rate
-the Zipf run could not keep), for uniform one closed-loop run of `--calibrate` requests. Each run reports its mean
-requests in flight.
+rose and fell between runs rather than growing). Requests: `load_tests` (streamed completions of token-id prompts, EOS
+ignored), Poisson arrivals. Each workload's rate is its own: the Poisson run arrives at `--load` (0.9) times the rate
+the workload sustains in a closed loop at `--in-flight`, so TTFTs do not queue behind an overload while the machine
+keeps the speed it had then: for the one adapter and Zipf the median over the pairs (one lucky closed-loop run on this
+VM had set a rate the Zipf run could not keep), for uniform one closed-loop run of `--calibrate` requests. Each run
+reports its mean requests in flight.
 Timings only mean something on a quiet machine.
 
 Usage: .venv/bin/python -m bench.bench_many_adapters [--adapters 1000] [--num-requests 512] [--out F.json]
