@@ -178,9 +178,10 @@ async def poisson(url: str, shape: Workload, names: list[str], rate: float, args
     """The workload's Poisson run arriving at `--load` times `rate` (requests/s the workload sustains in a closed
     loop), every request on `model` if given. Returns the run's report (with both rates and the results) and its
     requests."""
-    requests = [replace(r, model=model or r.model) for r in plan(replace(shape, rate=args.load * rate), names)]
+    offered = args.load * rate
+    requests = [replace(r, model=model or r.model) for r in plan(replace(shape, rate=offered), names)]
     report, results = await run_poisson(url, requests, args.in_flight, args.timeout)
-    return report | {"rate_req_s": args.load * rate, "closed_loop_req_s": rate, "results": results}, requests
+    return report | {"rate_req_s": offered, "closed_loop_req_s": rate, "results": results}, requests
 
 
 async def warm_up(url: str, names: list[str], args: argparse.Namespace) -> list[str]:
